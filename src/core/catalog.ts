@@ -1,0 +1,129 @@
+/**
+ * The nine Defender Vulnerability Management export types that have a "via files" endpoint.
+ * Data, not code: timers, the simulator and the docs are all generated from this list.
+ * Paths keep the casing each Microsoft page documents (the service is case-insensitive, but
+ * we send what is documented).
+ */
+export type DefenderPermission =
+  | 'Vulnerability.Read.All'
+  | 'Software.Read.All'
+  | 'SecurityBaselinesAssessment.Read.All';
+
+export interface ExportType {
+  /** Stable id: used in landing paths, table keys, settings and function names. Never rename. */
+  readonly id: string;
+  readonly title: string;
+  /** Via-files path exactly as documented. */
+  readonly apiPath: string;
+  /** The `<ExportName>` segment in Microsoft's blob paths. */
+  readonly blobExportName: string;
+  readonly permission: DefenderPermission;
+  /** Largest documented `sasValidHours`. */
+  readonly sasMaxHours: number;
+  /** Documented default SAS lifetime when `sasValidHours` is omitted. */
+  readonly sasDefaultHours: number;
+}
+
+export const EXPORT_TYPES = [
+  {
+    id: 'software-vulnerabilities',
+    title: 'Software vulnerabilities',
+    apiPath: '/api/machines/SoftwareVulnerabilitiesExport',
+    blobExportName: 'VaExport',
+    permission: 'Vulnerability.Read.All',
+    sasMaxHours: 6,
+    sasDefaultHours: 1,
+  },
+  {
+    id: 'software-inventory',
+    title: 'Software inventory (CPE)',
+    apiPath: '/api/machines/SoftwareInventoryExport',
+    blobExportName: 'SoftwareInventory',
+    permission: 'Software.Read.All',
+    sasMaxHours: 6,
+    sasDefaultHours: 1,
+  },
+  {
+    id: 'software-inventory-noncpe',
+    title: 'Non-CPE software inventory',
+    apiPath: '/api/machines/SoftwareInventoryNonCpeExport',
+    blobExportName: 'NonCpeSoftwareInventory',
+    permission: 'Software.Read.All',
+    sasMaxHours: 6,
+    sasDefaultHours: 1,
+  },
+  {
+    id: 'secure-configuration',
+    title: 'Secure configuration assessment',
+    apiPath: '/api/machines/SecureConfigurationsAssessmentExport',
+    blobExportName: 'ScaExport',
+    permission: 'Vulnerability.Read.All',
+    sasMaxHours: 6,
+    sasDefaultHours: 1,
+  },
+  {
+    id: 'security-baselines',
+    title: 'Security baselines assessment',
+    apiPath: '/api/machines/BaselineComplianceAssessmentExport',
+    blobExportName: 'BaselineAssessmentExport',
+    permission: 'SecurityBaselinesAssessment.Read.All',
+    sasMaxHours: 6,
+    sasDefaultHours: 1,
+  },
+  {
+    id: 'certificates',
+    title: 'Certificate inventory',
+    apiPath: '/api/machines/certificateAssessmentExport',
+    blobExportName: 'CertificateAssessmentExport',
+    permission: 'Vulnerability.Read.All',
+    sasMaxHours: 24,
+    sasDefaultHours: 3,
+  },
+  {
+    id: 'hardware-firmware',
+    title: 'Hardware and firmware inventory',
+    apiPath: '/api/machines/HardwareFirmwareInventoryExport',
+    blobExportName: 'FirmwareHardwareExport',
+    permission: 'Software.Read.All',
+    sasMaxHours: 6,
+    sasDefaultHours: 1,
+  },
+  {
+    id: 'browser-extensions',
+    title: 'Browser extensions inventory',
+    apiPath: '/api/machines/browserextensionsinventoryExport',
+    blobExportName: 'BrowserExtensions',
+    permission: 'Software.Read.All',
+    sasMaxHours: 6,
+    sasDefaultHours: 1,
+  },
+  {
+    id: 'information-gathering',
+    title: 'Information gathering',
+    apiPath: '/api/Machines/InfoGatheringExport',
+    blobExportName: 'InfoGatheringExport',
+    permission: 'Vulnerability.Read.All',
+    sasMaxHours: 6,
+    sasDefaultHours: 1,
+  },
+] as const satisfies readonly ExportType[];
+
+export type ExportId = (typeof EXPORT_TYPES)[number]['id'];
+
+export const EXPORT_IDS: readonly ExportId[] = EXPORT_TYPES.map((t) => t.id);
+
+const byId = new Map<string, ExportType>(EXPORT_TYPES.map((t) => [t.id, t]));
+
+export function isExportId(value: string): value is ExportId {
+  return byId.has(value);
+}
+
+export function getExportType(id: ExportId): ExportType {
+  const type = byId.get(id);
+  if (!type) throw new Error(`unknown export type '${id}'`);
+  return type;
+}
+
+/** Documented via-files call budget, per endpoint. */
+export const VIA_FILES_CALLS_PER_MINUTE = 5;
+export const VIA_FILES_CALLS_PER_HOUR = 20;

@@ -1,0 +1,176 @@
+import { type ExportId, getExportType } from './catalog.js';
+import { classifyStorageError } from './errors.js';
+import type { PartRow, SnapshotRow } from './manifestStore.js';
+import { latestPath, manifestPath } from './parts.js';
+import type { Runtime } from './runtime.js';
+import type { Telemetry } from './telemetry.js';
+
+/** `_manifest.json` (contract, DESIGN §2). */
+export interface SnapshotManifest {
+  v: 1;
+  export: string;
+  exportTitle: string;
+  snapshot: string;
+  generatedTime: string;
+  completedAt: string;
+  totals: { parts: number; bytes: number; records: number | null };
+  parts: { path: string; sourcePath: string; bytes: number; md5: string | null; records: number | null }[];
+}
+
+export interface LatestPointer {
+  v: 1;
+  export: string;
+  snapshot: string;
+  generatedTime: string;
+  manifest: string;
+  updatedAt: string;
+}
+
+const JSON_HEADERS = { blobContentType: 'application/json; charset=utf-8' };
+
+/**
+ * Completes a snapshot when every part row is landed: writes `_manifest.json` (create-only, so
+ * exactly one ever exists), moves `_latest.json` forward (never back), marks the snapshot complete.
+ * Safe to call any number of times, concurrently, and after a crash at any step.
+ * Returns true when the snapshot is complete.
+ */
+export async function completeSnapshotIfReady(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  exportId: ExportId,
+  generatedTime: string,
+): Promise<boolean> {
+  const snapshot = await runtime.store.getSnapshot(exportId, generatedTime);
+  if (!snapshot) return false;
+  if (snapshot.value.status === 'complete') return true;
+  if (snapshot.value.status === 'superseded') return false;
+  const rows = (await runtime.store.listParts(exportId, snapshot.value.snapshotId)).map((r) => r.value);
+  const landed = rows.filter((r) => r.status === 'landed');
+  if (landed.length < snapshot.value.partCount || landed.length < rows.length) {
+    await reconcileCounters(runtime, snapshot.value, landed);
+    return false;
+  }
+
+  const manifest = buildManifest(snapshot.value, landed, runtime.now());
+  const path = manifestPath(exportId, snapshot.value.snapshotId);
+  const manifestBlob = runtime.landing.getBlockBlobClient(path);
+  const body = `${JSON.stringify(manifest, null, 2)}\n`;
+  try {
+    await manifestBlob.upload(body, Buffer.byteLength(body), {
+      blobHTTPHeaders: JSON_HEADERS,
+      conditions: { ifNoneMatch: '*' },
+    });
+  } catch (error) {
+    // Someone else completed it first: their manifest lists the same parts.
+    if ((error as { code?: string }).code !== 'BlobAlreadyExists') {
+      throw classifyStorageError(error, 'write _manifest.json');
+    }
+  }
+  await advanceLatest(runtime, exportId, snapshot.value, path);
+
+  let completedNow = false;
+  await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => {
+    if (row.status === 'complete') return undefined;
+    completedNow = true;
+    return {
+      status: 'complete',
+      completedAt: manifest.completedAt,
+      manifestPath: path,
+      partsLanded: landed.length,
+      bytesLanded: manifest.totals.bytes,
+      recordsLanded: manifest.totals.records ?? undefined,
+      lastError: undefined,
+    };
+  });
+  if (completedNow) {
+    telemetry.track('snapshot', {
+      export: exportId,
+      snapshot: snapshot.value.snapshotId,
+      bytes: manifest.totals.bytes,
+      ...(manifest.totals.records === null ? {} : { records: manifest.totals.records }),
+      durationMs: Date.parse(manifest.completedAt) - Date.parse(snapshot.value.requestedAt),
+      outcome: 'completed',
+    });
+  }
+  return true;
+}
+
+function buildManifest(snapshot: SnapshotRow, landed: PartRow[], now: Date): SnapshotManifest {
+  const parts = [...landed]
+    .sort((a, b) => a.path.localeCompare(b.path))
+    .map((r) => ({
+      path: r.landingPath,
+      sourcePath: r.path,
+      bytes: r.bytes ?? 0,
+      md5: r.md5 ?? null,
+      records: r.records ?? null,
+    }));
+  const counted = parts.every((p) => p.records !== null);
+  return {
+    v: 1,
+    export: snapshot.exportId,
+    exportTitle: getExportType(snapshot.exportId as ExportId).title,
+    snapshot: snapshot.snapshotId,
+    generatedTime: snapshot.generatedTime,
+    completedAt: now.toISOString(),
+    totals: {
+      parts: parts.length,
+      bytes: parts.reduce((sum, p) => sum + p.bytes, 0),
+      records: counted ? parts.reduce((sum, p) => sum + (p.records ?? 0), 0) : null,
+    },
+    parts,
+  };
+}
+
+/** `_latest.json` only ever moves to a newer generatedTime, under ETag guard. */
+async function advanceLatest(
+  runtime: Runtime,
+  exportId: string,
+  snapshot: SnapshotRow,
+  manifest: string,
+): Promise<void> {
+  const blob = runtime.landing.getBlockBlobClient(latestPath(exportId));
+  for (let attempt = 0; attempt < 20; attempt++) {
+    let etag: string | undefined;
+    try {
+      const current = await blob.downloadToBuffer();
+      const props = await blob.getProperties();
+      etag = props.etag;
+      const pointer = JSON.parse(current.toString('utf8')) as Partial<LatestPointer>;
+      if (typeof pointer.generatedTime === 'string' && pointer.generatedTime >= snapshot.generatedTime) return;
+    } catch (error) {
+      if ((error as { statusCode?: number }).statusCode !== 404 && !(error instanceof SyntaxError)) {
+        throw classifyStorageError(error, 'read _latest.json');
+      }
+    }
+    const pointer: LatestPointer = {
+      v: 1,
+      export: exportId,
+      snapshot: snapshot.snapshotId,
+      generatedTime: snapshot.generatedTime,
+      manifest,
+      updatedAt: runtime.now().toISOString(),
+    };
+    const body = `${JSON.stringify(pointer, null, 2)}\n`;
+    try {
+      await blob.upload(body, Buffer.byteLength(body), {
+        blobHTTPHeaders: JSON_HEADERS,
+        conditions: etag ? { ifMatch: etag } : { ifNoneMatch: '*' },
+      });
+      return;
+    } catch (error) {
+      const status = (error as { statusCode?: number }).statusCode;
+      if (status !== 412 && status !== 409) throw classifyStorageError(error, 'write _latest.json');
+    }
+  }
+}
+
+/** Self-healing: the counters on the snapshot row are brought in line with the part rows. */
+export async function reconcileCounters(runtime: Runtime, snapshot: SnapshotRow, landed: PartRow[]): Promise<void> {
+  const bytes = landed.reduce((sum, r) => sum + (r.bytes ?? 0), 0);
+  await runtime.store.mutateSnapshot(snapshot.exportId, snapshot.generatedTime, (row) =>
+    row.partsLanded === landed.length && row.bytesLanded === bytes
+      ? undefined
+      : { partsLanded: landed.length, bytesLanded: bytes },
+  );
+}

@@ -1,0 +1,322 @@
+import { z } from 'zod';
+import { EXPORT_IDS, type ExportId, isExportId } from './catalog.js';
+
+/**
+ * Every setting the app reads, parsed once. The names are app-setting names (what you put in
+ * local.settings.json, the Function App's configuration and infra/), documented in README.
+ */
+export class ConfigError extends Error {
+  readonly problems: readonly { setting: string; problem: string }[];
+  constructor(problems: { setting: string; problem: string }[]) {
+    super(
+      `mdvm-ingest refuses to start: invalid settings\n${problems.map((p) => `  - ${p.setting}: ${p.problem}`).join('\n')}`,
+    );
+    this.name = 'ConfigError';
+    this.problems = problems;
+  }
+}
+
+const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]', '::1']);
+
+export function isLoopbackHost(hostname: string): boolean {
+  return LOOPBACK_HOSTS.has(hostname.toLowerCase()) || /^127\.\d+\.\d+\.\d+$/.test(hostname);
+}
+
+const booleanSetting = (defaultValue: boolean) =>
+  z
+    .enum(['true', 'false', 'TRUE', 'FALSE', 'True', 'False', '1', '0'], {
+      error: 'expected true or false',
+    })
+    .default(defaultValue ? 'true' : 'false')
+    .transform((v) => v.toLowerCase() === 'true' || v === '1');
+
+const intSetting = (defaultValue: number, min: number, max: number) =>
+  z.coerce
+    .number({ error: 'expected a whole number' })
+    .int({ error: 'expected a whole number' })
+    .min(min, { error: `must be at least ${min}` })
+    .max(max, { error: `must be at most ${max}` })
+    .default(defaultValue);
+
+const numberSetting = (defaultValue: number, min: number, max: number) =>
+  z.coerce
+    .number({ error: 'expected a number' })
+    .min(min, { error: `must be at least ${min}` })
+    .max(max, { error: `must be at most ${max}` })
+    .default(defaultValue);
+
+const urlSetting = z.url({ error: 'expected an absolute URL' });
+
+// Azure queue names: 3-63 lower-case letters, digits and single hyphens.
+const queueName = z
+  .string()
+  .regex(/^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$/, { error: 'expected 3-63 lower-case letters, digits or hyphens' });
+const tableName = z
+  .string()
+  .regex(/^[A-Za-z][A-Za-z0-9]{2,62}$/, { error: 'expected 3-63 letters or digits, starting with a letter' });
+const containerName = z
+  .string()
+  .regex(/^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$/, { error: 'expected 3-63 lower-case letters, digits or hyphens' });
+
+// NCRONTAB with seconds, as the Functions timer trigger expects (6 fields).
+const schedule = z
+  .string()
+  .trim()
+  .refine((s) => s.split(/\s+/).length === 6, {
+    error: 'expected a six-field NCRONTAB expression, e.g. "0 17 * * * *" (hourly at :17)',
+  });
+
+const hostPatterns = z
+  .string()
+  .transform((s) =>
+    s
+      .split(',')
+      .map((p) => p.trim().toLowerCase())
+      .filter((p) => p.length > 0),
+  )
+  .refine((list) => list.length > 0, { error: 'expected at least one host pattern' })
+  .refine((list) => list.every((p) => /^(\*\.)?[a-z0-9.-]+$/.test(p)), {
+    error: 'each entry must be a host name, optionally starting with "*." (e.g. *.blob.core.windows.net)',
+  });
+
+const exportsList = z
+  .string()
+  .default('all')
+  .transform((s, ctx): ExportId[] => {
+    const items = s
+      .split(',')
+      .map((x) => x.trim())
+      .filter((x) => x.length > 0);
+    if (items.length === 1 && items[0] === 'all') return [...EXPORT_IDS];
+    const unknown = items.filter((x) => !isExportId(x));
+    if (unknown.length > 0 || items.length === 0) {
+      ctx.addIssue({
+        code: 'custom',
+        message: `unknown export type ${unknown.map((u) => `'${u}'`).join(', ') || '(empty)'}; expected "all" or a comma-separated list of: ${EXPORT_IDS.join(', ')}`,
+      });
+      return z.NEVER;
+    }
+    return [...new Set(items)] as ExportId[];
+  });
+
+export const settingsSchema = z
+  .object({
+    // Runtime storage (queue + manifest tables): a connection string, or identity-based service URIs.
+    AzureWebJobsStorage: z.string().min(1).optional(),
+    AzureWebJobsStorage__queueServiceUri: urlSetting.optional(),
+    AzureWebJobsStorage__tableServiceUri: urlSetting.optional(),
+    AzureWebJobsStorage__clientId: z.string().optional(),
+    // Landing storage: a connection string (local only), or the blob endpoint (identity-based).
+    MDVM_LANDING_CONNECTION_STRING: z.string().min(1).optional(),
+    MDVM_LANDING_BLOB_ENDPOINT: urlSetting.optional(),
+    MDVM_LANDING_CONTAINER: containerName.default('mdvm-landing'),
+    // Defender API
+    MDVM_DEFENDER_API_BASE_URL: urlSetting.default('https://api.security.microsoft.com'),
+    MDVM_DEFENDER_TOKEN_SCOPE: z
+      .string()
+      .regex(/^https:\/\/\S+\/\.default$/, { error: 'expected https://<resource>/.default' })
+      .default('https://api.securitycenter.microsoft.com/.default'),
+    MDVM_DEFENDER_TIMEOUT_MS: intSetting(60_000, 1_000, 600_000),
+    MDVM_DEFENDER_MAX_RETRIES: intSetting(4, 0, 10),
+    MDVM_DEFENDER_MAX_RETRY_WAIT_SECONDS: intSetting(90, 1, 600),
+    // What runs and when
+    MDVM_EXPORTS: exportsList,
+    MDVM_SCHEDULE: schedule.default('0 17 * * * *'),
+    MDVM_SAS_VALID_HOURS: intSetting(6, 1, 24),
+    MDVM_SAS_SAFETY_MARGIN_SECONDS: intSetting(60, 0, 3_600),
+    // Queue and tables
+    MDVM_PARTS_QUEUE: queueName.default('mdvm-parts'),
+    MDVM_SNAPSHOTS_TABLE: tableName.default('snapshots'),
+    MDVM_PARTS_TABLE: tableName.default('parts'),
+    MDVM_ENQUEUE_CONCURRENCY: intSetting(16, 1, 64),
+    // Security
+    MDVM_SOURCE_HOST_ALLOWLIST: hostPatterns.default(['*.blob.core.windows.net']),
+    MDVM_ALLOW_LOOPBACK: booleanSetting(false),
+    // Copy tuning
+    MDVM_COPY_MODE: z.enum(['server', 'stream'], { error: 'expected "server" or "stream"' }).default('server'),
+    MDVM_COPY_SINGLE_SHOT_MAX_MIB: numberSetting(256, 0.0625, 256),
+    MDVM_COPY_BLOCK_SIZE_MIB: numberSetting(8, 0.0625, 4_000),
+    MDVM_COPY_BLOCK_CONCURRENCY: intSetting(8, 1, 64),
+    MDVM_STREAM_BUFFER_MIB: intSetting(4, 1, 100),
+    MDVM_STREAM_BUFFERS: intSetting(4, 1, 32),
+    MDVM_COUNT_RECORDS: booleanSetting(false),
+    // Identity
+    AZURE_CLIENT_ID: z.string().optional(),
+  })
+  .superRefine((s, ctx) => {
+    const hasConn = s.AzureWebJobsStorage !== undefined;
+    const hasUris =
+      s.AzureWebJobsStorage__queueServiceUri !== undefined || s.AzureWebJobsStorage__tableServiceUri !== undefined;
+    if (!hasConn && !hasUris) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['AzureWebJobsStorage'],
+        message:
+          'missing: set AzureWebJobsStorage__queueServiceUri and AzureWebJobsStorage__tableServiceUri (managed identity), or AzureWebJobsStorage (connection string, local only)',
+      });
+    }
+    if (!hasConn && hasUris) {
+      for (const key of ['AzureWebJobsStorage__queueServiceUri', 'AzureWebJobsStorage__tableServiceUri'] as const) {
+        if (s[key] === undefined) {
+          ctx.addIssue({ code: 'custom', path: [key], message: 'missing (both service URIs are needed)' });
+        }
+      }
+    }
+    const landing = [s.MDVM_LANDING_CONNECTION_STRING, s.MDVM_LANDING_BLOB_ENDPOINT].filter((x) => x !== undefined);
+    if (landing.length !== 1) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['MDVM_LANDING_BLOB_ENDPOINT'],
+        message:
+          landing.length === 0
+            ? 'missing: set MDVM_LANDING_BLOB_ENDPOINT (managed identity) or MDVM_LANDING_CONNECTION_STRING (local only)'
+            : 'set only one of MDVM_LANDING_BLOB_ENDPOINT and MDVM_LANDING_CONNECTION_STRING',
+      });
+    }
+    const base = safeUrl(s.MDVM_DEFENDER_API_BASE_URL);
+    if (base && !(base.protocol === 'https:' || (s.MDVM_ALLOW_LOOPBACK && isLoopbackHost(base.hostname)))) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['MDVM_DEFENDER_API_BASE_URL'],
+        message: 'must be https (http is accepted only for a loopback host with MDVM_ALLOW_LOOPBACK=true)',
+      });
+    }
+    if (s.MDVM_COUNT_RECORDS && s.MDVM_COPY_MODE !== 'stream') {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['MDVM_COUNT_RECORDS'],
+        message: 'counting records reads the bytes: it needs MDVM_COPY_MODE=stream',
+      });
+    }
+    if (s.MDVM_COPY_BLOCK_SIZE_MIB > 4_000) {
+      ctx.addIssue({ code: 'custom', path: ['MDVM_COPY_BLOCK_SIZE_MIB'], message: 'must be at most 4000' });
+    }
+  });
+
+export type Settings = z.output<typeof settingsSchema>;
+export type SettingName = keyof z.input<typeof settingsSchema>;
+export const SETTING_NAMES = Object.keys(settingsSchema.shape) as SettingName[];
+
+export type StorageEndpoint =
+  | { kind: 'connection-string'; connectionString: string }
+  | { kind: 'identity'; url: string; clientId?: string };
+
+export interface AppConfig {
+  readonly settings: Settings;
+  readonly exports: readonly ExportId[];
+  readonly schedule: string;
+  readonly defender: {
+    readonly baseUrl: string;
+    readonly scope: string;
+    readonly timeoutInMs: number;
+    readonly maxRetries: number;
+    readonly maxRetryWaitInMs: number;
+    readonly sasValidHours: number;
+  };
+  readonly runtimeStorage: { readonly queue: StorageEndpoint; readonly table: StorageEndpoint };
+  readonly landing: { readonly blob: StorageEndpoint; readonly container: string };
+  readonly queueName: string;
+  readonly poisonQueueName: string;
+  readonly snapshotsTable: string;
+  readonly partsTable: string;
+  readonly enqueueConcurrency: number;
+  readonly sourceHostAllowlist: readonly string[];
+  readonly allowLoopback: boolean;
+  readonly sasSafetyMarginInMs: number;
+  readonly copy: {
+    readonly mode: 'server' | 'stream';
+    readonly singleShotMaxBytes: number;
+    readonly blockSizeBytes: number;
+    readonly blockConcurrency: number;
+    readonly streamBufferBytes: number;
+    readonly streamBuffers: number;
+    readonly countRecords: boolean;
+  };
+  readonly managedIdentityClientId: string | undefined;
+}
+
+const MIB = 1024 * 1024;
+
+/** Parse the environment once. Throws ConfigError naming every bad setting. */
+export function loadConfig(env: Record<string, string | undefined> = process.env): AppConfig {
+  const input: Record<string, string> = {};
+  for (const name of SETTING_NAMES) {
+    const value = env[name];
+    if (value !== undefined && value.trim() !== '') input[name] = value.trim();
+  }
+  const parsed = settingsSchema.safeParse(input);
+  if (!parsed.success) {
+    throw new ConfigError(
+      parsed.error.issues.map((issue) => ({
+        setting: String(issue.path[0] ?? '(settings)'),
+        problem: describeIssue(issue, input[String(issue.path[0])]),
+      })),
+    );
+  }
+  const s = parsed.data;
+  const clientId = s.AzureWebJobsStorage__clientId ?? s.AZURE_CLIENT_ID;
+  const runtime = (uri: string | undefined): StorageEndpoint =>
+    s.AzureWebJobsStorage !== undefined
+      ? { kind: 'connection-string', connectionString: s.AzureWebJobsStorage }
+      : { kind: 'identity', url: uri ?? '', ...(clientId ? { clientId } : {}) };
+  return {
+    settings: s,
+    exports: s.MDVM_EXPORTS,
+    schedule: s.MDVM_SCHEDULE,
+    defender: {
+      baseUrl: s.MDVM_DEFENDER_API_BASE_URL.replace(/\/+$/, ''),
+      scope: s.MDVM_DEFENDER_TOKEN_SCOPE,
+      timeoutInMs: s.MDVM_DEFENDER_TIMEOUT_MS,
+      maxRetries: s.MDVM_DEFENDER_MAX_RETRIES,
+      maxRetryWaitInMs: s.MDVM_DEFENDER_MAX_RETRY_WAIT_SECONDS * 1000,
+      sasValidHours: s.MDVM_SAS_VALID_HOURS,
+    },
+    runtimeStorage: {
+      queue: runtime(s.AzureWebJobsStorage__queueServiceUri),
+      table: runtime(s.AzureWebJobsStorage__tableServiceUri),
+    },
+    landing: {
+      blob:
+        s.MDVM_LANDING_CONNECTION_STRING !== undefined
+          ? { kind: 'connection-string', connectionString: s.MDVM_LANDING_CONNECTION_STRING }
+          : {
+              kind: 'identity',
+              url: s.MDVM_LANDING_BLOB_ENDPOINT ?? '',
+              ...(s.AZURE_CLIENT_ID ? { clientId: s.AZURE_CLIENT_ID } : {}),
+            },
+      container: s.MDVM_LANDING_CONTAINER,
+    },
+    queueName: s.MDVM_PARTS_QUEUE,
+    poisonQueueName: `${s.MDVM_PARTS_QUEUE}-poison`,
+    snapshotsTable: s.MDVM_SNAPSHOTS_TABLE,
+    partsTable: s.MDVM_PARTS_TABLE,
+    enqueueConcurrency: s.MDVM_ENQUEUE_CONCURRENCY,
+    sourceHostAllowlist: s.MDVM_SOURCE_HOST_ALLOWLIST,
+    allowLoopback: s.MDVM_ALLOW_LOOPBACK,
+    sasSafetyMarginInMs: s.MDVM_SAS_SAFETY_MARGIN_SECONDS * 1000,
+    copy: {
+      mode: s.MDVM_COPY_MODE,
+      singleShotMaxBytes: Math.floor(s.MDVM_COPY_SINGLE_SHOT_MAX_MIB * MIB),
+      blockSizeBytes: Math.floor(s.MDVM_COPY_BLOCK_SIZE_MIB * MIB),
+      blockConcurrency: s.MDVM_COPY_BLOCK_CONCURRENCY,
+      streamBufferBytes: s.MDVM_STREAM_BUFFER_MIB * MIB,
+      streamBuffers: s.MDVM_STREAM_BUFFERS,
+      countRecords: s.MDVM_COUNT_RECORDS,
+    },
+    managedIdentityClientId: s.AZURE_CLIENT_ID,
+  };
+}
+
+function describeIssue(issue: z.core.$ZodIssue, value: string | undefined): string {
+  const got = value === undefined ? '' : ` (got '${value.length > 60 ? `${value.slice(0, 60)}…` : value}')`;
+  const looksSecret = value !== undefined && /AccountKey=|SharedAccessSignature=|sig=/i.test(value);
+  return `${issue.message}${looksSecret ? '' : got}`;
+}
+
+function safeUrl(text: string): URL | undefined {
+  try {
+    return new URL(text);
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,329 @@
+import { createHash } from 'node:crypto';
+import { Writable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { createGunzip } from 'node:zlib';
+import {
+  BlobClient,
+  type BlobGetPropertiesResponse,
+  type BlockBlobClient,
+  type ContainerClient,
+} from '@azure/storage-blob';
+import { runBounded } from './concurrency.js';
+import { classifyStorageError, MdvmError } from './errors.js';
+
+export type CopyMethod = 'copy-from-url' | 'block-from-url' | 'stream' | 'already-landed';
+
+export interface CopyOptions {
+  readonly mode: 'server' | 'stream';
+  /** Largest part copied with one Copy Blob From URL call (the service caps it at 256 MiB). */
+  readonly singleShotMaxBytes: number;
+  readonly blockSizeBytes: number;
+  readonly blockConcurrency: number;
+  readonly streamBufferBytes: number;
+  readonly streamBuffers: number;
+  readonly countRecords: boolean;
+}
+
+export interface CopyRequest {
+  readonly sourceUrl: string;
+  readonly landingPath: string;
+  /** Written on the landed blob; never contains a SAS query. */
+  readonly metadata: Record<string, string>;
+  readonly abortSignal?: AbortSignal;
+}
+
+export interface CopyResult {
+  readonly method: CopyMethod;
+  readonly bytes: number;
+  /** Base64 Content-MD5 of the landed blob, when the service or the stream gave one. */
+  readonly md5: string | undefined;
+  readonly records: number | undefined;
+}
+
+/** Azure's cap for Copy Blob From URL. A setting above it would make Azure answer 409. */
+export const COPY_FROM_URL_MAX_BYTES = 256 * 1024 * 1024;
+const MAX_BLOCKS = 50_000;
+
+function md5Of(props: { contentMD5?: Uint8Array | undefined }): string | undefined {
+  return props.contentMD5 && props.contentMD5.length > 0 ? Buffer.from(props.contentMD5).toString('base64') : undefined;
+}
+
+function blockId(index: number): string {
+  // Every id of a blob must have the same length; the index makes a retried copy reuse its ids.
+  return Buffer.from(`mdvm-block-${String(index).padStart(6, '0')}`).toString('base64');
+}
+
+/**
+ * Copies one part into the landing container and verifies it. Writes are create-only
+ * (If-None-Match: *), so a duplicate delivery can never create the same blob twice, and a
+ * blob that is already there and matches the source counts as landed.
+ */
+export class PartCopier {
+  constructor(
+    private readonly landing: ContainerClient,
+    private readonly options: CopyOptions,
+  ) {}
+
+  async copy(request: CopyRequest): Promise<CopyResult> {
+    const source = new BlobClient(request.sourceUrl);
+    const sourceProps = await this.sourceProperties(source, request.abortSignal);
+    const size = sourceProps.contentLength ?? 0;
+    const sourceMd5 = md5Of(sourceProps);
+    const dest = this.landing.getBlockBlobClient(request.landingPath);
+
+    const existing = await this.destinationProperties(dest, request.abortSignal);
+    if (existing) {
+      if (this.matches(existing, size, sourceMd5)) {
+        return { method: 'already-landed', bytes: size, md5: md5Of(existing) ?? sourceMd5, records: undefined };
+      }
+      // A blob with other bytes under this name is a leftover of an earlier, different attempt.
+      await dest.deleteIfExists({ abortSignal: request.abortSignal });
+    }
+
+    let method: CopyMethod;
+    let streamed: { md5: string; bytes: number; records: number | undefined } | undefined;
+    try {
+      if (this.options.mode === 'stream') {
+        method = 'stream';
+        streamed = await this.copyByStreaming(source, dest, sourceProps, request);
+      } else if (size <= Math.min(this.options.singleShotMaxBytes, COPY_FROM_URL_MAX_BYTES)) {
+        method = 'copy-from-url';
+        await dest.syncCopyFromURL(request.sourceUrl, {
+          metadata: request.metadata,
+          conditions: { ifNoneMatch: '*' },
+          ...(sourceProps.contentMD5 ? { sourceContentMD5: sourceProps.contentMD5 } : {}),
+          abortSignal: request.abortSignal,
+        });
+      } else {
+        method = 'block-from-url';
+        await this.copyByBlocks(dest, size, sourceProps, request);
+      }
+    } catch (error) {
+      if ((error as { statusCode?: number; code?: string }).code === 'BlobAlreadyExists') {
+        // A concurrent delivery of the same part landed it first: verify theirs below.
+        method = 'already-landed';
+      } else {
+        throw await this.classifyCopyFailure(error, source, request.abortSignal);
+      }
+    }
+
+    const landed = await this.destinationProperties(dest, request.abortSignal);
+    const landedMd5 = landed ? md5Of(landed) : undefined;
+    const expectedMd5 = sourceMd5 ?? streamed?.md5;
+    const ok =
+      landed !== undefined &&
+      landed.contentLength === size &&
+      (streamed === undefined || streamed.bytes === size) &&
+      (expectedMd5 === undefined || landedMd5 === undefined || landedMd5 === expectedMd5);
+    if (!ok) {
+      if (method !== 'already-landed') await dest.deleteIfExists();
+      throw new MdvmError(
+        'transient',
+        `verification failed for ${request.landingPath}: landed ${landed?.contentLength ?? 'nothing'} bytes (md5 ${landedMd5 ?? 'n/a'}), source has ${size} bytes (md5 ${expectedMd5 ?? 'n/a'})`,
+      );
+    }
+    return { method, bytes: size, md5: landedMd5 ?? expectedMd5, records: streamed?.records };
+  }
+
+  private matches(props: BlobGetPropertiesResponse, size: number, sourceMd5: string | undefined): boolean {
+    if (props.contentLength !== size) return false;
+    const md5 = md5Of(props);
+    return sourceMd5 === undefined || md5 === undefined || md5 === sourceMd5;
+  }
+
+  private async sourceProperties(source: BlobClient, abortSignal?: AbortSignal): Promise<BlobGetPropertiesResponse> {
+    try {
+      return await source.getProperties({ abortSignal });
+    } catch (error) {
+      throw classifyStorageError(error, 'read source properties');
+    }
+  }
+
+  private async destinationProperties(
+    dest: BlockBlobClient,
+    abortSignal?: AbortSignal,
+  ): Promise<BlobGetPropertiesResponse | undefined> {
+    try {
+      return await dest.getProperties({ abortSignal });
+    } catch (error) {
+      if ((error as { statusCode?: number }).statusCode === 404) return undefined;
+      throw classifyStorageError(error, 'read landed blob properties');
+    }
+  }
+
+  /**
+   * The service reports an unreadable copy source as 403 CannotVerifyCopySource whether the SAS
+   * expired or the blob is gone; asking the source directly tells the two apart.
+   */
+  private async classifyCopyFailure(error: unknown, source: BlobClient, abortSignal?: AbortSignal): Promise<MdvmError> {
+    const classified = classifyStorageError(error, 'copy from source');
+    if (classified.kind !== 'expired') return classified;
+    try {
+      await source.getProperties({ abortSignal });
+      return classified;
+    } catch (probe) {
+      const probed = classifyStorageError(probe, 'read source properties');
+      return probed.kind === 'not-found' || probed.kind === 'expired' ? probed : classified;
+    }
+  }
+
+  /** Put Block From URL in parallel, then Put Block List: the service moves the bytes. */
+  private async copyByBlocks(
+    dest: BlockBlobClient,
+    size: number,
+    sourceProps: BlobGetPropertiesResponse,
+    request: CopyRequest,
+  ): Promise<void> {
+    const blockSize = Math.max(this.options.blockSizeBytes, Math.ceil(size / MAX_BLOCKS));
+    const count = Math.max(1, Math.ceil(size / blockSize));
+    const ids = Array.from({ length: count }, (_, i) => blockId(i));
+    await runBounded(ids, this.options.blockConcurrency, async (id, i) => {
+      const offset = i * blockSize;
+      await dest.stageBlockFromURL(id, request.sourceUrl, offset, Math.min(blockSize, size - offset), {
+        abortSignal: request.abortSignal,
+      });
+    });
+    await dest.commitBlockList(ids, {
+      metadata: request.metadata,
+      blobHTTPHeaders: {
+        ...(sourceProps.contentType ? { blobContentType: sourceProps.contentType } : {}),
+        ...(sourceProps.contentMD5 ? { blobContentMD5: sourceProps.contentMD5 } : {}),
+      },
+      conditions: { ifNoneMatch: '*' },
+      abortSignal: request.abortSignal,
+    });
+  }
+
+  /**
+   * Download → stage blocks → commit, holding at most `streamBuffers` blocks of `streamBufferBytes`
+   * in memory. MD5 is computed on the way; with countRecords a gunzip tap counts JSON lines and
+   * a truncated or corrupt gzip stops the copy before anything is committed.
+   */
+  private async copyByStreaming(
+    source: BlobClient,
+    dest: BlockBlobClient,
+    sourceProps: BlobGetPropertiesResponse,
+    request: CopyRequest,
+  ): Promise<{ md5: string; bytes: number; records: number | undefined }> {
+    let download: Awaited<ReturnType<BlobClient['download']>>;
+    try {
+      download = await source.download(0, undefined, { abortSignal: request.abortSignal });
+    } catch (error) {
+      throw classifyStorageError(error, 'download source');
+    }
+    const body = download.readableStreamBody;
+    if (!body) throw new MdvmError('fatal', 'download returned no body stream');
+
+    const hash = createHash('md5');
+    const counter = this.options.countRecords ? new LineCounter() : undefined;
+    const gunzip = counter ? createGunzip() : undefined;
+    const gunzipDone = gunzip && counter ? pipeline(gunzip, counter) : undefined;
+    // The gunzip side must not reject unobserved while the upload is still running.
+    gunzipDone?.catch(() => {});
+
+    const ids: string[] = [];
+    const inFlight = new Set<Promise<void>>();
+    let firstError: unknown;
+    let pending: Buffer[] = [];
+    let pendingBytes = 0;
+    let total = 0;
+
+    const stage = (chunk: Buffer): Promise<void> => {
+      const id = blockId(ids.length);
+      ids.push(id);
+      const p = dest
+        .stageBlock(id, chunk, chunk.length, { abortSignal: request.abortSignal })
+        .then(() => undefined)
+        .catch((error: unknown) => {
+          firstError ??= error;
+        })
+        .finally(() => inFlight.delete(p));
+      inFlight.add(p);
+      return p;
+    };
+    const flushBlock = async (): Promise<void> => {
+      if (pendingBytes === 0) return;
+      const block = Buffer.concat(pending, pendingBytes);
+      pending = [];
+      pendingBytes = 0;
+      while (inFlight.size >= this.options.streamBuffers) await Promise.race(inFlight);
+      void stage(block);
+    };
+
+    try {
+      for await (const piece of body as AsyncIterable<Buffer>) {
+        if (firstError) break;
+        hash.update(piece);
+        total += piece.length;
+        if (gunzip && !gunzip.write(piece)) await onceDrained(gunzip);
+        pending.push(piece);
+        pendingBytes += piece.length;
+        if (pendingBytes >= this.options.streamBufferBytes) await flushBlock();
+      }
+      await flushBlock();
+      await Promise.all(inFlight);
+      if (firstError) throw classifyStorageError(firstError, 'stage block');
+      if (gunzip && gunzipDone) {
+        gunzip.end();
+        try {
+          await gunzipDone;
+        } catch (error) {
+          throw new MdvmError(
+            'invalid-input',
+            `source is not a complete gzip stream (${(error as Error).message}); nothing was committed`,
+            { cause: error },
+          );
+        }
+      }
+    } catch (error) {
+      gunzip?.destroy();
+      await Promise.allSettled(inFlight);
+      throw error instanceof MdvmError ? error : classifyStorageError(error, 'stream copy');
+    }
+
+    const md5 = hash.digest();
+    try {
+      await dest.commitBlockList(ids, {
+        metadata: request.metadata,
+        blobHTTPHeaders: {
+          ...(sourceProps.contentType ? { blobContentType: sourceProps.contentType } : {}),
+          blobContentMD5: md5,
+        },
+        conditions: { ifNoneMatch: '*' },
+        abortSignal: request.abortSignal,
+      });
+    } catch (error) {
+      if ((error as { code?: string }).code === 'BlobAlreadyExists') throw error;
+      throw classifyStorageError(error, 'commit block list');
+    }
+    return { md5: md5.toString('base64'), bytes: total, records: counter?.records };
+  }
+}
+
+function onceDrained(stream: NodeJS.WritableStream): Promise<void> {
+  return new Promise((resolve) => stream.once('drain', () => resolve()));
+}
+
+/** Counts non-empty lines of decompressed JSON Lines without holding them. */
+class LineCounter extends Writable {
+  records = 0;
+  private lineHasContent = false;
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    for (let i = 0; i < chunk.length; i++) {
+      const byte = chunk[i];
+      if (byte === 0x0a) {
+        if (this.lineHasContent) this.records++;
+        this.lineHasContent = false;
+      } else if (byte !== 0x0d && byte !== 0x20 && byte !== 0x09) {
+        this.lineHasContent = true;
+      }
+    }
+    callback();
+  }
+
+  override _final(callback: (error?: Error | null) => void): void {
+    if (this.lineHasContent) this.records++;
+    callback();
+  }
+}

@@ -1,0 +1,107 @@
+import { redact } from './redact.js';
+
+/**
+ * Every failure is classified once, where it happens, into one of these kinds; callers act on
+ * the kind, never on raw status codes.
+ *
+ * - `rate-limited`: the service asked us to wait (`retryAfterInMs`).
+ * - `expired`: a SAS URL is no longer valid; a fresh one from the next timer tick fixes it.
+ * - `not-found`: the source is gone; retrying the same URL cannot help.
+ * - `transient`: network trouble, 5xx, throttling; retrying later may help.
+ * - `invalid-input`: a message, response or setting is malformed; retrying cannot help.
+ * - `forbidden`: credentials work but lack a permission; an operator must act.
+ * - `fatal`: anything else we do not understand; surfaced loudly.
+ */
+export type ErrorKind =
+  | 'rate-limited'
+  | 'expired'
+  | 'not-found'
+  | 'transient'
+  | 'invalid-input'
+  | 'forbidden'
+  | 'fatal';
+
+export class MdvmError extends Error {
+  readonly kind: ErrorKind;
+  readonly retryAfterInMs: number | undefined;
+  readonly statusCode: number | undefined;
+
+  constructor(
+    kind: ErrorKind,
+    message: string,
+    options: { cause?: unknown; retryAfterInMs?: number; statusCode?: number } = {},
+  ) {
+    super(redact(message), options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'MdvmError';
+    this.kind = kind;
+    this.retryAfterInMs = options.retryAfterInMs;
+    this.statusCode = options.statusCode;
+  }
+
+  get retryable(): boolean {
+    return this.kind === 'transient' || this.kind === 'rate-limited';
+  }
+}
+
+interface RestLikeError {
+  statusCode?: number;
+  code?: string;
+  message?: string;
+  name?: string;
+}
+
+const NETWORK_CODES = new Set([
+  'ECONNRESET',
+  'ECONNREFUSED',
+  'ETIMEDOUT',
+  'EPIPE',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'UND_ERR_SOCKET',
+  'UND_ERR_CONNECT_TIMEOUT',
+  'UND_ERR_HEADERS_TIMEOUT',
+  'UND_ERR_BODY_TIMEOUT',
+  'REQUEST_SEND_ERROR',
+]);
+
+/**
+ * Classify an error thrown by the Azure Storage SDK (RestError) or the network stack.
+ * `what` names the operation for the message, e.g. "copy from source".
+ */
+export function classifyStorageError(error: unknown, what: string): MdvmError {
+  if (error instanceof MdvmError) return error;
+  const e = (error ?? {}) as RestLikeError;
+  const status = e.statusCode;
+  const code = e.code ?? '';
+  const detail = `${what} failed: ${status ?? ''} ${code} ${firstLine(e.message)}`.replace(/\s+/g, ' ').trim();
+  const options = { cause: error, ...(status === undefined ? {} : { statusCode: status }) };
+  if (status === 404 || code === 'BlobNotFound' || code === 'ContainerNotFound') {
+    return new MdvmError('not-found', detail, options);
+  }
+  if (status === 403 && /AuthenticationFailed|AuthorizationFailure|CannotVerifyCopySource/i.test(code)) {
+    return new MdvmError('expired', detail, options);
+  }
+  if (status === 403) return new MdvmError('forbidden', detail, options);
+  if (status === 429 || status === 503 || status === 500 || status === 502 || status === 504 || status === 408) {
+    return new MdvmError('transient', detail, options);
+  }
+  if (status === undefined && (NETWORK_CODES.has(code) || e.name === 'AbortError')) {
+    return new MdvmError('transient', detail, options);
+  }
+  if (status !== undefined && status >= 400 && status < 500) return new MdvmError('fatal', detail, options);
+  return new MdvmError('transient', detail, options);
+}
+
+export function isNetworkError(error: unknown): boolean {
+  const e = error as { code?: string; cause?: { code?: string } } | undefined;
+  return NETWORK_CODES.has(e?.code ?? '') || NETWORK_CODES.has(e?.cause?.code ?? '');
+}
+
+export function errorMessage(error: unknown): string {
+  if (error instanceof Error) return redact(error.message);
+  return redact(String(error));
+}
+
+function firstLine(text: string | undefined): string {
+  return (text ?? '').split('\n')[0]?.slice(0, 300) ?? '';
+}

@@ -1,0 +1,202 @@
+import { completeSnapshotIfReady } from './completion.js';
+import { errorMessage, MdvmError } from './errors.js';
+import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
+import { parseSourceUrl, snapshotIdOf } from './parts.js';
+import { redact } from './redact.js';
+import type { Runtime } from './runtime.js';
+import type { Telemetry } from './telemetry.js';
+
+/** Must equal host.json `extensions.queues.maxDequeueCount` (a test keeps them together). */
+export const MAX_DEQUEUE_COUNT = 5;
+
+export type LandOutcome = 'landed' | 'duplicate' | 'expired' | 'failed' | 'dead-lettered' | 'superseded';
+
+export interface LandResult {
+  readonly outcome: LandOutcome;
+  readonly reason?: string;
+}
+
+export interface Delivery {
+  /** How many times the queue has delivered this message, this time included. */
+  readonly dequeueCount: number;
+  readonly abortSignal?: AbortSignal;
+}
+
+/**
+ * Handle one parts-queue message. Returns normally for every outcome that retrying cannot
+ * change (landed, duplicate, expired, failed, dead-lettered); throws only for transient trouble,
+ * so the queue redelivers, and after MAX_DEQUEUE_COUNT attempts the host parks it on the poison queue.
+ */
+export async function landPart(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  rawMessage: unknown,
+  delivery: Delivery,
+): Promise<LandResult> {
+  let message: PartMessage;
+  try {
+    message = parsePartMessage(rawMessage);
+    const source = parseSourceUrl(message.sourceUrl, runtime.config);
+    if (source.relativePath !== message.part) {
+      throw new MdvmError('invalid-input', `part '${message.part}' does not match the source URL's path`);
+    }
+    if (snapshotIdOf(message.generatedTime) !== message.snapshot) {
+      throw new MdvmError('invalid-input', `snapshot '${message.snapshot}' does not match generatedTime`);
+    }
+  } catch (error) {
+    return deadLetter(runtime, telemetry, rawMessage, errorMessage(error));
+  }
+
+  const { export: exportId, snapshot: snapshotId, part } = message;
+  const base = { export: exportId, snapshot: snapshotId, part };
+  const row = await runtime.store.getPart(exportId, snapshotId, part);
+  if (!row) {
+    // Only parts the timer recorded are ever copied: a well-formed but unknown message is refused.
+    return deadLetter(runtime, telemetry, rawMessage, `no part row for ${exportId} ${snapshotId} ${part}`);
+  }
+  if (row.value.status === 'landed') {
+    telemetry.track('part', { ...base, outcome: 'duplicate' });
+    return { outcome: 'duplicate' };
+  }
+  const snapshot = await runtime.store.getSnapshot(exportId, message.generatedTime);
+  if (snapshot?.value.status === 'superseded') {
+    telemetry.track('part', { ...base, outcome: 'superseded' });
+    return { outcome: 'superseded', reason: `snapshot superseded by ${snapshot.value.supersededBy}` };
+  }
+
+  const now = runtime.now().getTime();
+  if (message.sasExpiresOn && Date.parse(message.sasExpiresOn) - runtime.config.sasSafetyMarginInMs <= now) {
+    return markUnlandable(
+      runtime,
+      telemetry,
+      message,
+      'expired',
+      'SAS expired before the copy started; the next timer tick resumes with a fresh URL',
+    );
+  }
+
+  await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
+    r.status === 'landed' ? undefined : { attempts: (r.attempts ?? 0) + 1 },
+  );
+  const started = Date.now();
+  let copied: Awaited<ReturnType<Runtime['copier']['copy']>>;
+  try {
+    copied = await runtime.copier.copy({
+      sourceUrl: message.sourceUrl,
+      landingPath: row.value.landingPath,
+      metadata: {
+        mdvm_export: exportId,
+        mdvm_generated_time: message.generatedTime,
+        mdvm_source_path: row.value.sourcePath,
+      },
+      ...(delivery.abortSignal ? { abortSignal: delivery.abortSignal } : {}),
+    });
+  } catch (error) {
+    const failure =
+      error instanceof MdvmError ? error : new MdvmError('transient', errorMessage(error), { cause: error });
+    if (failure.kind === 'expired') return markUnlandable(runtime, telemetry, message, 'expired', failure.message);
+    if (failure.kind === 'not-found' || failure.kind === 'invalid-input') {
+      return markUnlandable(runtime, telemetry, message, 'failed', failure.message);
+    }
+    const lastAttempt = delivery.dequeueCount >= MAX_DEQUEUE_COUNT;
+    await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
+      r.status === 'landed' ? undefined : { lastError: failure.message, ...(lastAttempt ? { status: 'failed' } : {}) },
+    );
+    telemetry.track('part', {
+      ...base,
+      outcome: lastAttempt ? 'failed' : 'retry',
+      reason: failure.message,
+      durationMs: Date.now() - started,
+    });
+    throw failure;
+  }
+
+  // Exactly one delivery flips the row to landed; only that one counts the part.
+  const flipped = await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
+    r.status === 'landed'
+      ? undefined
+      : {
+          status: 'landed',
+          bytes: copied.bytes,
+          md5: copied.md5,
+          records: copied.records,
+          copyMethod: copied.method,
+          durationMs: Date.now() - started,
+          landedAt: runtime.now().toISOString(),
+          lastError: undefined,
+        },
+  );
+  if (!flipped) {
+    telemetry.track('part', { ...base, outcome: 'duplicate' });
+    return { outcome: 'duplicate' };
+  }
+  const counted = await runtime.store.mutateSnapshot(exportId, message.generatedTime, (s) => ({
+    partsLanded: s.partsLanded + 1,
+    bytesLanded: s.bytesLanded + copied.bytes,
+  }));
+  telemetry.track('part', {
+    ...base,
+    outcome: 'landed',
+    bytes: copied.bytes,
+    ...(copied.records === undefined ? {} : { records: copied.records }),
+    durationMs: Date.now() - started,
+    method: copied.method,
+  });
+  if (counted && counted.partsLanded >= counted.partCount) {
+    await completeSnapshotIfReady(runtime, telemetry, exportId, message.generatedTime);
+  }
+  return { outcome: 'landed' };
+}
+
+async function markUnlandable(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  message: PartMessage,
+  status: 'expired' | 'failed',
+  reason: string,
+): Promise<LandResult> {
+  await runtime.store.mutatePart(message.export, message.snapshot, message.part, (r) =>
+    r.status === 'landed' ? undefined : { status, lastError: redact(reason) },
+  );
+  await runtime.store.mutateSnapshot(message.export, message.generatedTime, (s) =>
+    s.status === 'complete' ? undefined : { lastError: redact(`${message.part}: ${reason}`) },
+  );
+  telemetry.track('part', {
+    export: message.export,
+    snapshot: message.snapshot,
+    part: message.part,
+    outcome: status,
+    reason,
+  });
+  return { outcome: status, reason: redact(reason) };
+}
+
+/**
+ * A message that can never succeed goes to the poison queue with its reason, SAS removed, and is
+ * acknowledged: it is never retried blindly and nothing that landed is touched.
+ */
+async function deadLetter(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  rawMessage: unknown,
+  reason: string,
+): Promise<LandResult> {
+  const original = typeof rawMessage === 'string' ? rawMessage : safeStringify(rawMessage);
+  const letter: DeadLetter = {
+    v: 1,
+    reason: redact(reason),
+    deadLetteredAt: runtime.now().toISOString(),
+    original: redact(original).slice(0, 32_000),
+  };
+  await runtime.poisonQueue.sendMessage(Buffer.from(JSON.stringify(letter)).toString('base64'));
+  telemetry.track('part', { outcome: 'dead-lettered', reason: letter.reason });
+  return { outcome: 'dead-lettered', reason: letter.reason };
+}
+
+function safeStringify(value: unknown): string {
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}

@@ -1,0 +1,60 @@
+import { z } from 'zod';
+import { EXPORT_IDS, type ExportId } from './catalog.js';
+import { MdvmError } from './errors.js';
+
+/**
+ * The parts-queue message (contract, DESIGN §4): JSON, versioned, one part per message,
+ * base64 on the wire (the Functions queue trigger's default encoding).
+ */
+export const partMessageSchema = z.object({
+  v: z.literal(1),
+  export: z.enum(EXPORT_IDS as [ExportId, ...ExportId[]]),
+  snapshot: z.string().regex(/^\d{4}-\d{2}-\d{2}T\d{4}(\d{2})?Z$/),
+  generatedTime: z.iso.datetime(),
+  part: z.string().min(1).max(1024),
+  sourceUrl: z.string().min(1).max(8192),
+  sasExpiresOn: z.iso.datetime().nullable(),
+  enqueuedAt: z.iso.datetime(),
+});
+
+export type PartMessage = z.output<typeof partMessageSchema>;
+
+/** What a dead-lettered message looks like on the poison queue (our own dead letters). */
+export interface DeadLetter {
+  v: 1;
+  reason: string;
+  deadLetteredAt: string;
+  /** The original message with every SAS query removed: the credential is never parked. */
+  original: string;
+}
+
+export function encodeMessage(message: PartMessage): string {
+  return Buffer.from(JSON.stringify(message), 'utf8').toString('base64');
+}
+
+/**
+ * The Functions host hands the handler either the parsed JSON object or a string.
+ * Anything that is not a valid v1 part message is `invalid-input` with a reason.
+ */
+export function parsePartMessage(input: unknown): PartMessage {
+  let value = input;
+  if (typeof input === 'string') {
+    try {
+      value = JSON.parse(input);
+    } catch {
+      throw new MdvmError('invalid-input', 'message is not JSON');
+    }
+  }
+  if (Buffer.isBuffer(value)) {
+    return parsePartMessage(value.toString('utf8'));
+  }
+  const parsed = partMessageSchema.safeParse(value);
+  if (!parsed.success) {
+    const reasons = parsed.error.issues
+      .slice(0, 5)
+      .map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`)
+      .join('; ');
+    throw new MdvmError('invalid-input', `message does not match the v1 part schema: ${reasons}`);
+  }
+  return parsed.data;
+}

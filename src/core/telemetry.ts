@@ -1,0 +1,75 @@
+import { redact } from './redact.js';
+
+/** Where log lines go: the InvocationContext in Functions, the terminal or a test's array locally. */
+export interface Logger {
+  info(message: string): void;
+  warn(message: string): void;
+  error(message: string): void;
+}
+
+export type Outcome =
+  | 'enqueued'
+  | 'unchanged'
+  | 'resumed'
+  | 'landed'
+  | 'duplicate'
+  | 'expired'
+  | 'failed'
+  | 'dead-lettered'
+  | 'superseded'
+  | 'completed'
+  | 'retry'
+  | 'rate-limited'
+  | 'error';
+
+/** The one set of property names every event uses, so queries in Application Insights stay simple. */
+export interface TelemetryProperties {
+  export?: string;
+  snapshot?: string;
+  part?: string;
+  bytes?: number;
+  records?: number;
+  durationMs?: number;
+  outcome: Outcome;
+  method?: string;
+  reason?: string;
+}
+
+export interface TelemetryEvent extends TelemetryProperties {
+  event: string;
+}
+
+/**
+ * One helper for every event: a single structured line `mdvm.<event> {json}` through the logger
+ * (Application Insights collects Functions logs as traces with that text), with every string redacted.
+ */
+export class Telemetry {
+  constructor(
+    private readonly logger: Logger,
+    private readonly sink?: (event: TelemetryEvent) => void,
+  ) {}
+
+  track(event: string, properties: TelemetryProperties): void {
+    const clean: TelemetryEvent = { event, ...properties };
+    if (clean.reason !== undefined) clean.reason = redact(clean.reason);
+    if (clean.part !== undefined) clean.part = redact(clean.part);
+    const line = `mdvm.${event} ${JSON.stringify(clean)}`;
+    if (properties.outcome === 'failed' || properties.outcome === 'error' || properties.outcome === 'dead-lettered') {
+      this.logger.warn(line);
+    } else {
+      this.logger.info(line);
+    }
+    this.sink?.(clean);
+  }
+}
+
+/** A logger that redacts before it writes: wrap every external sink with it. */
+export function redactingLogger(write: (level: 'info' | 'warn' | 'error', line: string) => void): Logger {
+  return {
+    info: (m) => write('info', redact(m)),
+    warn: (m) => write('warn', redact(m)),
+    error: (m) => write('error', redact(m)),
+  };
+}
+
+export const silentLogger: Logger = { info: () => {}, warn: () => {}, error: () => {} };

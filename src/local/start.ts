@@ -1,0 +1,185 @@
+/**
+ * `npm start`: the whole pipeline on this machine. Embedded Azurite (two accounts: Microsoft's export
+ * storage and the customer's), the Defender API simulator, and the app's real handlers driven by the
+ * local runner. Only settings tell the app where things are; it does not know it talks to a simulator.
+ */
+import { parseArgs } from 'node:util';
+import type { ExportId } from '../core/catalog.js';
+import { ConfigError, loadConfig } from '../core/config.js';
+import { createRuntime } from '../core/runtime.js';
+import { ensureStorage } from '../core/storage.js';
+import { DefenderSimulator } from '../simulator/simulator.js';
+import { startAzurite } from './azurite.js';
+import { LocalRunner } from './runner.js';
+import { formatBytes, renderTable, summarize } from './summary.js';
+
+const HELP = `usage: npm start [-- options]
+
+  --workers N         concurrent queue workers (default 8)
+  --persist DIR       keep Azurite's data in DIR, so a later run sees this run's landing and tables
+  --records N         records per part file (default 1500)
+  --help              this text
+
+Settings (MDVM_COPY_MODE, MDVM_COUNT_RECORDS, MDVM_EXPORTS, ...) can be given as environment
+variables; everything else comes from the local profile printed at the start.`;
+
+// The documented VA cadence is six hours: the simulator's snapshot is that of the last 6-hour mark,
+// so two runs within the same six hours see the same snapshot.
+function currentSnapshotTime(now = new Date()): string {
+  const t = new Date(now);
+  t.setUTCHours(Math.floor(t.getUTCHours() / 6) * 6, 1, 0, 0);
+  if (t > now) t.setUTCHours(t.getUTCHours() - 6);
+  return t.toISOString();
+}
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      workers: { type: 'string', default: '8' },
+      persist: { type: 'string' },
+      records: { type: 'string', default: '1500' },
+      help: { type: 'boolean', default: false },
+    },
+  });
+  if (values.help) {
+    console.log(HELP);
+    return 0;
+  }
+  const workers = Number(values.workers);
+  const records = Number(values.records);
+  if (!Number.isInteger(workers) || workers < 1) throw new Error('--workers must be a whole number ≥ 1');
+  if (!Number.isInteger(records) || records < 0) throw new Error('--records must be a whole number ≥ 0');
+
+  const started = Date.now();
+  const say = (line: string) => console.log(line);
+  say(`mdvm-ingest local run — Node ${process.version}`);
+  const azurite = await startAzurite(
+    values.persist
+      ? { location: values.persist, accountKey: Buffer.from('mdvm-local-development-key-32byt').toString('base64') }
+      : {},
+  );
+  say(
+    `  Azurite      ${values.persist ? `persisted in ${values.persist}` : 'in memory'}: accounts msexport (plays Microsoft's export storage), customer (landing, queue, tables)`,
+  );
+  const simulator = await DefenderSimulator.start({ source: azurite.source });
+  say(`  Simulator    ${simulator.baseUrl} (Defender API + managed identity endpoint)`);
+
+  try {
+    Object.assign(process.env, simulator.identityEnvironment);
+    const env: Record<string, string | undefined> = {
+      AzureWebJobsStorage: azurite.customer.connectionString,
+      MDVM_LANDING_CONNECTION_STRING: azurite.customer.connectionString,
+      MDVM_DEFENDER_API_BASE_URL: simulator.baseUrl,
+      MDVM_ALLOW_LOOPBACK: 'true',
+      // Small thresholds so the local data exercises the block copy path too.
+      MDVM_COPY_SINGLE_SHOT_MAX_MIB: '1',
+      MDVM_COPY_BLOCK_SIZE_MIB: '0.25',
+    };
+    for (const [name, value] of Object.entries(process.env)) {
+      if (name.startsWith('MDVM_') && !(name in env) && value !== undefined) env[name] = value;
+    }
+    const config = loadConfig(env);
+    const exports = config.exports as ExportId[];
+    const generatedTime = currentSnapshotTime();
+    say(
+      `  Publishing   ${exports.length} export types, snapshot ${generatedTime.replace('.000Z', 'Z')} (3 RBAC groups, split parts, ${records} records per part)`,
+    );
+    for (const id of exports) {
+      if (!simulator.snapshotOf(id)) {
+        await simulator.publish(id, {
+          generatedTime,
+          recordsPerPart: records,
+          ...(id === 'software-vulnerabilities' ? { largePartRecords: records * 12 } : {}),
+        });
+      }
+    }
+
+    const runtime = createRuntime(config);
+    await ensureStorage(runtime.storage);
+
+    let landedParts = 0;
+    let landedBytes = 0;
+    const throughput = new Map<string, number>();
+    const tickOutcomes = new Map<string, string>();
+    const problems: string[] = [];
+    const runner = new LocalRunner(runtime, {
+      workers,
+      onLog: (level, line) => {
+        if (level === 'error') problems.push(line);
+      },
+      onTelemetry: (event) => {
+        if (event.event === 'part' && event.outcome === 'landed') {
+          landedParts++;
+          landedBytes += event.bytes ?? 0;
+        }
+        if (event.event === 'snapshot' && event.outcome === 'completed' && event.export && event.durationMs) {
+          throughput.set(event.export, (event.bytes ?? 0) / 1024 / 1024 / (event.durationMs / 1000));
+        }
+        if (event.event === 'request' && event.export && event.outcome !== 'superseded') {
+          tickOutcomes.set(event.export, `${event.outcome}${event.reason ? ` (${event.reason})` : ''}`);
+        }
+      },
+    });
+    runner.register();
+
+    say('\nTick 1: every timer asks the Defender API for its export');
+    const copyStarted = Date.now();
+    const firstTick = await runner.tick(exports);
+    for (const r of firstTick)
+      say(`  ${r.exportId.padEnd(28)} ${r.error ? `ERROR ${r.error}` : (tickOutcomes.get(r.exportId) ?? '')}`);
+
+    const tty = process.stdout.isTTY;
+    const progress = setInterval(
+      () => {
+        const line = `  copying… ${landedParts} parts, ${formatBytes(landedBytes)} landed`;
+        if (tty) process.stdout.write(`\r${line}   `);
+        else say(line);
+      },
+      tty ? 250 : 2000,
+    );
+    try {
+      await runner.drain({ timeoutInMs: 150_000 });
+    } finally {
+      clearInterval(progress);
+      if (tty) process.stdout.write('\n');
+    }
+    const seconds = (Date.now() - copyStarted) / 1000;
+    say(
+      `  landed ${landedParts} parts, ${formatBytes(landedBytes)} in ${seconds.toFixed(1)} s with ${workers} workers`,
+    );
+
+    const summary = await summarize(runtime, exports);
+    say(`\n${renderTable(summary, throughput)}`);
+
+    say('\nTick 2: the same snapshots again');
+    tickOutcomes.clear();
+    const before = landedParts;
+    await runner.tick(exports);
+    await runner.drain({ timeoutInMs: 60_000 });
+    const unchanged = [...tickOutcomes.values()].filter((o) => o.startsWith('unchanged')).length;
+    say(`  ${unchanged}/${exports.length} exports unchanged; ${landedParts - before} parts copied`);
+
+    say(`\nLanded in the customer account, container '${config.landing.container}':`);
+    for (const r of summary) if (r.manifest) say(`  ${r.manifest}`);
+    say(
+      `  (+ {export}/_latest.json for each export; manifest rows in tables '${config.snapshotsTable}' and '${config.partsTable}')`,
+    );
+    for (const p of problems.slice(0, 10)) say(`  error: ${p}`);
+
+    const complete = summary.filter((r) => r.status === 'complete').length;
+    say(`\n${complete}/${exports.length} export types complete in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    return complete === exports.length ? 0 : 1;
+  } finally {
+    await simulator.stop();
+    await azurite.stop();
+  }
+}
+
+main().then(
+  (code) => process.exit(code),
+  (error: unknown) => {
+    if (error instanceof ConfigError) console.error(error.message);
+    else console.error(`npm start failed: ${(error as Error).message}`);
+    process.exit(1);
+  },
+);

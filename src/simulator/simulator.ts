@@ -1,0 +1,346 @@
+import { createHash, randomUUID } from 'node:crypto';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { gzipSync } from 'node:zlib';
+import {
+  BlobSASPermissions,
+  BlobServiceClient,
+  type ContainerClient,
+  generateBlobSASQueryParameters,
+  StorageSharedKeyCredential,
+} from '@azure/storage-blob';
+import { EXPORT_TYPES, type ExportId, type ExportType, getExportType } from '../core/catalog.js';
+import { generateRecords, seededRng } from './records.js';
+
+/**
+ * A stand-in for the Defender "export assessment via files" API, following its documented contract:
+ * App-Service-style managed identity token endpoint, bearer check with app-role permissions, the nine
+ * via-files endpoints (case-insensitive paths, `sasValidHours` bounds), 5 calls/min and 20 calls/h per
+ * endpoint with 429 + Retry-After, the documented error body, and SAS URLs to gzip JSON-lines part files
+ * held in an Azurite account that plays Microsoft's export storage. Faults can be switched on per export.
+ */
+export interface SourceAccount {
+  readonly name: string;
+  readonly key: string;
+  readonly blobEndpoint: string;
+}
+
+export interface SimulatedPart {
+  readonly relativePath: string;
+  readonly blobName: string;
+  readonly bytes: number;
+  readonly md5: string;
+  readonly records: number;
+}
+
+export interface SimulatedSnapshot {
+  readonly exportId: ExportId;
+  readonly generatedTime: string;
+  readonly container: string;
+  readonly prefix: string;
+  readonly parts: readonly SimulatedPart[];
+}
+
+export interface PublishOptions {
+  /** ISO time, whole minute; default: the current minute. */
+  generatedTime?: string;
+  /** RBAC group ids; the same part file names repeat in every group. */
+  groups?: readonly number[];
+  /** Spark tasks per group; task 1 is split into c000 and c001. */
+  partsPerGroup?: number;
+  recordsPerPart?: number;
+  /** One extra part in the first group with this many records (to exercise large-part copy paths). */
+  largePartRecords?: number;
+  /** Add a part with no records (Spark writes those). */
+  emptyPart?: boolean;
+}
+
+export type Fault =
+  | { kind: 'status'; status: number; code?: string; retryAfterSeconds?: number }
+  | { kind: 'malformed' }
+  /** SAS URLs that have already expired, for the first `parts` parts (default all). */
+  | { kind: 'expired-sas'; parts?: number }
+  /** One extra URL pointing at a part blob that does not exist. */
+  | { kind: 'missing-blob' };
+
+export interface SimulatorOptions {
+  source: SourceAccount;
+  /** App roles granted to the identity (default: all three the exports need). */
+  roles?: readonly string[];
+  /** Enforce the documented call budget (default true). */
+  enforceRateLimits?: boolean;
+  /** Seed for deterministic data (default "mdvm"). */
+  seed?: string;
+}
+
+export interface SimulatorRequest {
+  readonly method: string;
+  readonly path: string;
+  readonly status: number;
+}
+
+const ALL_ROLES = ['Vulnerability.Read.All', 'Software.Read.All', 'SecurityBaselinesAssessment.Read.All'];
+const ACCEPTED_RESOURCES = new Set(['https://api.securitycenter.microsoft.com', 'https://api.security.microsoft.com']);
+const ORG_ID = '5f0c1e2a-7b3d-4c8e-9a61-2d4b8e7f9c03';
+
+export class DefenderSimulator {
+  readonly identityHeader = randomUUID();
+  readonly requests: SimulatorRequest[] = [];
+  private roles: Set<string>;
+  private readonly snapshots = new Map<ExportId, SimulatedSnapshot>();
+  private readonly faults = new Map<ExportId, Fault[]>();
+  private readonly tokens = new Map<string, number>();
+  private readonly calls = new Map<string, number[]>();
+  private readonly blobService: BlobServiceClient;
+  private readonly sharedKey: StorageSharedKeyCredential;
+
+  private constructor(
+    private readonly server: Server,
+    private readonly options: SimulatorOptions,
+    readonly baseUrl: string,
+  ) {
+    this.roles = new Set(options.roles ?? ALL_ROLES);
+    this.sharedKey = new StorageSharedKeyCredential(options.source.name, options.source.key);
+    this.blobService = new BlobServiceClient(options.source.blobEndpoint, this.sharedKey);
+  }
+
+  static async start(options: SimulatorOptions): Promise<DefenderSimulator> {
+    let simulator: DefenderSimulator | undefined;
+    const server = createServer((req, res) => {
+      simulator?.handle(req, res).catch((error: unknown) => {
+        res.statusCode = 500;
+        res.end(JSON.stringify({ error: { code: 'InternalServerError', message: String(error) } }));
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const address = server.address();
+    const port = typeof address === 'object' && address ? address.port : 0;
+    simulator = new DefenderSimulator(server, options, `http://127.0.0.1:${port}`);
+    return simulator;
+  }
+
+  /** What the Functions platform sets for a managed identity: point the app's credential here. */
+  get identityEnvironment(): { IDENTITY_ENDPOINT: string; IDENTITY_HEADER: string } {
+    return { IDENTITY_ENDPOINT: `${this.baseUrl}/msi/token`, IDENTITY_HEADER: this.identityHeader };
+  }
+
+  setRoles(roles: readonly string[]): void {
+    this.roles = new Set(roles);
+  }
+
+  injectFault(exportId: ExportId, fault: Fault, times = 1): void {
+    const list = this.faults.get(exportId) ?? [];
+    for (let i = 0; i < times; i++) list.push(fault);
+    this.faults.set(exportId, list);
+  }
+
+  snapshotOf(exportId: ExportId): SimulatedSnapshot | undefined {
+    return this.snapshots.get(exportId);
+  }
+
+  sourceContainer(snapshot: SimulatedSnapshot): ContainerClient {
+    return this.blobService.getContainerClient(snapshot.container);
+  }
+
+  /** Generate a snapshot's part files into the source account and make it the current one. */
+  async publish(exportId: ExportId, options: PublishOptions = {}): Promise<SimulatedSnapshot> {
+    const type = getExportType(exportId);
+    const generated = options.generatedTime ? new Date(options.generatedTime) : new Date();
+    generated.setUTCSeconds(0, 0);
+    const generatedTime = generated.toISOString().replace('.000Z', 'Z');
+    const seed = `${this.options.seed ?? 'mdvm'}/${exportId}/${generatedTime}`;
+    const rng = seededRng(seed);
+    const job = uuidFrom(rng);
+    const container = `temp-${uuidFrom(rng)}`;
+    const iso = generatedTime;
+    const prefix = `${iso.slice(0, 10)}/${iso.slice(11, 13)}${iso.slice(14, 16)}/${type.blobExportName}/json`;
+    const groups = options.groups ?? [0, 12, 31];
+    const partsPerGroup = options.partsPerGroup ?? 2;
+    const recordsPerPart = options.recordsPerPart ?? 200;
+
+    const files: { relativePath: string; records: number; rbacGroupId: number }[] = [];
+    for (const group of groups) {
+      for (let task = 0; task < partsPerGroup; task++) {
+        const splits = task === 1 ? 2 : 1;
+        for (let split = 0; split < splits; split++) {
+          files.push({
+            relativePath: `OrgId=${ORG_ID}/_RbacGroupId=${group}/part-${String(task).padStart(5, '0')}-${job}.c${String(split).padStart(3, '0')}.json.gz`,
+            records: recordsPerPart,
+            rbacGroupId: group,
+          });
+        }
+      }
+    }
+    const firstGroup = groups[0] ?? 0;
+    if (options.largePartRecords) {
+      files.push({
+        relativePath: `OrgId=${ORG_ID}/_RbacGroupId=${firstGroup}/part-${String(partsPerGroup).padStart(5, '0')}-${job}.c000.json.gz`,
+        records: options.largePartRecords,
+        rbacGroupId: firstGroup,
+      });
+    }
+    if (options.emptyPart) {
+      files.push({
+        relativePath: `OrgId=${ORG_ID}/_RbacGroupId=${firstGroup}/part-${String(partsPerGroup + 1).padStart(5, '0')}-${job}.c000.json.gz`,
+        records: 0,
+        rbacGroupId: firstGroup,
+      });
+    }
+
+    const containerClient = this.blobService.getContainerClient(container);
+    await containerClient.createIfNotExists();
+    const parts: SimulatedPart[] = [];
+    for (const file of files) {
+      const body = gzipSync(generateRecords(exportId, `${seed}/${file.relativePath}`, file.rbacGroupId, file.records));
+      const blobName = `${prefix}/${file.relativePath}`;
+      await containerClient.getBlockBlobClient(blobName).uploadData(body, {
+        blobHTTPHeaders: { blobContentType: 'application/octet-stream' },
+      });
+      parts.push({
+        relativePath: file.relativePath,
+        blobName,
+        bytes: body.length,
+        md5: createHash('md5').update(body).digest('base64'),
+        records: file.records,
+      });
+    }
+    const snapshot: SimulatedSnapshot = { exportId, generatedTime, container, prefix, parts };
+    this.snapshots.set(exportId, snapshot);
+    return snapshot;
+  }
+
+  async publishAll(options: PublishOptions = {}): Promise<SimulatedSnapshot[]> {
+    const out: SimulatedSnapshot[] = [];
+    for (const type of EXPORT_TYPES) out.push(await this.publish(type.id, options));
+    return out;
+  }
+
+  async stop(): Promise<void> {
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.server.closeAllConnections();
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? '/', this.baseUrl);
+    const send = (status: number, body: unknown, headers: Record<string, string> = {}) => {
+      this.requests.push({ method: req.method ?? 'GET', path: url.pathname, status });
+      res.writeHead(status, { 'content-type': 'application/json', ...headers });
+      res.end(typeof body === 'string' ? body : JSON.stringify(body));
+    };
+    const error = (status: number, code: string, message: string, headers: Record<string, string> = {}) =>
+      send(status, { error: { code, message, target: randomUUID() } }, headers);
+
+    if (url.pathname === '/msi/token') {
+      if (req.headers['x-identity-header'] !== this.identityHeader) {
+        return error(401, 'Unauthorized', 'missing or wrong X-IDENTITY-HEADER');
+      }
+      const resource = url.searchParams.get('resource') ?? '';
+      if (!ACCEPTED_RESOURCES.has(resource.replace(/\/+$/, ''))) {
+        return error(400, 'invalid_resource', `unknown resource ${resource}`);
+      }
+      const token = randomUUID() + randomUUID();
+      const expiresOn = Math.floor(Date.now() / 1000) + 3600;
+      this.tokens.set(token, expiresOn * 1000);
+      return send(200, { access_token: token, expires_on: String(expiresOn), resource, token_type: 'Bearer' });
+    }
+
+    const type = EXPORT_TYPES.find((t) => t.apiPath.toLowerCase() === url.pathname.toLowerCase());
+    if (!type || req.method !== 'GET')
+      return error(404, 'ResourceNotFound', `no route for ${req.method} ${url.pathname}`);
+
+    const auth = req.headers.authorization ?? '';
+    const token = auth.startsWith('Bearer ') ? auth.slice(7) : '';
+    const expiry = this.tokens.get(token);
+    if (expiry === undefined || expiry < Date.now())
+      return error(401, 'Unauthorized', 'missing, invalid or expired token');
+    if (!this.roles.has(type.permission)) {
+      return error(403, 'Forbidden', `the application lacks the ${type.permission} permission`);
+    }
+
+    if (this.options.enforceRateLimits !== false) {
+      const wait = this.rateLimitWaitInSeconds(type);
+      if (wait > 0) return error(429, 'TooManyRequests', 'API call quota exceeded', { 'retry-after': String(wait) });
+    }
+
+    const hours = this.sasHours(type, url.searchParams.get('sasValidHours'));
+    if (hours === undefined) {
+      return error(400, 'InvalidInput', `sasValidHours must be a whole number from 1 to ${type.sasMaxHours}`);
+    }
+
+    const fault = this.faults.get(type.id)?.shift();
+    if (fault?.kind === 'status') {
+      return error(
+        fault.status,
+        fault.code ?? (fault.status === 429 ? 'TooManyRequests' : 'InternalServerError'),
+        'injected fault',
+        {
+          ...(fault.retryAfterSeconds === undefined ? {} : { 'retry-after': String(fault.retryAfterSeconds) }),
+        },
+      );
+    }
+    if (fault?.kind === 'malformed') return send(200, '{"exportFiles": "not-a-list", ');
+
+    const snapshot = this.snapshots.get(type.id);
+    if (!snapshot) return error(404, 'ResourceNotFound', 'no export has been generated yet');
+    const now = Date.now();
+    const expiredCount = fault?.kind === 'expired-sas' ? (fault.parts ?? snapshot.parts.length) : 0;
+    const urls = snapshot.parts.map((part, i) =>
+      this.sasUrl(
+        snapshot,
+        part.blobName,
+        i < expiredCount ? new Date(now - 3_600_000) : new Date(now + hours * 3_600_000),
+      ),
+    );
+    if (fault?.kind === 'missing-blob') {
+      urls.push(
+        this.sasUrl(
+          snapshot,
+          `${snapshot.prefix}/OrgId=${ORG_ID}/_RbacGroupId=99/part-00000-${randomUUID()}.c000.json.gz`,
+          new Date(now + hours * 3_600_000),
+        ),
+      );
+    }
+    return send(200, {
+      '@odata.context': `${this.baseUrl}/api/$metadata#microsoft.windowsDefenderATP.api.ExportFilesResponse`,
+      exportFiles: urls,
+      generatedTime: snapshot.generatedTime,
+    });
+  }
+
+  private sasHours(type: ExportType, raw: string | null): number | undefined {
+    if (raw === null) return type.sasDefaultHours;
+    if (!/^\d+$/.test(raw)) return undefined;
+    const hours = Number(raw);
+    return hours >= 1 && hours <= type.sasMaxHours ? hours : undefined;
+  }
+
+  private rateLimitWaitInSeconds(type: ExportType): number {
+    const now = Date.now();
+    const history = (this.calls.get(type.id) ?? []).filter((t) => t > now - 3_600_000);
+    const lastMinute = history.filter((t) => t > now - 60_000);
+    let wait = 0;
+    if (lastMinute.length >= 5) wait = Math.max(wait, (lastMinute[lastMinute.length - 5] ?? now) + 60_000 - now);
+    if (history.length >= 20) wait = Math.max(wait, (history[history.length - 20] ?? now) + 3_600_000 - now);
+    if (wait === 0) history.push(now);
+    this.calls.set(type.id, history);
+    return Math.ceil(wait / 1000);
+  }
+
+  private sasUrl(snapshot: SimulatedSnapshot, blobName: string, expiresOn: Date): string {
+    const sas = generateBlobSASQueryParameters(
+      {
+        containerName: snapshot.container,
+        blobName,
+        permissions: BlobSASPermissions.parse('r'),
+        startsOn: new Date(Math.min(Date.now(), expiresOn.getTime()) - 5 * 60_000),
+        expiresOn,
+      },
+      this.sharedKey,
+    ).toString();
+    return `${this.blobService.getContainerClient(snapshot.container).getBlobClient(blobName).url}?${sas}`;
+  }
+}
+
+function uuidFrom(rng: () => number): string {
+  const h = Array.from({ length: 32 }, () => Math.floor(rng() * 16).toString(16)).join('');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-4${h.slice(13, 16)}-a${h.slice(17, 20)}-${h.slice(20, 32)}`;
+}
