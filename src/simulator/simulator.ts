@@ -85,6 +85,8 @@ const ORG_ID = '5f0c1e2a-7b3d-4c8e-9a61-2d4b8e7f9c03';
 export class DefenderSimulator {
   readonly identityHeader = randomUUID();
   readonly requests: SimulatorRequest[] = [];
+  /** Every SAS signature and bearer token handed out: what must never appear in the app's output. */
+  readonly issuedSecrets = new Set<string>();
   private roles: Set<string>;
   private readonly snapshots = new Map<ExportId, SimulatedSnapshot>();
   private readonly faults = new Map<ExportId, Fault[]>();
@@ -240,6 +242,7 @@ export class DefenderSimulator {
       const token = randomUUID() + randomUUID();
       const expiresOn = Math.floor(Date.now() / 1000) + 3600;
       this.tokens.set(token, expiresOn * 1000);
+      this.issuedSecrets.add(token);
       return send(200, { access_token: token, expires_on: String(expiresOn), resource, token_type: 'Bearer' });
     }
 
@@ -336,6 +339,11 @@ export class DefenderSimulator {
       },
       this.sharedKey,
     ).toString();
+    const signature = new URLSearchParams(sas).get('sig');
+    if (signature) {
+      this.issuedSecrets.add(signature);
+      this.issuedSecrets.add(encodeURIComponent(signature));
+    }
     return `${this.blobService.getContainerClient(snapshot.container).getBlobClient(blobName).url}?${sas}`;
   }
 }

@@ -1,0 +1,105 @@
+import { describe, expect, it } from 'vitest';
+import { EXPORT_IDS } from '../src/core/catalog.js';
+import { ConfigError, loadConfig, SETTING_NAMES } from '../src/core/config.js';
+
+const base = {
+  AzureWebJobsStorage: 'UseDevelopmentStorage=true',
+  MDVM_LANDING_CONNECTION_STRING: 'UseDevelopmentStorage=true',
+};
+
+function problemsOf(env: Record<string, string>): { setting: string; problem: string }[] {
+  try {
+    loadConfig(env);
+  } catch (error) {
+    expect(error).toBeInstanceOf(ConfigError);
+    return [...(error as ConfigError).problems];
+  }
+  throw new Error('expected loadConfig to refuse these settings');
+}
+
+describe('configuration', () => {
+  it('parses defaults into a typed object', () => {
+    const config = loadConfig(base);
+    expect(config.exports).toEqual(EXPORT_IDS);
+    expect(config.defender.baseUrl).toBe('https://api.security.microsoft.com');
+    expect(config.defender.scope).toBe('https://api.securitycenter.microsoft.com/.default');
+    expect(config.defender.sasValidHours).toBe(6);
+    expect(config.queueName).toBe('mdvm-parts');
+    expect(config.poisonQueueName).toBe('mdvm-parts-poison');
+    expect(config.snapshotsTable).toBe('snapshots');
+    expect(config.partsTable).toBe('parts');
+    expect(config.copy).toMatchObject({ mode: 'server', singleShotMaxBytes: 256 * 1024 * 1024, countRecords: false });
+    expect(config.sourceHostAllowlist).toEqual(['*.blob.core.windows.net']);
+    expect(config.allowLoopback).toBe(false);
+  });
+
+  it.each([
+    [{ MDVM_COPY_MODE: 'fast' }, 'MDVM_COPY_MODE', /server.*stream/],
+    [{ MDVM_EXPORTS: 'software-vulnerabilities,nope' }, 'MDVM_EXPORTS', /unknown export type 'nope'/],
+    [{ MDVM_SAS_VALID_HOURS: '48' }, 'MDVM_SAS_VALID_HOURS', /at most 24/],
+    [{ MDVM_SAS_VALID_HOURS: 'six' }, 'MDVM_SAS_VALID_HOURS', /number/],
+    [{ MDVM_SCHEDULE: '*/5 * * * *' }, 'MDVM_SCHEDULE', /six-field/],
+    [{ MDVM_PARTS_QUEUE: 'Parts_Queue' }, 'MDVM_PARTS_QUEUE', /lower-case/],
+    [{ MDVM_DEFENDER_API_BASE_URL: 'http://api.security.microsoft.com' }, 'MDVM_DEFENDER_API_BASE_URL', /https/],
+    [{ MDVM_DEFENDER_API_BASE_URL: 'not a url' }, 'MDVM_DEFENDER_API_BASE_URL', /URL/],
+    [{ MDVM_COUNT_RECORDS: 'true' }, 'MDVM_COUNT_RECORDS', /MDVM_COPY_MODE=stream/],
+    [{ MDVM_ALLOW_LOOPBACK: 'yes' }, 'MDVM_ALLOW_LOOPBACK', /true or false/],
+    [{ MDVM_SOURCE_HOST_ALLOWLIST: 'https://evil/*' }, 'MDVM_SOURCE_HOST_ALLOWLIST', /host name/],
+    [{ MDVM_COPY_SINGLE_SHOT_MAX_MIB: '512' }, 'MDVM_COPY_SINGLE_SHOT_MAX_MIB', /at most 256/],
+  ])('refuses %o naming the setting', (override, setting, problem) => {
+    const problems = problemsOf({ ...base, ...override });
+    expect(problems.map((p) => p.setting)).toContain(setting);
+    expect(problems.find((p) => p.setting === setting)?.problem).toMatch(problem);
+  });
+
+  it('names the missing storage settings', () => {
+    const problems = problemsOf({});
+    expect(problems.map((p) => p.setting)).toEqual(
+      expect.arrayContaining(['AzureWebJobsStorage', 'MDVM_LANDING_BLOB_ENDPOINT']),
+    );
+  });
+
+  it('requires both identity-based service URIs', () => {
+    const problems = problemsOf({
+      AzureWebJobsStorage__queueServiceUri: 'https://acct.queue.core.windows.net',
+      MDVM_LANDING_BLOB_ENDPOINT: 'https://land.blob.core.windows.net',
+    });
+    expect(problems.map((p) => p.setting)).toEqual(['AzureWebJobsStorage__tableServiceUri']);
+  });
+
+  it('accepts identity-based storage and a user-assigned identity', () => {
+    const config = loadConfig({
+      AzureWebJobsStorage__queueServiceUri: 'https://acct.queue.core.windows.net',
+      AzureWebJobsStorage__tableServiceUri: 'https://acct.table.core.windows.net',
+      MDVM_LANDING_BLOB_ENDPOINT: 'https://land.blob.core.windows.net',
+      AZURE_CLIENT_ID: '00000000-0000-0000-0000-000000000001',
+    });
+    expect(config.runtimeStorage.queue).toEqual({
+      kind: 'identity',
+      url: 'https://acct.queue.core.windows.net',
+      clientId: '00000000-0000-0000-0000-000000000001',
+    });
+    expect(config.landing.blob.kind).toBe('identity');
+  });
+
+  it('lets a loopback Defender URL through only with MDVM_ALLOW_LOOPBACK', () => {
+    expect(problemsOf({ ...base, MDVM_DEFENDER_API_BASE_URL: 'http://127.0.0.1:8080' })[0]?.setting).toBe(
+      'MDVM_DEFENDER_API_BASE_URL',
+    );
+    expect(
+      loadConfig({ ...base, MDVM_DEFENDER_API_BASE_URL: 'http://127.0.0.1:8080', MDVM_ALLOW_LOOPBACK: 'true' }).defender
+        .baseUrl,
+    ).toBe('http://127.0.0.1:8080');
+  });
+
+  it('never echoes a secret-looking value in the error', () => {
+    const problems = problemsOf({ ...base, MDVM_DEFENDER_TOKEN_SCOPE: 'AccountKey=c2VjcmV0' });
+    expect(problems[0]?.setting).toBe('MDVM_DEFENDER_TOKEN_SCOPE');
+    expect(JSON.stringify(problems)).not.toContain('c2VjcmV0');
+  });
+
+  it('knows every setting name it reads', () => {
+    expect(SETTING_NAMES).toContain('MDVM_COPY_MODE');
+    expect(SETTING_NAMES).toContain('AzureWebJobsStorage__tableServiceUri');
+  });
+});

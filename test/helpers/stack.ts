@@ -1,0 +1,118 @@
+import { createHash, randomBytes } from 'node:crypto';
+import type { TableClient } from '@azure/data-tables';
+import { CallBudget } from '../../src/core/callBudget.js';
+import type { ExportId } from '../../src/core/catalog.js';
+import { loadConfig } from '../../src/core/config.js';
+import { createRuntime, type Runtime } from '../../src/core/runtime.js';
+import { ensureStorage } from '../../src/core/storage.js';
+import type { TelemetryEvent } from '../../src/core/telemetry.js';
+import { type LocalAzurite, startAzurite } from '../../src/local/azurite.js';
+import { LocalRunner } from '../../src/local/runner.js';
+import { DefenderSimulator } from '../../src/simulator/simulator.js';
+
+/** One Azurite + one simulator per test file; each test gets its own queue, tables and container. */
+export interface Stack {
+  readonly azurite: LocalAzurite;
+  readonly simulator: DefenderSimulator;
+  stop(): Promise<void>;
+}
+
+export async function startStack(): Promise<Stack> {
+  const azurite = await startAzurite();
+  const simulator = await DefenderSimulator.start({ source: azurite.source });
+  // What the Functions platform sets for a managed identity; the app's DefaultAzureCredential reads it.
+  Object.assign(process.env, simulator.identityEnvironment);
+  return {
+    azurite,
+    simulator,
+    stop: async () => {
+      await simulator.stop();
+      await azurite.stop();
+    },
+  };
+}
+
+export interface TestApp {
+  readonly runtime: Runtime;
+  readonly runner: LocalRunner;
+  /** Every line the handlers logged (level + text). */
+  readonly logs: { level: string; line: string }[];
+  readonly events: TelemetryEvent[];
+  /** Unique per test, so tests in one file never see each other's data. */
+  readonly suffix: string;
+}
+
+export async function createApp(
+  stack: Stack,
+  settings: Record<string, string> = {},
+  options: { workers?: number } = {},
+): Promise<TestApp> {
+  const suffix = randomBytes(4).toString('hex');
+  const env = {
+    AzureWebJobsStorage: stack.azurite.customer.connectionString,
+    MDVM_LANDING_CONNECTION_STRING: stack.azurite.customer.connectionString,
+    MDVM_DEFENDER_API_BASE_URL: stack.simulator.baseUrl,
+    MDVM_ALLOW_LOOPBACK: 'true',
+    MDVM_PARTS_QUEUE: `parts-${suffix}`,
+    MDVM_SNAPSHOTS_TABLE: `snapshots${suffix}`,
+    MDVM_PARTS_TABLE: `parts${suffix}`,
+    MDVM_LANDING_CONTAINER: `landing-${suffix}`,
+    ...settings,
+  };
+  const config = loadConfig(env);
+  const runtime = createRuntime(config, {
+    // Fresh budget per app (each test is its own "process"), fast backoff for 5xx retries.
+    defenderClientOptions: { retryBaseDelayInMs: 20, callBudget: new CallBudget() },
+  });
+  await ensureStorage(runtime.storage);
+  const logs: { level: string; line: string }[] = [];
+  const events: TelemetryEvent[] = [];
+  const runner = new LocalRunner(runtime, {
+    workers: options.workers ?? 4,
+    retryDelayInSeconds: 1,
+    onLog: (level, line) => logs.push({ level, line }),
+    onTelemetry: (event) => events.push(event),
+  });
+  runner.register();
+  return { runtime, runner, logs, events, suffix };
+}
+
+export function md5(buffer: Buffer): string {
+  return createHash('md5').update(buffer).digest('base64');
+}
+
+export async function tableRows(table: TableClient): Promise<Record<string, unknown>[]> {
+  const rows: Record<string, unknown>[] = [];
+  for await (const e of table.listEntities()) rows.push(e as Record<string, unknown>);
+  return rows;
+}
+
+export async function listBlobNames(app: TestApp, prefix?: string): Promise<string[]> {
+  const names: string[] = [];
+  for await (const b of app.runtime.landing.listBlobsFlat(prefix ? { prefix } : {})) names.push(b.name);
+  return names.sort();
+}
+
+/** Take every message off the parts queue and put each back `times` times (at-least-once delivery). */
+export async function duplicateQueuedMessages(app: TestApp, times: number): Promise<number> {
+  const queue = app.runtime.queue;
+  const texts: string[] = [];
+  for (;;) {
+    const batch = await queue.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 300 });
+    if (batch.receivedMessageItems.length === 0) break;
+    for (const m of batch.receivedMessageItems) {
+      texts.push(m.messageText);
+      await queue.deleteMessage(m.messageId, m.popReceipt);
+    }
+  }
+  for (const text of texts) for (let i = 0; i < times; i++) await queue.sendMessage(text);
+  return texts.length;
+}
+
+export async function queueTexts(app: TestApp, which: 'parts' | 'poison'): Promise<string[]> {
+  const queue = which === 'parts' ? app.runtime.queue : app.runtime.poisonQueue;
+  const peeked = await queue.peekMessages({ numberOfMessages: 32 });
+  return peeked.peekedMessageItems.map((m) => m.messageText);
+}
+
+export const ALL = (ids: readonly ExportId[]) => ids.join(',');
