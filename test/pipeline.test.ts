@@ -260,7 +260,7 @@ describe('pipeline end to end (Azurite + simulator)', () => {
     ) as SnapshotManifest;
     expect(manifest.totals.records).toBe(snap.parts.reduce((s, p) => s + p.records, 0));
     for (const p of snap.parts) {
-      const entry = manifest.parts.find((m) => m.sourcePath === p.relativePath);
+      const entry = manifest.parts.find((m) => m.part === p.relativePath);
       expect(entry).toMatchObject({ records: p.records, md5: p.md5, bytes: p.bytes });
     }
     expect((await tableRows(app.runtime.storage.partsTable)).every((r) => r.copyMethod === 'stream')).toBe(true);

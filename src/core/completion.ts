@@ -14,7 +14,16 @@ export interface SnapshotManifest {
   generatedTime: string;
   completedAt: string;
   totals: { parts: number; bytes: number; records: number | null };
-  parts: { path: string; sourcePath: string; bytes: number; md5: string | null; records: number | null }[];
+  parts: {
+    /** Landing blob name. */
+    path: string;
+    /** Part identity: OrgId=…/_RbacGroupId=…/part-….json.gz (the parts table's `path`). */
+    part: string;
+    bytes: number;
+    md5: string | null;
+    records: number | null;
+    verification: string | null;
+  }[];
 }
 
 export interface LatestPointer {
@@ -79,7 +88,7 @@ export async function completeSnapshotIfReady(
       partsLanded: landed.length,
       bytesLanded: manifest.totals.bytes,
       recordsLanded: manifest.totals.records ?? undefined,
-      lastError: undefined,
+      lastError: '',
     };
   });
   if (completedNow) {
@@ -100,10 +109,11 @@ function buildManifest(snapshot: SnapshotRow, landed: PartRow[], now: Date): Sna
     .sort((a, b) => a.path.localeCompare(b.path))
     .map((r) => ({
       path: r.landingPath,
-      sourcePath: r.path,
+      part: r.path,
       bytes: r.bytes ?? 0,
       md5: r.md5 ?? null,
       records: r.records ?? null,
+      verification: r.verification ?? null,
     }));
   const counted = parts.every((p) => p.records !== null);
   return {

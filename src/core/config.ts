@@ -105,7 +105,6 @@ export const settingsSchema = z
     AzureWebJobsStorage: z.string().min(1).optional(),
     AzureWebJobsStorage__queueServiceUri: urlSetting.optional(),
     AzureWebJobsStorage__tableServiceUri: urlSetting.optional(),
-    AzureWebJobsStorage__clientId: z.string().optional(),
     // Landing storage: a connection string (local only), or the blob endpoint (identity-based).
     MDVM_LANDING_CONNECTION_STRING: z.string().min(1).optional(),
     MDVM_LANDING_BLOB_ENDPOINT: urlSetting.optional(),
@@ -254,7 +253,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     );
   }
   const s = parsed.data;
-  const clientId = s.AzureWebJobsStorage__clientId ?? s.AZURE_CLIENT_ID;
+  const clientId = s.AZURE_CLIENT_ID;
   const runtime = (uri: string | undefined): StorageEndpoint =>
     s.AzureWebJobsStorage !== undefined
       ? { kind: 'connection-string', connectionString: s.AzureWebJobsStorage }

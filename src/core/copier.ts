@@ -38,11 +38,34 @@ export interface CopyResult {
   /** Base64 Content-MD5 of the landed blob, when the service or the stream gave one. */
   readonly md5: string | undefined;
   readonly records: number | undefined;
+  /**
+   * How the landed bytes were checked against the source:
+   * - `md5`: an MD5 was checked by someone other than the header we set — computed from the stream by us,
+   *   or checked by the service in transit (Copy Blob From URL with x-ms-source-content-md5);
+   * - `length`: the length matches; the service's own transport integrity covered the bytes (block path,
+   *   or a source without Content-MD5).
+   */
+  readonly verification: 'md5' | 'length';
 }
 
 /** Azure's cap for Copy Blob From URL. A setting above it would make Azure answer 409. */
 export const COPY_FROM_URL_MAX_BYTES = 256 * 1024 * 1024;
 const MAX_BLOCKS = 50_000;
+
+/**
+ * The source is a read-only SAS URL: a 403 from it can only mean the SAS is no longer accepted
+ * (a HEAD response carries no error code to say more).
+ */
+function classifySourceError(error: unknown): MdvmError {
+  const classified = classifyStorageError(error, 'read source properties');
+  if (classified.kind === 'forbidden') {
+    return new MdvmError('expired', `${classified.message} (the source refused the SAS: expired or revoked)`, {
+      cause: error,
+      statusCode: 403,
+    });
+  }
+  return classified;
+}
 
 function md5Of(props: { contentMD5?: Uint8Array | undefined }): string | undefined {
   return props.contentMD5 && props.contentMD5.length > 0 ? Buffer.from(props.contentMD5).toString('base64') : undefined;
@@ -73,38 +96,54 @@ export class PartCopier {
 
     const existing = await this.destinationProperties(dest, request.abortSignal);
     if (existing) {
-      if (this.matches(existing, size, sourceMd5)) {
-        return { method: 'already-landed', bytes: size, md5: md5Of(existing) ?? sourceMd5, records: undefined };
+      if (this.matches(existing, size, sourceMd5, request.metadata)) {
+        return {
+          method: 'already-landed',
+          bytes: size,
+          md5: md5Of(existing) ?? sourceMd5,
+          records: undefined,
+          verification: sourceMd5 !== undefined && md5Of(existing) === sourceMd5 ? 'md5' : 'length',
+        };
       }
       // A blob with other bytes under this name is a leftover of an earlier, different attempt.
       await dest.deleteIfExists({ abortSignal: request.abortSignal });
     }
 
-    let method: CopyMethod;
+    let method: CopyMethod = 'copy-from-url';
     let streamed: { md5: string; bytes: number; records: number | undefined } | undefined;
-    try {
+    const write = async (createOnly: boolean): Promise<void> => {
+      const conditions = createOnly ? { ifNoneMatch: '*' } : {};
       if (this.options.mode === 'stream') {
         method = 'stream';
-        streamed = await this.copyByStreaming(source, dest, sourceProps, request);
+        streamed = await this.copyByStreaming(source, dest, sourceProps, request, conditions);
       } else if (size <= Math.min(this.options.singleShotMaxBytes, COPY_FROM_URL_MAX_BYTES)) {
         method = 'copy-from-url';
         await dest.syncCopyFromURL(request.sourceUrl, {
           metadata: request.metadata,
-          conditions: { ifNoneMatch: '*' },
+          conditions,
           ...(sourceProps.contentMD5 ? { sourceContentMD5: sourceProps.contentMD5 } : {}),
           abortSignal: request.abortSignal,
         });
       } else {
         method = 'block-from-url';
-        await this.copyByBlocks(dest, size, sourceProps, request);
+        await this.copyByBlocks(dest, size, sourceProps, request, conditions);
+      }
+    };
+    try {
+      try {
+        await write(true);
+      } catch (error) {
+        if ((error as { code?: string }).code !== 'BlobAlreadyExists') throw error;
+        if (await this.destinationProperties(dest, request.abortSignal)) {
+          // A concurrent delivery of the same part landed it first: verify theirs below.
+          method = 'already-landed';
+        } else {
+          // Only uncommitted blocks of a crashed attempt hold the name: nothing committed to protect.
+          await write(false);
+        }
       }
     } catch (error) {
-      if ((error as { statusCode?: number; code?: string }).code === 'BlobAlreadyExists') {
-        // A concurrent delivery of the same part landed it first: verify theirs below.
-        method = 'already-landed';
-      } else {
-        throw await this.classifyCopyFailure(error, source, request.abortSignal);
-      }
+      throw await this.classifyCopyFailure(error, source, request.abortSignal);
     }
 
     const landed = await this.destinationProperties(dest, request.abortSignal);
@@ -122,11 +161,25 @@ export class PartCopier {
         `verification failed for ${request.landingPath}: landed ${landed?.contentLength ?? 'nothing'} bytes (md5 ${landedMd5 ?? 'n/a'}), source has ${size} bytes (md5 ${expectedMd5 ?? 'n/a'})`,
       );
     }
-    return { method, bytes: size, md5: landedMd5 ?? expectedMd5, records: streamed?.records };
+    const verification =
+      streamed !== undefined || (method === 'copy-from-url' && sourceMd5 !== undefined) ? 'md5' : 'length';
+    return { method, bytes: size, md5: landedMd5 ?? expectedMd5, records: streamed?.records, verification };
   }
 
-  private matches(props: BlobGetPropertiesResponse, size: number, sourceMd5: string | undefined): boolean {
+  /**
+   * An existing blob counts as landed only if it is our own earlier copy of this very part (same
+   * generatedTime and source path in its metadata) and its length and MD5 agree with the source.
+   */
+  private matches(
+    props: BlobGetPropertiesResponse,
+    size: number,
+    sourceMd5: string | undefined,
+    metadata: Record<string, string>,
+  ): boolean {
     if (props.contentLength !== size) return false;
+    for (const key of ['mdvm_generated_time', 'mdvm_source_path']) {
+      if (props.metadata?.[key] !== metadata[key]) return false;
+    }
     const md5 = md5Of(props);
     return sourceMd5 === undefined || md5 === undefined || md5 === sourceMd5;
   }
@@ -135,7 +188,7 @@ export class PartCopier {
     try {
       return await source.getProperties({ abortSignal });
     } catch (error) {
-      throw classifyStorageError(error, 'read source properties');
+      throw classifySourceError(error);
     }
   }
 
@@ -162,7 +215,7 @@ export class PartCopier {
       await source.getProperties({ abortSignal });
       return classified;
     } catch (probe) {
-      const probed = classifyStorageError(probe, 'read source properties');
+      const probed = classifySourceError(probe);
       return probed.kind === 'not-found' || probed.kind === 'expired' ? probed : classified;
     }
   }
@@ -173,6 +226,7 @@ export class PartCopier {
     size: number,
     sourceProps: BlobGetPropertiesResponse,
     request: CopyRequest,
+    conditions: { ifNoneMatch?: string },
   ): Promise<void> {
     const blockSize = Math.max(this.options.blockSizeBytes, Math.ceil(size / MAX_BLOCKS));
     const count = Math.max(1, Math.ceil(size / blockSize));
@@ -189,7 +243,7 @@ export class PartCopier {
         ...(sourceProps.contentType ? { blobContentType: sourceProps.contentType } : {}),
         ...(sourceProps.contentMD5 ? { blobContentMD5: sourceProps.contentMD5 } : {}),
       },
-      conditions: { ifNoneMatch: '*' },
+      conditions,
       abortSignal: request.abortSignal,
     });
   }
@@ -204,6 +258,7 @@ export class PartCopier {
     dest: BlockBlobClient,
     sourceProps: BlobGetPropertiesResponse,
     request: CopyRequest,
+    conditions: { ifNoneMatch?: string },
   ): Promise<{ md5: string; bytes: number; records: number | undefined }> {
     let download: Awaited<ReturnType<BlobClient['download']>>;
     try {
@@ -216,7 +271,7 @@ export class PartCopier {
 
     const hash = createHash('md5');
     const counter = this.options.countRecords ? new LineCounter() : undefined;
-    const gunzip = counter ? createGunzip() : undefined;
+    const gunzip = counter ? createGunzip({ chunkSize: 256 * 1024 }) : undefined;
     const gunzipDone = gunzip && counter ? pipeline(gunzip, counter) : undefined;
     // The gunzip side must not reject unobserved while the upload is still running.
     gunzipDone?.catch(() => {});
@@ -255,7 +310,7 @@ export class PartCopier {
         if (firstError) break;
         hash.update(piece);
         total += piece.length;
-        if (gunzip && !gunzip.write(piece)) await onceDrained(gunzip);
+        if (gunzip && !gunzip.destroyed && !gunzip.write(piece)) await onceDrained(gunzip);
         pending.push(piece);
         pendingBytes += piece.length;
         if (pendingBytes >= this.options.streamBufferBytes) await flushBlock();
@@ -289,7 +344,7 @@ export class PartCopier {
           ...(sourceProps.contentType ? { blobContentType: sourceProps.contentType } : {}),
           blobContentMD5: md5,
         },
-        conditions: { ifNoneMatch: '*' },
+        conditions,
         abortSignal: request.abortSignal,
       });
     } catch (error) {
@@ -300,25 +355,36 @@ export class PartCopier {
   }
 }
 
-function onceDrained(stream: NodeJS.WritableStream): Promise<void> {
-  return new Promise((resolve) => stream.once('drain', () => resolve()));
+/** Resolves on 'drain', and also when the stream errors or closes: a broken gunzip never drains. */
+function onceDrained(stream: NodeJS.WritableStream & NodeJS.EventEmitter): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      stream.off('drain', done);
+      stream.off('error', done);
+      stream.off('close', done);
+      resolve();
+    };
+    stream.once('drain', done);
+    stream.once('error', done);
+    stream.once('close', done);
+  });
 }
 
-/** Counts non-empty lines of decompressed JSON Lines without holding them. */
+/** Counts non-empty lines of decompressed JSON Lines without holding them (Spark writes no blank lines). */
 class LineCounter extends Writable {
   records = 0;
   private lineHasContent = false;
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    for (let i = 0; i < chunk.length; i++) {
-      const byte = chunk[i];
-      if (byte === 0x0a) {
-        if (this.lineHasContent) this.records++;
-        this.lineHasContent = false;
-      } else if (byte !== 0x0d && byte !== 0x20 && byte !== 0x09) {
-        this.lineHasContent = true;
-      }
+    // indexOf is native and ~8x faster than a byte loop; a line counts when it is not empty.
+    let start = 0;
+    for (let nl = chunk.indexOf(0x0a, start); nl !== -1; nl = chunk.indexOf(0x0a, start)) {
+      const length = nl - start - (nl > start && chunk[nl - 1] === 0x0d ? 1 : 0);
+      if (length > 0 || this.lineHasContent) this.records++;
+      this.lineHasContent = false;
+      start = nl + 1;
     }
+    if (start < chunk.length && !(chunk.length - start === 1 && chunk[start] === 0x0d)) this.lineHasContent = true;
     callback();
   }
 

@@ -134,7 +134,7 @@ export class DefenderExportClient {
     }
   }
 
-  /** Full jitter: uniform in [0, base * 2^attempt], capped at 30 s. */
+  /** Equal jitter: uniform in [c/2, c] where c = base * 2^attempt, capped at 30 s. */
   private backoff(attempt: number): number {
     const ceiling = Math.min(30_000, this.options.retryBaseDelayInMs * 2 ** attempt);
     return Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);

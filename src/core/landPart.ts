@@ -121,9 +121,10 @@ export async function landPart(
           md5: copied.md5,
           records: copied.records,
           copyMethod: copied.method,
+          verification: copied.verification,
           durationMs: Date.now() - started,
           landedAt: runtime.now().toISOString(),
-          lastError: undefined,
+          lastError: '',
         },
   );
   if (!flipped) {

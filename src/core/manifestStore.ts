@@ -37,6 +37,8 @@ export interface PartRow {
   records?: number | undefined;
   durationMs?: number | undefined;
   copyMethod?: string | undefined;
+  /** `md5` or `length`: what the landed bytes were checked with (see CopyResult.verification). */
+  verification?: string | undefined;
   lastError?: string | undefined;
   sasExpiresOn?: string | undefined;
   queuedAt?: string | undefined;
@@ -88,11 +90,13 @@ function toSnapshot(e: TableEntityResult<Record<string, unknown>>): SnapshotRow 
   } = e as Entity & {
     etag: string;
   };
-  return {
+  const row: SnapshotRow = {
     ...(rest as Omit<SnapshotRow, 'exportId' | 'generatedTime'>),
     exportId: partitionKey,
     generatedTime: rowKey,
   };
+  if (row.lastError === '') row.lastError = undefined;
+  return row;
 }
 
 function toPart(e: TableEntityResult<Record<string, unknown>>): PartRow {
@@ -106,7 +110,12 @@ function toPart(e: TableEntityResult<Record<string, unknown>>): PartRow {
   } = e as Entity & {
     etag: string;
   };
-  return { ...(rest as Omit<PartRow, 'path'>), path: (rest.path as string | undefined) ?? decodeKey(rowKey) };
+  const row: PartRow = {
+    ...(rest as Omit<PartRow, 'path'>),
+    path: (rest.path as string | undefined) ?? decodeKey(rowKey),
+  };
+  if (row.lastError === '') row.lastError = undefined;
+  return row;
 }
 
 /** Thrown by conditional updates when someone else changed the row first. */

@@ -28,8 +28,9 @@ export interface DeadLetter {
   original: string;
 }
 
+/** Validated on the way out as on the way in: the timer never enqueues what the copier would refuse. */
 export function encodeMessage(message: PartMessage): string {
-  return Buffer.from(JSON.stringify(message), 'utf8').toString('base64');
+  return Buffer.from(JSON.stringify(partMessageSchema.parse(message)), 'utf8').toString('base64');
 }
 
 /**

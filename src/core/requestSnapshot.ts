@@ -184,7 +184,7 @@ function needsAnotherMessage(row: Versioned<PartRow>, now: Date, marginInMs: num
 async function enqueue(runtime: Runtime, message: PartMessage): Promise<void> {
   const ttlSeconds = message.sasExpiresOn
     ? Math.max(1, Math.floor((Date.parse(message.sasExpiresOn) - runtime.now().getTime()) / 1000))
-    : runtime.config.defender.sasValidHours * 3600;
+    : Math.min(runtime.config.defender.sasValidHours, getExportType(message.export).sasMaxHours) * 3600;
   try {
     await runtime.queue.sendMessage(encodeMessage(message), { messageTimeToLive: ttlSeconds });
   } catch (error) {

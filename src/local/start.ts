@@ -20,8 +20,9 @@ const HELP = `usage: npm start [-- options]
   --records N         records per part file (default 1500)
   --help              this text
 
-Settings (MDVM_COPY_MODE, MDVM_COUNT_RECORDS, MDVM_EXPORTS, ...) can be given as environment
-variables; everything else comes from the local profile printed at the start.`;
+Settings (MDVM_COPY_MODE, MDVM_COUNT_RECORDS, MDVM_EXPORTS, MDVM_COPY_SINGLE_SHOT_MAX_MIB, ...) can be
+given as environment variables and override the local profile; only the storage connection, the
+Defender base URL and MDVM_ALLOW_LOOPBACK are fixed, because they point at the local stack.`;
 
 // The documented VA cadence is six hours: the simulator's snapshot is that of the last 6-hour mark,
 // so two runs within the same six hours see the same snapshot.
@@ -75,8 +76,9 @@ async function main(): Promise<number> {
       MDVM_COPY_SINGLE_SHOT_MAX_MIB: '1',
       MDVM_COPY_BLOCK_SIZE_MIB: '0.25',
     };
+    const fixed = new Set(['MDVM_LANDING_CONNECTION_STRING', 'MDVM_DEFENDER_API_BASE_URL', 'MDVM_ALLOW_LOOPBACK']);
     for (const [name, value] of Object.entries(process.env)) {
-      if (name.startsWith('MDVM_') && !(name in env) && value !== undefined) env[name] = value;
+      if (name.startsWith('MDVM_') && !fixed.has(name) && value !== undefined) env[name] = value;
     }
     const config = loadConfig(env);
     const exports = config.exports as ExportId[];

@@ -3,6 +3,7 @@ import type { TableClient } from '@azure/data-tables';
 import { CallBudget } from '../../src/core/callBudget.js';
 import type { ExportId } from '../../src/core/catalog.js';
 import { loadConfig } from '../../src/core/config.js';
+import type { PartCopier } from '../../src/core/copier.js';
 import { createRuntime, type Runtime } from '../../src/core/runtime.js';
 import { ensureStorage } from '../../src/core/storage.js';
 import type { TelemetryEvent } from '../../src/core/telemetry.js';
@@ -45,7 +46,11 @@ export interface TestApp {
 export async function createApp(
   stack: Stack,
   settings: Record<string, string> = {},
-  options: { workers?: number } = {},
+  options: {
+    workers?: number;
+    /** Wrap the real copier, e.g. to crash part-way through a copy. */
+    wrapCopier?: (real: PartCopier) => Pick<PartCopier, 'copy'>;
+  } = {},
 ): Promise<TestApp> {
   const suffix = randomBytes(4).toString('hex');
   const env = {
@@ -60,10 +65,13 @@ export async function createApp(
     ...settings,
   };
   const config = loadConfig(env);
-  const runtime = createRuntime(config, {
+  const real = createRuntime(config, {
     // Fresh budget per app (each test is its own "process"), fast backoff for 5xx retries.
     defenderClientOptions: { retryBaseDelayInMs: 20, callBudget: new CallBudget() },
   });
+  const runtime: Runtime = options.wrapCopier
+    ? { ...real, copier: options.wrapCopier(real.copier) as PartCopier }
+    : real;
   await ensureStorage(runtime.storage);
   const logs: { level: string; line: string }[] = [];
   const events: TelemetryEvent[] = [];

@@ -1,0 +1,275 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { MdvmError } from '../src/core/errors.js';
+import type { DeadLetter, PartMessage } from '../src/core/messages.js';
+import { encodeMessage } from '../src/core/messages.js';
+import {
+  createApp,
+  listBlobNames,
+  md5,
+  queueTexts,
+  type Stack,
+  startStack,
+  type TestApp,
+  tableRows,
+} from './helpers/stack.js';
+
+let stack: Stack;
+beforeAll(async () => {
+  stack = await startStack();
+});
+afterAll(async () => {
+  await stack?.stop();
+});
+
+async function state(app: TestApp) {
+  return {
+    snapshots: await tableRows(app.runtime.storage.snapshotsTable),
+    parts: await tableRows(app.runtime.storage.partsTable),
+    blobs: await listBlobNames(app),
+  };
+}
+
+async function takeQueuedMessages(app: TestApp): Promise<PartMessage[]> {
+  const out: PartMessage[] = [];
+  for (;;) {
+    const batch = await app.runtime.queue.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 300 });
+    if (batch.receivedMessageItems.length === 0) return out;
+    for (const m of batch.receivedMessageItems) {
+      out.push(JSON.parse(Buffer.from(m.messageText, 'base64').toString()) as PartMessage);
+      await app.runtime.queue.deleteMessage(m.messageId, m.popReceipt);
+    }
+  }
+}
+
+describe('bad input and failures', () => {
+  it('dead-letters malformed and forged messages with a reason and changes nothing else', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'software-inventory-noncpe' });
+    await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-19T00:01:00Z',
+      recordsPerPart: 5,
+    });
+    await app.runner.tick();
+    const [sample] = await takeQueuedMessages(app);
+    if (!sample) throw new Error('no message');
+    await app.runtime.queue.sendMessage(encodeMessage(sample));
+    await app.runner.drain();
+    // Re-enqueue everything the first tick wanted, then take a baseline.
+    const baseline = await state(app);
+
+    const b64 = (text: string) => Buffer.from(text).toString('base64');
+    const forgedHost = {
+      ...sample,
+      sourceUrl: sample.sourceUrl.replace(/^http:\/\/127\.0\.0\.1:\d+/, 'https://exfil.example.com'),
+    };
+    const unknownPart = {
+      ...sample,
+      part: sample.part.replace('_RbacGroupId=0', '_RbacGroupId=777'),
+      sourceUrl: sample.sourceUrl.replace(/_RbacGroupId(=|%3D)0\//, '_RbacGroupId$1777/'),
+    };
+    const mismatched = { ...sample, part: sample.part.replace('c000', 'c009') };
+    const sent = [
+      b64('this is not json'),
+      b64(JSON.stringify({ v: 2, hello: 'world' })),
+      encodeMessage(forgedHost as PartMessage),
+      encodeMessage(unknownPart as PartMessage),
+      encodeMessage(mismatched as PartMessage),
+    ];
+    for (const text of sent) await app.runtime.queue.sendMessage(text);
+    await app.runner.drain();
+
+    const letters = (await queueTexts(app, 'poison')).map(
+      (t) => JSON.parse(Buffer.from(t, 'base64').toString()) as DeadLetter,
+    );
+    expect(letters).toHaveLength(sent.length);
+    expect(letters.map((l) => l.reason)).toEqual(
+      expect.arrayContaining([
+        expect.stringMatching(/not JSON/),
+        expect.stringMatching(/v1 part schema.*v/),
+        expect.stringMatching(/host exfil\.example\.com is not in MDVM_SOURCE_HOST_ALLOWLIST/),
+        expect.stringMatching(/no part row/),
+        expect.stringMatching(/does not match the source URL/),
+      ]),
+    );
+    for (const letter of letters) {
+      expect(letter.original).not.toMatch(/sig=[^<]/);
+      expect(letter.deadLetteredAt).toMatch(/Z$/);
+    }
+    expect(await state(app)).toEqual(baseline);
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(0);
+  });
+
+  it('marks a part whose source blob is gone failed, and leaves the snapshot visibly incomplete', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    const snap = await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-19T06:01:00Z',
+      recordsPerPart: 5,
+    });
+    stack.simulator.injectFault('certificates', { kind: 'missing-blob' });
+    await app.runner.tick();
+    await app.runner.drain();
+    const { snapshots, parts, blobs } = await state(app);
+    expect(parts.filter((p) => p.status === 'landed')).toHaveLength(snap.parts.length);
+    const failed = parts.filter((p) => p.status === 'failed');
+    expect(failed).toHaveLength(1);
+    expect(failed[0]?.lastError).toMatch(/404|not ?found/i);
+    expect(snapshots[0]).toMatchObject({
+      status: 'copying',
+      partCount: snap.parts.length + 1,
+      partsLanded: snap.parts.length,
+    });
+    expect(snapshots[0]?.lastError).toMatch(/_RbacGroupId=99/);
+    expect(blobs.some((b) => b.endsWith('_manifest.json'))).toBe(false);
+    expect(await queueTexts(app, 'poison')).toEqual([]);
+  });
+
+  it('refuses a truncated gzip part in stream mode and commits nothing for it', async () => {
+    const app = await createApp(stack, {
+      MDVM_EXPORTS: 'security-baselines',
+      MDVM_COPY_MODE: 'stream',
+      MDVM_COUNT_RECORDS: 'true',
+    });
+    const snap = await stack.simulator.publish('security-baselines', {
+      generatedTime: '2026-11-19T12:01:00Z',
+      recordsPerPart: 200,
+    });
+    const victim = snap.parts[0];
+    if (!victim) throw new Error('no part');
+    const blob = stack.simulator.sourceContainer(snap).getBlockBlobClient(victim.blobName);
+    const bytes = await blob.downloadToBuffer();
+    await blob.uploadData(bytes.subarray(0, Math.floor(bytes.length / 2)));
+    await app.runner.tick();
+    await app.runner.drain();
+    const { parts, blobs } = await state(app);
+    const row = parts.find((p) => p.path === victim.relativePath);
+    expect(row).toMatchObject({ status: 'failed', lastError: expect.stringMatching(/not a complete gzip stream/) });
+    expect(blobs.some((b) => b.endsWith(victim.relativePath))).toBe(false);
+    expect(parts.filter((p) => p.status === 'landed')).toHaveLength(snap.parts.length - 1);
+  });
+
+  it('treats a 403 from the copy source as an expired SAS without burning retries', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'software-vulnerabilities' });
+    const snap = await stack.simulator.publish('software-vulnerabilities', {
+      generatedTime: '2026-11-19T18:01:00Z',
+      recordsPerPart: 5,
+    });
+    stack.simulator.injectFault('software-vulnerabilities', { kind: 'expired-sas', parts: 1 });
+    await app.runner.tick();
+    // The message claims a future expiry; only the storage service knows the SAS is dead.
+    const messages = await takeQueuedMessages(app);
+    for (const m of messages) {
+      await app.runtime.queue.sendMessage(encodeMessage({ ...m, sasExpiresOn: '2099-01-01T00:00:00.000Z' }));
+    }
+    await app.runner.drain();
+    const { parts } = await state(app);
+    const expired = parts.filter((p) => p.status === 'expired');
+    expect(expired).toHaveLength(1);
+    expect(expired[0]?.attempts).toBe(1);
+    expect(expired[0]?.lastError).toMatch(/403/);
+    expect(await queueTexts(app, 'poison')).toEqual([]);
+
+    await app.runner.tick();
+    await app.runner.drain();
+    const after = await state(app);
+    expect(after.parts.every((p) => p.status === 'landed')).toBe(true);
+    expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+  });
+
+  it('survives crashes mid-copy: leftover blocks, a stale blob and a copy that landed before the crash', async () => {
+    let crashed = false;
+    const app = await createApp(
+      stack,
+      {
+        MDVM_EXPORTS: 'software-inventory',
+        MDVM_COPY_SINGLE_SHOT_MAX_MIB: '0.0625',
+        MDVM_COPY_BLOCK_SIZE_MIB: '0.0625',
+      },
+      {
+        wrapCopier: (real) => ({
+          copy: async (request) => {
+            if (!crashed && request.landingPath.includes('_RbacGroupId=12/part-00000')) {
+              crashed = true;
+              // Half a block copy, then the process dies.
+              const dest = app.runtime.landing.getBlockBlobClient(request.landingPath);
+              await dest.stageBlockFromURL(
+                Buffer.from('mdvm-block-000000').toString('base64'),
+                request.sourceUrl,
+                0,
+                1024,
+              );
+              throw new Error('simulated crash mid-copy');
+            }
+            return real.copy(request);
+          },
+        }),
+      },
+    );
+    const snap = await stack.simulator.publish('software-inventory', {
+      generatedTime: '2026-11-18T00:01:00Z',
+      recordsPerPart: 600,
+    });
+    const folder = 'software-inventory/snapshot=2026-11-18T0001Z';
+    const [stale, early] = snap.parts.filter((p) => p.relativePath.includes('_RbacGroupId=31'));
+    if (!stale || !early) throw new Error('expected parts in group 31');
+    await app.runtime.landing.createIfNotExists();
+    await app.runtime.landing
+      .getBlockBlobClient(`${folder}/${stale.relativePath}`)
+      .uploadData(Buffer.from('other bytes'));
+    const earlyBytes = await stack.simulator
+      .sourceContainer(snap)
+      .getBlockBlobClient(early.blobName)
+      .downloadToBuffer();
+    // Our own earlier copy, which landed just before the process died (before the row was updated).
+    await app.runtime.landing.getBlockBlobClient(`${folder}/${early.relativePath}`).uploadData(earlyBytes, {
+      metadata: {
+        mdvm_export: 'software-inventory',
+        mdvm_generated_time: '2026-11-18T00:01:00Z',
+        mdvm_source_path: stack.simulator.sourceContainer(snap).getBlockBlobClient(early.blobName).url,
+      },
+    });
+
+    await app.runner.tick();
+    await app.runner.drain();
+    expect(crashed).toBe(true);
+    const { snapshots, parts } = await state(app);
+    expect(snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    for (const p of snap.parts) {
+      const landed = await app.runtime.landing.getBlockBlobClient(`${folder}/${p.relativePath}`).downloadToBuffer();
+      expect(md5(landed)).toBe(p.md5);
+    }
+    expect(parts.find((p) => p.path === early.relativePath)?.copyMethod).toBe('already-landed');
+    expect(parts.find((p) => p.path === stale.relativePath)?.copyMethod).not.toBe('already-landed');
+    const crashedRow = parts.find((p) => String(p.path).includes('_RbacGroupId=12/part-00000'));
+    expect(crashedRow).toMatchObject({ status: 'landed', attempts: 2 });
+  });
+
+  it('parks a part that keeps failing transiently on the poison queue after 5 attempts, marked failed', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'browser-extensions' },
+      {
+        wrapCopier: (real) => ({
+          copy: async (request) => {
+            if (request.landingPath.includes('_RbacGroupId=0/part-00000')) {
+              throw new MdvmError('transient', 'copy from source failed: 503 ServerBusy');
+            }
+            return real.copy(request);
+          },
+        }),
+      },
+    );
+    const snap = await stack.simulator.publish('browser-extensions', {
+      generatedTime: '2026-11-18T06:01:00Z',
+      recordsPerPart: 5,
+    });
+    await app.runner.tick();
+    await app.runner.drain();
+    const { parts, snapshots } = await state(app);
+    const row = parts.find((p) => String(p.path).includes('_RbacGroupId=0/part-00000'));
+    expect(row).toMatchObject({ status: 'failed', attempts: 5, lastError: expect.stringMatching(/503 ServerBusy/) });
+    expect(snapshots[0]).toMatchObject({ status: 'copying', partsLanded: snap.parts.length - 1 });
+    const poison = await queueTexts(app, 'poison');
+    expect(poison).toHaveLength(1);
+    // The host parks the original message; it is still a valid part message for a later requeue.
+    expect(JSON.parse(Buffer.from(poison[0] ?? '', 'base64').toString())).toMatchObject({ v: 1, part: row?.path });
+  });
+});
