@@ -112,13 +112,15 @@ export type ExportId = (typeof EXPORT_TYPES)[number]['id'];
 
 export const EXPORT_IDS: readonly ExportId[] = EXPORT_TYPES.map((t) => t.id);
 
-const byId = new Map<string, ExportType>(EXPORT_TYPES.map((t) => [t.id, t]));
+export type CatalogEntry = (typeof EXPORT_TYPES)[number];
+
+const byId = new Map<string, CatalogEntry>(EXPORT_TYPES.map((t) => [t.id, t]));
 
 export function isExportId(value: string): value is ExportId {
   return byId.has(value);
 }
 
-export function getExportType(id: ExportId): ExportType {
+export function getExportType(id: ExportId): CatalogEntry {
   const type = byId.get(id);
   if (!type) throw new Error(`unknown export type '${id}'`);
   return type;

@@ -1,7 +1,7 @@
 import type { InvocationContext, Timer } from '@azure/functions';
 import type { ExportId } from '../core/catalog.js';
 import type { AppConfig } from '../core/config.js';
-import { MdvmError } from '../core/errors.js';
+import { errorMessage, MdvmError } from '../core/errors.js';
 import { landPart } from '../core/landPart.js';
 import { requestSnapshot } from '../core/requestSnapshot.js';
 import type { Runtime } from '../core/runtime.js';
@@ -35,6 +35,11 @@ function dequeueCountOf(context: InvocationContext): number {
   return Number.isFinite(n) && n > 0 ? n : 1;
 }
 
+/** What the host logs of a thrown error must carry no credential: only redacted MdvmErrors leave. */
+function redacted(error: unknown): MdvmError {
+  return error instanceof MdvmError ? error : new MdvmError('transient', errorMessage(error));
+}
+
 /** Thin triggers: each one declares itself and hands over to core code. */
 export function registerFunctions(config: AppConfig, runtime: Runtime, options: RegisterOptions = {}): void {
   for (const exportId of config.exports) {
@@ -56,8 +61,8 @@ export function registerFunctions(config: AppConfig, runtime: Runtime, options: 
             telemetry.track('request', { export: exportId, outcome: 'rate-limited', reason: error.message });
             return;
           }
-          telemetry.track('request', { export: exportId, outcome: 'error', reason: (error as Error).message });
-          throw error;
+          telemetry.track('request', { export: exportId, outcome: 'error', reason: errorMessage(error) });
+          throw redacted(error);
         }
       },
     });
@@ -68,7 +73,11 @@ export function registerFunctions(config: AppConfig, runtime: Runtime, options: 
     connection: QUEUE_CONNECTION,
     handler: async (message: unknown, context: InvocationContext) => {
       const telemetry = telemetryFor(context, options);
-      await landPart(runtime, telemetry, message, { dequeueCount: dequeueCountOf(context) });
+      try {
+        await landPart(runtime, telemetry, message, { dequeueCount: dequeueCountOf(context) });
+      } catch (error) {
+        throw redacted(error);
+      }
     },
   });
 }

@@ -156,7 +156,12 @@ export class LocalRunner {
         log: (level, line) => this.options.onLog?.(level, line),
       });
       await queue.deleteMessage(message.messageId, message.popReceipt);
-    } catch {
+    } catch (error) {
+      // The host logs the failed invocation's exception; so do we.
+      this.options.onLog?.(
+        'error',
+        `${COPY_FUNCTION_NAME} failed (delivery ${message.dequeueCount}): ${(error as Error).message}`,
+      );
       if (message.dequeueCount >= MAX_DEQUEUE_COUNT) {
         await this.runtime.poisonQueue.sendMessage(text);
         await queue.deleteMessage(message.messageId, message.popReceipt);

@@ -125,6 +125,11 @@ export class DefenderSimulator {
     return { IDENTITY_ENDPOINT: `${this.baseUrl}/msi/token`, IDENTITY_HEADER: this.identityHeader };
   }
 
+  /** Forget past calls (a new hour, as far as the call budget is concerned). */
+  resetRateLimits(): void {
+    this.calls.clear();
+  }
+
   setRoles(roles: readonly string[]): void {
     this.roles = new Set(roles);
   }

@@ -1,0 +1,160 @@
+import { ManagedIdentityCredential } from '@azure/identity';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { CallBudget } from '../src/core/callBudget.js';
+import { getExportType } from '../src/core/catalog.js';
+import { DefenderExportClient } from '../src/core/defenderClient.js';
+import { MdvmError } from '../src/core/errors.js';
+import { createApp, type Stack, startStack, tableRows } from './helpers/stack.js';
+
+let stack: Stack;
+beforeAll(async () => {
+  stack = await startStack();
+  for (const id of ['software-vulnerabilities', 'software-inventory', 'security-baselines', 'certificates'] as const) {
+    await stack.simulator.publish(id, { generatedTime: '2026-11-22T18:01:00Z', recordsPerPart: 3 });
+  }
+});
+afterAll(async () => {
+  await stack?.stop();
+});
+beforeEach(() => {
+  stack.simulator.resetRateLimits();
+});
+
+const scope = 'https://api.securitycenter.microsoft.com/.default';
+function client(options: ConstructorParameters<typeof DefenderExportClient>[3] = {}) {
+  return new DefenderExportClient(stack.simulator.baseUrl, new ManagedIdentityCredential(), scope, {
+    retryBaseDelayInMs: 10,
+    callBudget: new CallBudget(),
+    ...options,
+  });
+}
+async function failure(promise: Promise<unknown>): Promise<MdvmError> {
+  const error = await promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(error).toBeInstanceOf(MdvmError);
+  return error as MdvmError;
+}
+const requestsTo = (path: string) =>
+  stack.simulator.requests.filter((r) => r.path.toLowerCase() === path.toLowerCase());
+
+describe('Defender export client against the simulator', () => {
+  it('gets SAS URLs and generatedTime with a managed identity token, asking for the capped sasValidHours', async () => {
+    const type = getExportType('certificates');
+    const response = await client().getExportFiles(type, { sasValidHours: 30 });
+    expect(response.generatedTime).toBe('2026-11-22T18:01:00Z');
+    expect(response.exportFiles.length).toBeGreaterThan(0);
+    const se = new URL(response.exportFiles[0] ?? '').searchParams.get('se');
+    // certificates allow 24 h: 30 is capped to 24.
+    expect(Date.parse(se ?? '') - Date.now()).toBeGreaterThan(23 * 3_600_000);
+  });
+
+  it('honours Retry-After on 429 and then succeeds', async () => {
+    const type = getExportType('software-inventory');
+    stack.simulator.injectFault(type.id, { kind: 'status', status: 429, retryAfterSeconds: 1 });
+    const retries: number[] = [];
+    const started = Date.now();
+    const response = await client().getExportFiles(type, { onRetry: (r) => retries.push(r.waitInMs) });
+    expect(response.exportFiles.length).toBeGreaterThan(0);
+    expect(retries).toEqual([1000]);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(1000);
+  });
+
+  it('retries 5xx with backoff, bounded by maxRetries', async () => {
+    const type = getExportType('software-vulnerabilities');
+    stack.simulator.injectFault(type.id, { kind: 'status', status: 503 }, 2);
+    const before = requestsTo(type.apiPath).length;
+    expect((await client().getExportFiles(type)).exportFiles.length).toBeGreaterThan(0);
+    expect(requestsTo(type.apiPath).length - before).toBe(3);
+
+    stack.simulator.resetRateLimits();
+    stack.simulator.injectFault(type.id, { kind: 'status', status: 500 }, 3);
+    const error = await failure(client({ maxRetries: 2 }).getExportFiles(type));
+    expect(error.kind).toBe('transient');
+    expect(error.message).toMatch(/500 server error/);
+  });
+
+  it('fails fast on 403 naming the missing app permission, and on 401 naming the scope setting', async () => {
+    const type = getExportType('security-baselines');
+    stack.simulator.setRoles(['Vulnerability.Read.All', 'Software.Read.All']);
+    try {
+      const before = requestsTo(type.apiPath).length;
+      const error = await failure(client().getExportFiles(type));
+      expect(error.kind).toBe('forbidden');
+      expect(error.message).toMatch(
+        /WindowsDefenderATP application permission 'SecurityBaselinesAssessment\.Read\.All'/,
+      );
+      expect(requestsTo(type.apiPath).length - before).toBe(1);
+    } finally {
+      stack.simulator.setRoles(['Vulnerability.Read.All', 'Software.Read.All', 'SecurityBaselinesAssessment.Read.All']);
+    }
+    stack.simulator.injectFault(type.id, { kind: 'status', status: 401, code: 'Unauthorized' });
+    const unauthorized = await failure(client().getExportFiles(type));
+    expect(unauthorized.kind).toBe('forbidden');
+    expect(unauthorized.message).toMatch(/401 Unauthorized.*MDVM_DEFENDER_TOKEN_SCOPE/);
+  });
+
+  it('refuses a malformed response without retrying', async () => {
+    const type = getExportType('certificates');
+    stack.simulator.injectFault(type.id, { kind: 'malformed' });
+    const error = await failure(client().getExportFiles(type));
+    expect(error.kind).toBe('invalid-input');
+    expect(error.message).toMatch(/not JSON|unexpected response shape/);
+  });
+
+  it('never spends more than the documented budget of 5 calls a minute per endpoint', async () => {
+    const type = getExportType('software-inventory');
+    const budget = new CallBudget();
+    const c = client({ callBudget: budget, maxRetryWaitInMs: 1_000 });
+    const before = requestsTo(type.apiPath).length;
+    let refused: MdvmError | undefined;
+    for (let i = 0; i < 8 && !refused; i++) {
+      await c.getExportFiles(type).catch((e: unknown) => {
+        refused = e as MdvmError;
+      });
+    }
+    expect(refused?.kind).toBe('rate-limited');
+    expect(refused?.message).toMatch(/call budget/);
+    expect(requestsTo(type.apiPath).length - before).toBeLessThanOrEqual(5);
+  });
+
+  it('the simulator enforces the documented limit too: a sixth call in a minute gets 429 + Retry-After', async () => {
+    const type = getExportType('software-vulnerabilities');
+    const permissive = new CallBudget([{ limit: 1000, windowInMs: 60_000 }]);
+    const c = client({ callBudget: permissive, maxRetryWaitInMs: 1_000 });
+    for (let i = 0; i < 5; i++) await c.getExportFiles(type);
+    const error = await failure(c.getExportFiles(type));
+    expect(error.kind).toBe('rate-limited');
+    expect(error.message).toMatch(/429 Too Many Requests TooManyRequests/);
+    expect(error.retryAfterInMs).toBeGreaterThan(50_000);
+    expect(stack.simulator.requests.at(-1)).toMatchObject({ status: 429 });
+  });
+
+  it('a timer whose export lacks its permission fails clearly while the other exports go on', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'security-baselines,certificates' });
+    stack.simulator.setRoles(['Vulnerability.Read.All']);
+    try {
+      const ticks = await app.runner.tick();
+      expect(ticks.find((t) => t.exportId === 'security-baselines')?.error).toMatch(
+        /SecurityBaselinesAssessment\.Read\.All/,
+      );
+      expect(ticks.find((t) => t.exportId === 'certificates')?.error).toBeUndefined();
+    } finally {
+      stack.simulator.setRoles(['Vulnerability.Read.All', 'Software.Read.All', 'SecurityBaselinesAssessment.Read.All']);
+    }
+    await app.runner.drain();
+    const snapshots = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(snapshots.map((s) => [s.partitionKey, s.status])).toEqual([['certificates', 'complete']]);
+    expect(app.events.some((e) => e.outcome === 'error' && e.export === 'security-baselines')).toBe(true);
+  });
+
+  it('a malformed response records nothing', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'software-vulnerabilities' });
+    stack.simulator.injectFault('software-vulnerabilities', { kind: 'malformed' });
+    const [tick] = await app.runner.tick();
+    expect(tick?.error).toMatch(/not JSON|unexpected response shape/);
+    expect(await tableRows(app.runtime.storage.snapshotsTable)).toEqual([]);
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(0);
+  });
+});
