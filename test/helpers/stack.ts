@@ -50,6 +50,8 @@ export async function createApp(
     workers?: number;
     /** Wrap the real copier, e.g. to crash part-way through a copy. */
     wrapCopier?: (real: PartCopier) => Pick<PartCopier, 'copy'>;
+    /** Replace collaborators of the runtime, e.g. to crash between two table writes. */
+    wrapRuntime?: (real: Runtime) => Runtime;
   } = {},
 ): Promise<TestApp> {
   const suffix = randomBytes(4).toString('hex');
@@ -69,9 +71,10 @@ export async function createApp(
     // Fresh budget per app (each test is its own "process"), fast backoff for 5xx retries.
     defenderClientOptions: { retryBaseDelayInMs: 20, callBudget: new CallBudget() },
   });
-  const runtime: Runtime = options.wrapCopier
+  const withCopier: Runtime = options.wrapCopier
     ? { ...real, copier: options.wrapCopier(real.copier) as PartCopier }
     : real;
+  const runtime = options.wrapRuntime ? options.wrapRuntime(withCopier) : withCopier;
   await ensureStorage(runtime.storage);
   const logs: { level: string; line: string }[] = [];
   const events: TelemetryEvent[] = [];
