@@ -152,21 +152,24 @@ describe('bad input and failures', () => {
       generatedTime: '2026-11-19T18:01:00Z',
       recordsPerPart: 5,
     });
-    stack.simulator.injectFault('software-vulnerabilities', { kind: 'expired-sas', parts: 1 });
     await app.runner.tick();
-    // The message claims a future expiry; only the storage service knows the SAS is dead.
+    // One URL's SAS is no longer accepted (revoked key, clock skew): only the storage service knows.
     const messages = await takeQueuedMessages(app);
-    for (const m of messages) {
-      await app.runtime.queue.sendMessage(encodeMessage({ ...m, sasExpiresOn: '2099-01-01T00:00:00.000Z' }));
-    }
+    const [victim, ...rest] = messages;
+    if (!victim) throw new Error('no message');
+    const broken = new URL(victim.sourceUrl);
+    broken.searchParams.set('sig', Buffer.from('not-the-signature').toString('base64'));
+    await app.runtime.queue.sendMessage(encodeMessage({ ...victim, sourceUrl: broken.toString() }));
+    for (const m of rest) await app.runtime.queue.sendMessage(encodeMessage(m));
     await app.runner.drain();
     const { parts } = await state(app);
     const expired = parts.filter((p) => p.status === 'expired');
-    expect(expired).toHaveLength(1);
+    expect(expired.map((p) => p.path)).toEqual([victim.part]);
     expect(expired[0]?.attempts).toBe(1);
     expect(expired[0]?.lastError).toMatch(/403/);
     expect(await queueTexts(app, 'poison')).toEqual([]);
 
+    // The next tick finds the part `expired` and resumes it with a fresh URL.
     await app.runner.tick();
     await app.runner.drain();
     const after = await state(app);

@@ -9,20 +9,13 @@ import {
   type ContainerClient,
 } from '@azure/storage-blob';
 import { runBounded } from './concurrency.js';
+import type { AppConfig } from './config.js';
 import { classifyStorageError, MdvmError } from './errors.js';
 
 export type CopyMethod = 'copy-from-url' | 'block-from-url' | 'stream' | 'already-landed';
 
-export interface CopyOptions {
-  readonly mode: 'server' | 'stream';
-  /** Largest part copied with one Copy Blob From URL call (the service caps it at 256 MiB). */
-  readonly singleShotMaxBytes: number;
-  readonly blockSizeBytes: number;
-  readonly blockConcurrency: number;
-  readonly streamBufferBytes: number;
-  readonly streamBuffers: number;
-  readonly countRecords: boolean;
-}
+/** Copy tuning, straight from the parsed settings (MDVM_COPY_*, MDVM_STREAM_*, MDVM_COUNT_RECORDS). */
+export type CopyOptions = AppConfig['copy'];
 
 export interface CopyRequest {
   readonly sourceUrl: string;

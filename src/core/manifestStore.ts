@@ -187,20 +187,13 @@ export class ManifestStore {
     generatedTime: string,
     change: (row: SnapshotRow) => Partial<SnapshotRow> | undefined,
   ): Promise<SnapshotRow | undefined> {
-    for (let attempt = 0; attempt < 50; attempt++) {
-      const current = await this.getSnapshot(exportId, generatedTime);
-      if (!current) return undefined;
-      const changes = change(current.value);
-      if (!changes) return current.value;
-      try {
-        await this.updateSnapshot(current, changes);
-        return { ...current.value, ...changes };
-      } catch (error) {
-        if (!(error instanceof ConcurrentUpdateError)) throw error;
-        await new Promise((r) => setTimeout(r, Math.random() * 20 * (attempt + 1)));
-      }
-    }
-    throw classifyStorageError(new Error('too much contention on the snapshot row'), 'update snapshot row');
+    const result = await optimistically(
+      () => this.getSnapshot(exportId, generatedTime),
+      (current, changes) => this.updateSnapshot(current, changes),
+      change,
+      'snapshot row',
+    );
+    return result?.value;
   }
 
   async getPart(exportId: string, snapshotId: string, path: string): Promise<Versioned<PartRow> | undefined> {
@@ -271,19 +264,38 @@ export class ManifestStore {
     path: string,
     change: (row: PartRow) => Partial<PartRow> | undefined,
   ): Promise<PartRow | undefined> {
-    for (let attempt = 0; attempt < 50; attempt++) {
-      const current = await this.getPart(exportId, snapshotId, path);
-      if (!current) return undefined;
-      const changes = change(current.value);
-      if (!changes) return undefined;
-      try {
-        await this.updatePart(current, changes);
-        return { ...current.value, ...changes };
-      } catch (error) {
-        if (!(error instanceof ConcurrentUpdateError)) throw error;
-        await new Promise((r) => setTimeout(r, Math.random() * 20 * (attempt + 1)));
-      }
-    }
-    throw classifyStorageError(new Error('too much contention on the part row'), 'update part row');
+    const result = await optimistically(
+      () => this.getPart(exportId, snapshotId, path),
+      (current, changes) => this.updatePart(current, changes),
+      change,
+      'part row',
+    );
+    return result?.changed ? result.value : undefined;
   }
+}
+
+/**
+ * Read-modify-write with optimistic concurrency (ETag), retried with jitter until it sticks.
+ * `change` returns undefined to leave the row alone. Undefined when the row does not exist.
+ */
+async function optimistically<T>(
+  read: () => Promise<Versioned<T> | undefined>,
+  write: (current: Versioned<T>, changes: Partial<T>) => Promise<void>,
+  change: (row: T) => Partial<T> | undefined,
+  what: string,
+): Promise<{ value: T; changed: boolean } | undefined> {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const current = await read();
+    if (!current) return undefined;
+    const changes = change(current.value);
+    if (!changes) return { value: current.value, changed: false };
+    try {
+      await write(current, changes);
+      return { value: { ...current.value, ...changes }, changed: true };
+    } catch (error) {
+      if (!(error instanceof ConcurrentUpdateError)) throw error;
+      await new Promise((r) => setTimeout(r, Math.random() * 20 * (attempt + 1)));
+    }
+  }
+  throw classifyStorageError(new Error(`too much contention on the ${what}`), `update ${what}`);
 }

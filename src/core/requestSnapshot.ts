@@ -91,6 +91,11 @@ export async function requestSnapshot(
   });
 
   const existing = new Map((await runtime.store.listParts(exportId, snapshotId)).map((r) => [r.value.path, r]));
+  // A URL whose SAS is already dead (or dies within the safety margin) is not worth a message.
+  const margin = runtime.config.sasSafetyMarginInMs;
+  const deadOnArrival = (p: OfferedPart) =>
+    p.sasExpiresOn !== undefined && p.sasExpiresOn.getTime() - margin <= now.getTime();
+  const deadReason = 'the SAS URL had expired when Defender returned it; the next tick asks for fresh URLs';
   const newRows: PartRow[] = offered
     .filter((p) => !existing.has(p.relativePath))
     .map((p) => ({
@@ -99,33 +104,48 @@ export async function requestSnapshot(
       path: p.relativePath,
       sourcePath: p.sourcePath,
       landingPath: landingPath(exportId, snapshotId, p.relativePath),
-      status: 'queued',
+      status: deadOnArrival(p) ? 'expired' : 'queued',
       attempts: 0,
       sasExpiresOn: p.sasExpiresOn?.toISOString(),
       queuedAt: now.toISOString(),
+      ...(deadOnArrival(p) ? { lastError: deadReason } : {}),
     }));
   await runtime.store.insertParts(newRows);
 
-  const toEnqueue = offered.filter((p) => {
+  const needed = offered.filter((p) => {
     const row = existing.get(p.relativePath);
-    return row === undefined || needsAnotherMessage(row, now, runtime.config.sasSafetyMarginInMs);
+    return row === undefined || needsAnotherMessage(row, now, margin);
   });
-  // Rows that get a fresh message are `queued` again with the new SAS expiry.
+  const toEnqueue = needed.filter((p) => !deadOnArrival(p));
+  const expired = needed.filter(deadOnArrival);
+  // Rows that get a fresh message are `queued` again with the new SAS expiry; dead ones are `expired`.
   await runBounded(
-    toEnqueue.filter((p) => existing.has(p.relativePath)),
+    needed.filter((p) => existing.has(p.relativePath)),
     runtime.config.enqueueConcurrency,
     (p) =>
       runtime.store.mutatePart(exportId, snapshotId, p.relativePath, (row) =>
         row.status === 'landed'
           ? undefined
-          : { status: 'queued', sasExpiresOn: p.sasExpiresOn?.toISOString(), queuedAt: now.toISOString() },
+          : deadOnArrival(p)
+            ? { status: 'expired', sasExpiresOn: p.sasExpiresOn?.toISOString(), lastError: deadReason }
+            : { status: 'queued', sasExpiresOn: p.sasExpiresOn?.toISOString(), queuedAt: now.toISOString() },
       ),
   );
+  for (const p of expired) {
+    telemetry.track('part', {
+      export: exportId,
+      snapshot: snapshotId,
+      part: p.relativePath,
+      outcome: 'expired',
+      reason: deadReason,
+    });
+  }
 
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
     status: row.status === 'requested' || row.status === 'failed' ? 'copying' : row.status,
     partCount: Math.max(row.partCount, offered.length),
     lastRequestedAt: now.toISOString(),
+    ...(expired.length > 0 ? { lastError: `${expired.length} part(s): ${deadReason}` } : {}),
   }));
 
   await runBounded(toEnqueue, runtime.config.enqueueConcurrency, (p) =>
@@ -151,7 +171,7 @@ export async function requestSnapshot(
     snapshot: snapshotId,
     outcome: outcome === 'resumed' ? 'resumed' : outcome === 'completed' ? 'completed' : 'enqueued',
     durationMs: Date.now() - started,
-    reason: `${toEnqueue.length} of ${offered.length} parts enqueued, ${landed.length} already landed`,
+    reason: `${toEnqueue.length} of ${offered.length} parts enqueued, ${landed.length} already landed${expired.length ? `, ${expired.length} with an expired SAS` : ''}`,
   });
   return {
     exportId,
