@@ -192,6 +192,30 @@ export const settingsSchema = z
     }
   });
 
+/**
+ * Settings the Functions host reads (not this code): identity-based AzureWebJobsStorage for the host's own
+ * blob use and the queue trigger, and Application Insights with Entra authentication. Infra sets them; the
+ * infra checks allow exactly these beside SETTING_NAMES.
+ */
+export const HOST_SETTING_NAMES = [
+  'AzureWebJobsStorage__blobServiceUri',
+  'AzureWebJobsStorage__credential',
+  'AzureWebJobsStorage__clientId',
+  'APPLICATIONINSIGHTS_CONNECTION_STRING',
+  'APPLICATIONINSIGHTS_AUTHENTICATION_STRING',
+] as const;
+
+/** What a deployment in Azure must set: identity-based storage, no keys. */
+export const AZURE_REQUIRED_SETTINGS = [
+  'AzureWebJobsStorage__queueServiceUri',
+  'AzureWebJobsStorage__tableServiceUri',
+  'MDVM_LANDING_BLOB_ENDPOINT',
+  'AZURE_CLIENT_ID',
+] as const;
+
+/** Key- or connection-string-based settings that must never appear in a deployment. */
+export const LOCAL_ONLY_SETTINGS = ['AzureWebJobsStorage', 'MDVM_LANDING_CONNECTION_STRING'] as const;
+
 export type Settings = z.output<typeof settingsSchema>;
 export type SettingName = keyof z.input<typeof settingsSchema>;
 export const SETTING_NAMES = Object.keys(settingsSchema.shape) as SettingName[];

@@ -15,9 +15,9 @@ import {
   generateBlobSASQueryParameters,
   StorageSharedKeyCredential,
 } from '@azure/storage-blob';
-import { type CopyMethod, type CopyOptions, PartCopier } from '../src/core/copier.js';
-import { type LocalAzurite, startAzurite } from '../src/local/azurite.js';
-import { generateRecords } from '../src/simulator/records.js';
+import { type CopyMethod, type CopyOptions, PartCopier } from '../../src/core/copier.js';
+import { type LocalAzurite, startAzurite } from '../../src/local/azurite.js';
+import { generateRecords } from '../../src/simulator/records.js';
 
 const MiB = 1024 * 1024;
 const TARGET_BYTES = 32 * MiB;
