@@ -1,0 +1,210 @@
+// mdvm-ingest on Azure: one resource group with a Flex Consumption Function App, its runtime storage
+// account, a separate landing storage account, a user-assigned managed identity with least-privilege data
+// roles, Log Analytics and Application Insights (Entra authentication only). No keys anywhere.
+// Deploy with `azd up` (azure.yaml, main.parameters.json); see infra/README.md.
+targetScope = 'subscription'
+
+@description('Name of the azd environment; prefixes the resource group and seeds the resource names.')
+@minLength(1)
+@maxLength(64)
+param environmentName string
+
+@description('Azure region of every resource; it must offer the Flex Consumption plan.')
+@minLength(1)
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string
+
+@description('Optional principal (object) id of the user running azd (AZURE_PRINCIPAL_ID); it gets Storage Blob Data Reader on the landing account. Empty: none.')
+param principalId string = ''
+
+@description('Memory of each Function App instance in MB: 512, 2048 or 4096.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Most instances the Function App scales out to (40-1000).')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@description('Hierarchical namespace (ADLS Gen2) on the landing account, for Fabric shortcuts, Synapse or Databricks. Only settable when the account is created.')
+param enableHierarchicalNamespace bool = false
+
+@description('Days after the last modification at which landed blobs move to the Cool tier. 0: never.')
+@minValue(0)
+param coolAfterDays int = 30
+
+@description('Days after the last modification at which landed blobs are deleted. 0 (default): never, the full history is kept.')
+@minValue(0)
+param deleteAfterDays int = 0
+
+@description('Queue a "snapshot ready" message (Event Grid BlobCreated on _manifest.json) on the landing account\'s mdvm-snapshots-ready queue.')
+param enableEventGrid bool = false
+
+@description('Defender API base URL (MDVM_DEFENDER_API_BASE_URL), e.g. a geo host such as https://eu.api.security.microsoft.com.')
+param defenderApiBaseUrl string = 'https://api.security.microsoft.com'
+
+@description('Token scope of the Defender API (MDVM_DEFENDER_TOKEN_SCOPE).')
+param defenderTokenScope string = 'https://api.securitycenter.microsoft.com/.default'
+
+@description('Export types to land (MDVM_EXPORTS): all, or a comma-separated list of export ids.')
+param exports string = 'all'
+
+@description('Six-field NCRONTAB schedule of every export timer (MDVM_SCHEDULE); default hourly at :17.')
+param schedule string = '0 17 * * * *'
+
+@description('sasValidHours asked of the Defender API, 1-24, capped per export type (MDVM_SAS_VALID_HOURS).')
+@minValue(1)
+@maxValue(24)
+param sasValidHours int = 6
+
+@description('Copy mode (MDVM_COPY_MODE): server (the storage service copies the bytes) or stream (through the function).')
+@allowed([
+  'server'
+  'stream'
+])
+param copyMode string = 'server'
+
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+
+// Abbreviations as in the azd templates (abbreviations.json). Storage account names: 'stfn' (functions
+// runtime) or 'stld' (landing) + the 13-character token = 17 lower-case letters and digits (limit 24).
+var names = {
+  resourceGroup: 'rg-${environmentName}'
+  logAnalytics: 'log-${resourceToken}'
+  applicationInsights: 'appi-${resourceToken}'
+  identity: 'id-${resourceToken}'
+  plan: 'plan-${resourceToken}'
+  functionApp: 'func-${resourceToken}'
+  runtimeStorage: 'stfn${resourceToken}'
+  landingStorage: 'stld${resourceToken}'
+  deploymentContainer: 'app-package-${resourceToken}'
+}
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: names.resourceGroup
+  location: location
+  tags: tags
+}
+
+module identity 'modules/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: names.identity
+    location: location
+    tags: tags
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: names.logAnalytics
+    applicationInsightsName: names.applicationInsights
+    location: location
+    tags: tags
+    metricsPublisherPrincipalId: identity.outputs.IDENTITY_PRINCIPAL_ID
+  }
+}
+
+module runtimeStorage 'modules/runtime-storage.bicep' = {
+  name: 'runtime-storage'
+  scope: rg
+  params: {
+    name: names.runtimeStorage
+    location: location
+    tags: tags
+    deploymentContainerName: names.deploymentContainer
+    identityPrincipalId: identity.outputs.IDENTITY_PRINCIPAL_ID
+  }
+}
+
+module landingStorage 'modules/landing-storage.bicep' = {
+  name: 'landing-storage'
+  scope: rg
+  params: {
+    name: names.landingStorage
+    location: location
+    tags: tags
+    enableHierarchicalNamespace: enableHierarchicalNamespace
+    coolAfterDays: coolAfterDays
+    deleteAfterDays: deleteAfterDays
+    enableEventGrid: enableEventGrid
+    identityPrincipalId: identity.outputs.IDENTITY_PRINCIPAL_ID
+    readerPrincipalId: principalId
+  }
+}
+
+module functionApp 'modules/function-app.bicep' = {
+  name: 'function-app'
+  scope: rg
+  params: {
+    name: names.functionApp
+    planName: names.plan
+    location: location
+    tags: tags
+    identityId: identity.outputs.IDENTITY_ID
+    identityClientId: identity.outputs.IDENTITY_CLIENT_ID
+    runtimeStorageAccountName: runtimeStorage.outputs.STORAGE_NAME
+    deploymentContainerName: runtimeStorage.outputs.DEPLOYMENT_CONTAINER_NAME
+    landingStorageAccountName: landingStorage.outputs.STORAGE_NAME
+    landingContainerName: landingStorage.outputs.CONTAINER_NAME
+    applicationInsightsName: monitoring.outputs.APPLICATIONINSIGHTS_NAME
+    instanceMemoryMB: instanceMemoryMB
+    maximumInstanceCount: maximumInstanceCount
+    partsQueueName: runtimeStorage.outputs.PARTS_QUEUE_NAME
+    snapshotsTableName: runtimeStorage.outputs.SNAPSHOTS_TABLE_NAME
+    partsTableName: runtimeStorage.outputs.PARTS_TABLE_NAME
+    defenderApiBaseUrl: defenderApiBaseUrl
+    defenderTokenScope: defenderTokenScope
+    exports: exports
+    schedule: schedule
+    sasValidHours: sasValidHours
+    copyMode: copyMode
+  }
+}
+
+@description('Region of the deployment.')
+output AZURE_LOCATION string = location
+
+@description('Tenant of the subscription.')
+output AZURE_TENANT_ID string = tenant().tenantId
+
+@description('Resource group holding every resource.')
+output AZURE_RESOURCE_GROUP string = rg.name
+
+@description('Name of the Function App (azd deploys the api service to it).')
+output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.FUNCTION_APP_NAME
+
+@description('Client id of the Function App\'s managed identity.')
+output AZURE_MANAGED_IDENTITY_CLIENT_ID string = identity.outputs.IDENTITY_CLIENT_ID
+
+@description('Principal (object) id of the managed identity; the postprovision hook grants it the Defender API roles.')
+output AZURE_MANAGED_IDENTITY_PRINCIPAL_ID string = identity.outputs.IDENTITY_PRINCIPAL_ID
+
+@description('Blob endpoint of the landing account.')
+output MDVM_LANDING_BLOB_ENDPOINT string = landingStorage.outputs.BLOB_ENDPOINT
+
+@description('Landing container.')
+output MDVM_LANDING_CONTAINER string = landingStorage.outputs.CONTAINER_NAME
+
+@description('Name of the runtime storage account.')
+output RUNTIME_STORAGE_ACCOUNT_NAME string = runtimeStorage.outputs.STORAGE_NAME
+
+@description('Name of the landing storage account.')
+output LANDING_STORAGE_ACCOUNT_NAME string = landingStorage.outputs.STORAGE_NAME
+
+@description('Name of the Application Insights component.')
+output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.APPLICATIONINSIGHTS_NAME

@@ -1,0 +1,148 @@
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { AZURE_REQUIRED_SETTINGS, HOST_SETTING_NAMES, SETTING_NAMES } from '../src/core/config.js';
+import { checkBicep } from './infra/bicepCheck.js';
+
+const infra = new URL('../infra', import.meta.url).pathname;
+const copies: string[] = [];
+afterEach(() => {
+  for (const dir of copies.splice(0)) rmSync(dir, { recursive: true, force: true });
+});
+
+/** A copy of infra/ with one file changed; `edit` must really change it. */
+function brokenCopy(file: string, edit: (text: string) => string): string {
+  const dir = mkdtempSync(join(tmpdir(), 'mdvm-infra-'));
+  copies.push(dir);
+  cpSync(infra, dir, { recursive: true });
+  const path = join(dir, file);
+  const before = readFileSync(path, 'utf8');
+  const after = edit(before);
+  expect(after, `the edit of ${file} changed nothing`).not.toBe(before);
+  writeFileSync(path, after);
+  return dir;
+}
+
+function lineOf(text: string, needle: string): number {
+  const index = text.indexOf(needle);
+  expect(index, `'${needle}' not found`).toBeGreaterThanOrEqual(0);
+  return text.slice(0, index).split('\n').length;
+}
+
+describe('infrastructure (offline Bicep checks)', () => {
+  it('parses every Bicep file with the real grammar and passes every structural check', async () => {
+    const report = await checkBicep(infra);
+    expect(report.files).toEqual(
+      expect.arrayContaining(['main.bicep', 'modules/function-app.bicep', 'modules/runtime-storage.bicep']),
+    );
+    expect(report.problems).toEqual([]);
+  });
+
+  it('sets exactly the settings the code and the host read, identity-based, from the same names as the schema', async () => {
+    const { appSettings } = await checkBicep(infra);
+    const names = [...appSettings.keys()];
+    for (const required of [...AZURE_REQUIRED_SETTINGS, ...HOST_SETTING_NAMES]) expect(names).toContain(required);
+    for (const name of names) expect([...SETTING_NAMES, ...HOST_SETTING_NAMES]).toContain(name);
+    expect(names).not.toContain('AzureWebJobsStorage');
+    expect(names).not.toContain('MDVM_LANDING_CONNECTION_STRING');
+    expect(appSettings.get('AzureWebJobsStorage__credential')).toBe("'managedidentity'");
+    expect(appSettings.get('APPLICATIONINSIGHTS_AUTHENTICATION_STRING')).toMatch(/Authorization=AAD/);
+  });
+
+  it.each([
+    {
+      what: 'a syntax error',
+      file: 'main.bicep',
+      edit: (t: string) => t.replace('param exports string', 'param exports string = = '),
+      needle: 'param exports string',
+      rule: 'syntax',
+    },
+    {
+      what: 'a missing app setting',
+      file: 'modules/function-app.bicep',
+      edit: (t: string) => t.replace(/\n\s*MDVM_LANDING_BLOB_ENDPOINT:[^\n]*/, ''),
+      rule: 'missing-setting',
+      message: /MDVM_LANDING_BLOB_ENDPOINT/,
+    },
+    {
+      what: 'a key-based setting',
+      file: 'modules/function-app.bicep',
+      edit: (t: string) =>
+        t.replace(
+          /(\n(\s*)MDVM_LANDING_BLOB_ENDPOINT:)/,
+          "\n$2AzureWebJobsStorage: 'DefaultEndpointsProtocol=https;AccountName=x;AccountKey=${uniqueString('k')}'$1",
+        ),
+      rule: 'key-setting',
+      message: /AzureWebJobsStorage/,
+    },
+    {
+      what: 'a setting the code never reads',
+      file: 'modules/function-app.bicep',
+      edit: (t: string) => t.replace(/(\n(\s*)MDVM_LANDING_BLOB_ENDPOINT:)/, "\n$2MDVM_TURBO: 'on'$1"),
+      rule: 'unknown-setting',
+      message: /MDVM_TURBO/,
+    },
+    {
+      what: 'shared key access enabled',
+      file: 'modules/runtime-storage.bicep',
+      edit: (t: string) => t.replace('allowSharedKeyAccess: false', 'allowSharedKeyAccess: true'),
+      needle: 'allowSharedKeyAccess: true',
+      rule: 'shared-key',
+    },
+    {
+      what: 'a role assignment not named with guid()',
+      file: 'modules/runtime-storage.bicep',
+      edit: (t: string) => t.replace(/name: guid\(storage\.id[^\n]*/, "name: 'blob-owner'"),
+      needle: "name: 'blob-owner'",
+      rule: 'role-guid',
+    },
+    {
+      what: 'a parameter without a description',
+      file: 'main.bicep',
+      edit: (t: string) => t.replace(/@description\([^\n]*\)\nparam exports/, 'param exports'),
+      needle: 'param exports',
+      rule: 'param-description',
+    },
+    {
+      what: 'another Node version',
+      file: 'modules/function-app.bicep',
+      edit: (t: string) => t.replace("version: '22'", "version: '20'"),
+      needle: "version: '20'",
+      rule: 'node-22',
+    },
+    {
+      what: 'a secret output',
+      file: 'main.bicep',
+      edit: (t: string) =>
+        `${t}\n@description('oops')\noutput LANDING_KEY string = listKeys(resourceId('Microsoft.Storage/storageAccounts', 'x'), '2023-05-01').keys[0].value\n`,
+      needle: 'output LANDING_KEY',
+      rule: 'secret-output',
+    },
+  ])('catches $what', async ({ file, edit, rule, needle, message }) => {
+    const dir = brokenCopy(file, edit);
+    const report = await checkBicep(dir);
+    const found = report.problems.filter((p) => p.rule === rule);
+    expect(found.length, JSON.stringify(report.problems)).toBeGreaterThan(0);
+    if (message) expect(found.map((p) => p.message).join('\n')).toMatch(message);
+    if (needle) {
+      const text = readFileSync(join(dir, file), 'utf8');
+      expect(found).toContainEqual(expect.objectContaining({ file, line: lineOf(text, needle) }));
+    }
+  });
+
+  it('azure.yaml and the parameters file follow azd conventions', () => {
+    const yaml = readFileSync(new URL('../azure.yaml', import.meta.url), 'utf8');
+    expect(yaml).toMatch(/^name: mdvm-ingest$/m);
+    expect(yaml).toMatch(/host: function/);
+    expect(yaml).toMatch(/language: (ts|js)/);
+    const hook = yaml.match(/run: (\S+)/)?.[1];
+    expect(hook).toBe('./infra/scripts/grant-defender-permissions.sh');
+    expect(readFileSync(new URL(`../${hook}`, import.meta.url), 'utf8')).toMatch(/^#!/);
+    const parameters = JSON.parse(readFileSync(new URL('../infra/main.parameters.json', import.meta.url), 'utf8'));
+    expect(parameters.parameters).toMatchObject({
+      environmentName: { value: '${AZURE_ENV_NAME}' },
+      location: { value: '${AZURE_LOCATION}' },
+    });
+  });
+});
