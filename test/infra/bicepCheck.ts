@@ -62,7 +62,7 @@ function keyText(node: Node | undefined): string {
 }
 
 function property(object: Node | undefined, key: string): Node | undefined {
-  if (!object || object.type !== 'object') return undefined;
+  if (object?.type !== 'object') return undefined;
   for (const prop of named(object)) {
     if (prop.type !== 'object_property') continue;
     const [k, v] = named(prop);
@@ -72,7 +72,7 @@ function property(object: Node | undefined, key: string): Node | undefined {
 }
 
 function propertyKeys(object: Node | undefined): { key: string; value: Node | undefined; line: number }[] {
-  if (!object || object.type !== 'object') return [];
+  if (object?.type !== 'object') return [];
   return named(object)
     .filter((p) => p.type === 'object_property')
     .map((p) => {
@@ -99,7 +99,7 @@ function resourceBody(resource: Node): Node | undefined {
 }
 
 function hasDescription(decorators: Node | undefined): boolean {
-  if (!decorators || decorators.type !== 'decorators') return false;
+  if (decorators?.type !== 'decorators') return false;
   return named(decorators).some((d) => /^@\s*(sys\.)?description\s*\(/.test(d.text));
 }
 
