@@ -166,9 +166,8 @@ export class LocalRunner {
         await this.runtime.poisonQueue.sendMessage(text);
         await queue.deleteMessage(message.messageId, message.popReceipt);
       } else {
-        await queue
-          .updateMessage(message.messageId, message.popReceipt, undefined, this.options.retryDelayInSeconds ?? 1)
-          .catch(() => {});
+        // Visible again after the retry delay, text unchanged (Azurite rejects an update without text).
+        await queue.updateMessage(message.messageId, message.popReceipt, text, this.options.retryDelayInSeconds ?? 1);
       }
     }
   }

@@ -8,10 +8,10 @@ import type { ExportId } from '../core/catalog.js';
 import { ConfigError, loadConfig } from '../core/config.js';
 import { createRuntime } from '../core/runtime.js';
 import { ensureStorage } from '../core/storage.js';
+import { runIngestion } from '../ops/run.js';
+import { formatBytes, renderTable } from '../ops/summary.js';
 import { DefenderSimulator } from '../simulator/simulator.js';
 import { startAzurite } from './azurite.js';
-import { LocalRunner } from './runner.js';
-import { formatBytes, renderTable, summarize } from './summary.js';
 
 const HELP = `usage: npm start [-- options]
 
@@ -99,38 +99,9 @@ async function main(): Promise<number> {
     const runtime = createRuntime(config);
     await ensureStorage(runtime.storage);
 
+    const tty = process.stdout.isTTY;
     let landedParts = 0;
     let landedBytes = 0;
-    const throughput = new Map<string, number>();
-    const tickOutcomes = new Map<string, string>();
-    const problems: string[] = [];
-    const runner = new LocalRunner(runtime, {
-      workers,
-      onLog: (level, line) => {
-        if (level === 'error') problems.push(line);
-      },
-      onTelemetry: (event) => {
-        if (event.event === 'part' && event.outcome === 'landed') {
-          landedParts++;
-          landedBytes += event.bytes ?? 0;
-        }
-        if (event.event === 'snapshot' && event.outcome === 'completed' && event.export && event.durationMs) {
-          throughput.set(event.export, (event.bytes ?? 0) / 1024 / 1024 / (event.durationMs / 1000));
-        }
-        if (event.event === 'request' && event.export && event.outcome !== 'superseded') {
-          tickOutcomes.set(event.export, `${event.outcome}${event.reason ? ` (${event.reason})` : ''}`);
-        }
-      },
-    });
-    runner.register();
-
-    say('\nTick 1: every timer asks the Defender API for its export');
-    const copyStarted = Date.now();
-    const firstTick = await runner.tick(exports);
-    for (const r of firstTick)
-      say(`  ${r.exportId.padEnd(28)} ${r.error ? `ERROR ${r.error}` : (tickOutcomes.get(r.exportId) ?? '')}`);
-
-    const tty = process.stdout.isTTY;
     const progress = setInterval(
       () => {
         const line = `  copying… ${landedParts} parts, ${formatBytes(landedBytes)} landed`;
@@ -139,38 +110,50 @@ async function main(): Promise<number> {
       },
       tty ? 250 : 2000,
     );
+    const controller = new AbortController();
+    process.once('SIGINT', () => controller.abort());
+    const run = () =>
+      runIngestion(runtime, {
+        exports,
+        workers,
+        timeoutInMs: 150_000,
+        abortSignal: controller.signal,
+        onEvent: (event) => {
+          if (event.event === 'part' && event.outcome === 'landed') {
+            landedParts++;
+            landedBytes += event.bytes ?? 0;
+          }
+        },
+      });
+
+    say('\nRun 1: every timer asks the Defender API for its export, workers copy the parts');
+    let first: Awaited<ReturnType<typeof runIngestion>>;
     try {
-      await runner.drain({ timeoutInMs: 150_000 });
+      first = await run();
     } finally {
       clearInterval(progress);
       if (tty) process.stdout.write('\n');
     }
-    const seconds = (Date.now() - copyStarted) / 1000;
     say(
-      `  landed ${landedParts} parts, ${formatBytes(landedBytes)} in ${seconds.toFixed(1)} s with ${workers} workers`,
+      `  landed ${first.partsCopied} parts, ${formatBytes(first.bytesCopied)} in ${first.seconds.toFixed(1)} s with ${workers} workers`,
     );
+    say(`\n${renderTable(first.rows, first.throughput, new Map(first.rows.map((r) => [r.exportId, r.note])))}`);
 
-    const summary = await summarize(runtime, exports);
-    say(`\n${renderTable(summary, throughput)}`);
-
-    say('\nTick 2: the same snapshots again');
-    tickOutcomes.clear();
-    const before = landedParts;
-    await runner.tick(exports);
-    await runner.drain({ timeoutInMs: 60_000 });
-    const unchanged = [...tickOutcomes.values()].filter((o) => o.startsWith('unchanged')).length;
-    say(`  ${unchanged}/${exports.length} exports unchanged; ${landedParts - before} parts copied`);
+    say('\nRun 2: the same snapshots again');
+    const second = await run();
+    const unchanged = second.rows.filter((r) => r.tick === 'unchanged').length;
+    say(`  ${unchanged}/${exports.length} exports unchanged; ${second.partsCopied} parts copied`);
 
     say(`\nLanded in the customer account, container '${config.landing.container}':`);
-    for (const r of summary) if (r.manifest) say(`  ${r.manifest}`);
+    for (const r of first.rows) if (r.manifest) say(`  ${r.manifest}`);
     say(
       `  (+ {export}/_latest.json for each export; manifest rows in tables '${config.snapshotsTable}' and '${config.partsTable}')`,
     );
-    for (const p of problems.slice(0, 10)) say(`  error: ${p}`);
+    say('  The same run against any deployment: npx mdvm-ingest run (see README "Operating it")');
 
-    const complete = summary.filter((r) => r.status === 'complete').length;
+    const complete = second.rows.filter((r) => r.status === 'complete').length;
     say(`\n${complete}/${exports.length} export types complete in ${((Date.now() - started) / 1000).toFixed(1)} s`);
-    return complete === exports.length ? 0 : 1;
+    return second.ok && first.ok ? 0 : 1;
   } finally {
     await simulator.stop();
     await azurite.stop();

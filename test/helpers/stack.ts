@@ -41,6 +41,8 @@ export interface TestApp {
   readonly events: TelemetryEvent[];
   /** Unique per test, so tests in one file never see each other's data. */
   readonly suffix: string;
+  /** The app settings this app was built from (what a child process needs to act on the same data). */
+  readonly env: Record<string, string>;
 }
 
 export async function createApp(
@@ -85,7 +87,7 @@ export async function createApp(
     onTelemetry: (event) => events.push(event),
   });
   runner.register();
-  return { runtime, runner, logs, events, suffix };
+  return { runtime, runner, logs, events, suffix, env: { ...env, ...stack.simulator.identityEnvironment } };
 }
 
 export function md5(buffer: Buffer): string {

@@ -9,6 +9,8 @@ export interface ExportSummary {
   readonly partCount: number;
   readonly expired: number;
   readonly failed: number;
+  /** Parts waiting for a copy (their message is on the queue or being handled). */
+  readonly queued: number;
   readonly bytes: number;
   readonly records: number | undefined;
   readonly manifest: string | undefined;
@@ -29,6 +31,7 @@ export async function summarize(runtime: Runtime, exportIds: readonly ExportId[]
           partCount: 0,
           expired: 0,
           failed: 0,
+          queued: 0,
           bytes: 0,
           records: undefined,
           manifest: undefined,
@@ -46,6 +49,7 @@ export async function summarize(runtime: Runtime, exportIds: readonly ExportId[]
         partCount: newest.partCount,
         expired: parts.filter((p) => p.status === 'expired').length,
         failed: parts.filter((p) => p.status === 'failed').length,
+        queued: parts.filter((p) => p.status === 'queued').length,
         bytes: landed.reduce((sum, p) => sum + (p.bytes ?? 0), 0),
         records: counted ? landed.reduce((sum, p) => sum + (p.records ?? 0), 0) : undefined,
         manifest: newest.manifestPath,
@@ -65,8 +69,18 @@ export function formatBytes(bytes: number): string {
 export function renderTable(
   rows: readonly ExportSummary[],
   throughput: ReadonlyMap<string, number> = new Map(),
+  notes: ReadonlyMap<string, string> = new Map(),
 ): string {
-  const header = ['export', 'snapshot', 'parts', 'bytes', 'records', 'MiB/s', 'status'];
+  const header = [
+    'export',
+    'snapshot',
+    'parts',
+    'bytes',
+    'records',
+    'MiB/s',
+    'status',
+    ...(notes.size ? ['note'] : []),
+  ];
   const body = rows.map((r) => {
     const problems = [r.expired ? `${r.expired} expired` : '', r.failed ? `${r.failed} failed` : '']
       .filter(Boolean)
@@ -80,6 +94,7 @@ export function renderTable(
       r.records === undefined ? '-' : String(r.records),
       mibs === undefined ? '-' : mibs.toFixed(1),
       problems ? `${r.status} (${problems})` : r.status,
+      ...(notes.size ? [notes.get(r.exportId) ?? ''] : []),
     ];
   });
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => (row[i] ?? '').length)));

@@ -1,0 +1,245 @@
+#!/usr/bin/env node
+/**
+ * mdvm-ingest — the operator CLI. Same settings (by app-setting name), same schema, same core code as the
+ * Functions app: `run` drives the registered handlers in-process, `status`/`verify`/`requeue` read and repair
+ * what the app wrote. Exit codes: 0 all well, 1 the command worked but found a problem, 2 bad input.
+ */
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import ora from 'ora';
+import { EXPORT_IDS, type ExportId, isExportId } from '../core/catalog.js';
+import { ConfigError, loadConfig } from '../core/config.js';
+import { errorMessage } from '../core/errors.js';
+import { redact } from '../core/redact.js';
+import { createRuntime, type Runtime } from '../core/runtime.js';
+import { ensureStorage } from '../core/storage.js';
+import { requeuePoisoned } from '../ops/requeue.js';
+import { runIngestion } from '../ops/run.js';
+import { exportStatus, renderStatus } from '../ops/status.js';
+import { formatBytes, renderTable } from '../ops/summary.js';
+import { verifyLanding } from '../ops/verify.js';
+import { settingsFrom } from './settings.js';
+
+class UsageError extends Error {}
+
+interface GlobalOptions {
+  settings?: string;
+  verbose?: boolean;
+}
+
+const out = (line = '') => process.stdout.write(`${redact(line)}\n`);
+const err = (line: string) => process.stderr.write(`${redact(line)}\n`);
+
+function exportList(value: string): ExportId[] {
+  const ids = value
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
+  const unknown = ids.filter((id) => !isExportId(id));
+  if (unknown.length > 0 || ids.length === 0) {
+    throw new InvalidArgumentError(
+      `unknown export type ${unknown.join(', ') || '(empty)'}; expected: ${EXPORT_IDS.join(', ')}`,
+    );
+  }
+  return ids as ExportId[];
+}
+
+function exportId(value: string): ExportId {
+  return exportList(value)[0] as ExportId;
+}
+
+function positiveInt(name: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`${name} must be a whole number ≥ 1`);
+    return n;
+  };
+}
+
+function openRuntime(global: GlobalOptions): Runtime {
+  const env = settingsFrom(global.settings);
+  // Credentials (managed identity endpoint, tenant, client id) are read from the process environment.
+  for (const [key, value] of Object.entries(env))
+    if (process.env[key] === undefined && value !== undefined) process.env[key] = value;
+  return createRuntime(loadConfig(env));
+}
+
+async function createMissing(runtime: Runtime): Promise<void> {
+  // Infra creates these in Azure; against Azurite (or a fresh account) create them. A 403 means the identity
+  // may use but not create them, which is fine.
+  await ensureStorage(runtime.storage).catch((error: unknown) => {
+    if ((error as { statusCode?: number }).statusCode !== 403) throw error;
+  });
+}
+
+async function runCommand(global: GlobalOptions, options: { exports?: ExportId[]; workers: number; timeoutS: number }) {
+  const runtime = openRuntime(global);
+  const exports = options.exports ?? [...runtime.config.exports];
+  await createMissing(runtime);
+  const controller = new AbortController();
+  let interrupts = 0;
+  const onSigint = () => {
+    interrupts++;
+    if (interrupts > 1) process.exit(130);
+    err('interrupted: letting copies in flight finish (Ctrl-C again to quit now); the next run resumes');
+    controller.abort();
+  };
+  process.on('SIGINT', onSigint);
+  const tty = process.stdout.isTTY === true;
+  const spinner = tty ? ora({ text: 'asking the Defender API…', stream: process.stdout }).start() : undefined;
+  let parts = 0;
+  let bytes = 0;
+  let lastPlain = 0;
+  const progress = () => {
+    const text = `copying: ${parts} parts, ${formatBytes(bytes)} landed`;
+    if (spinner) spinner.text = text;
+    else if (Date.now() - lastPlain > 5_000) {
+      lastPlain = Date.now();
+      out(text);
+    }
+  };
+  try {
+    const report = await runIngestion(runtime, {
+      exports,
+      workers: options.workers,
+      timeoutInMs: options.timeoutS * 1000,
+      abortSignal: controller.signal,
+      onEvent: (event) => {
+        if (event.event === 'part' && event.outcome === 'landed') {
+          parts++;
+          bytes += event.bytes ?? 0;
+          progress();
+        }
+      },
+      onLog: (level, line) => {
+        if (global.verbose && level !== 'information') err(line);
+      },
+    });
+    spinner?.stop();
+    out(`${report.partsCopied} parts, ${formatBytes(report.bytesCopied)} copied in ${report.seconds.toFixed(1)} s`);
+    out(renderTable(report.rows, report.throughput, new Map(report.rows.map((r) => [r.exportId, r.note]))));
+    if (report.interrupted) out('interrupted: nothing is half-written; run again to resume');
+    if (report.timedOut) out(`stopped after --timeout-s ${options.timeoutS}; run again to resume`);
+    return report.ok ? 0 : 1;
+  } finally {
+    spinner?.stop();
+    process.off('SIGINT', onSigint);
+  }
+}
+
+async function main(argv: string[]): Promise<number> {
+  const program = new Command()
+    .name('mdvm-ingest')
+    .description('Land Defender Vulnerability Management export snapshots and check what landed.')
+    .option('--settings <file>', 'read app settings from a local.settings.json or .env file (the environment wins)')
+    .option('--verbose', 'print handler warnings and full stack traces')
+    .showHelpAfterError('(add --help for usage)')
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+  let code = 0;
+  const global = () => program.opts<GlobalOptions>();
+
+  program
+    .command('run')
+    .description('one-shot ingestion: request the chosen exports and copy every part until complete')
+    .addOption(
+      new Option('--exports <list>', 'comma-separated export ids (default: MDVM_EXPORTS)').argParser(exportList),
+    )
+    .addOption(new Option('--workers <n>', 'in-process queue workers').argParser(positiveInt('--workers')).default(8))
+    .addOption(
+      new Option('--timeout-s <seconds>', 'give up after this long').argParser(positiveInt('--timeout-s')).default(600),
+    )
+    .action(async (options: { exports?: ExportId[]; workers: number; timeoutS: number }) => {
+      code = await runCommand(global(), options);
+    });
+
+  program
+    .command('status')
+    .description('newest snapshot of every export type: parts, bytes, status, age, last failure')
+    .option('--json', 'print the documented JSON shape')
+    .action(async (options: { json?: boolean }) => {
+      const runtime = openRuntime(global());
+      const report = await exportStatus(runtime, runtime.config.exports);
+      out(options.json ? JSON.stringify(report, null, 2) : renderStatus(report));
+      code = report.exports.every((e) => e.status === 'complete') ? 0 : 1;
+    });
+
+  program
+    .command('verify')
+    .description('compare the landing container with the tables and every _manifest.json')
+    .addOption(new Option('--export <id>', 'only this export type').argParser(exportId))
+    .option('--snapshot <id>', 'only this snapshot, e.g. 2026-11-22T1801Z')
+    .option('--deep', 're-hash every landed blob instead of trusting its stored MD5')
+    .option('--json', 'print the documented JSON shape')
+    .action(async (options: { export?: ExportId; snapshot?: string; deep?: boolean; json?: boolean }) => {
+      const runtime = openRuntime(global());
+      const report = await verifyLanding(runtime, {
+        exports: options.export ? [options.export] : runtime.config.exports,
+        ...(options.snapshot ? { snapshot: options.snapshot } : {}),
+        ...(options.deep ? { deep: true } : {}),
+      });
+      if (options.json) out(JSON.stringify(report, null, 2));
+      else {
+        for (const f of report.findings) out(`${f.kind.padEnd(24)} ${f.path}  ${f.detail}`);
+        out(
+          `${report.ok ? 'ok' : 'PROBLEMS'}: ${report.checked.snapshots} snapshots, ${report.checked.blobs} parts checked${report.deep ? `, ${formatBytes(report.checked.bytesHashed)} re-hashed` : ''}, ${report.findings.length} findings`,
+        );
+      }
+      code = report.ok ? 0 : 1;
+    });
+
+  program
+    .command('requeue')
+    .description('move poisoned part messages back onto the parts queue, validated again')
+    .addOption(new Option('--export <id>', 'only messages of this export type').argParser(exportId))
+    .option('--dry-run', 'report what would move, move nothing')
+    .option('--json', 'print the documented JSON shape')
+    .action(async (options: { export?: ExportId; dryRun?: boolean; json?: boolean }) => {
+      const runtime = openRuntime(global());
+      const report = await requeuePoisoned(runtime, {
+        ...(options.export ? { exportId: options.export } : {}),
+        ...(options.dryRun ? { dryRun: true } : {}),
+      });
+      if (options.json) out(JSON.stringify(report, null, 2));
+      else {
+        for (const e of report.entries) out(`${e.action.padEnd(10)} ${e.export ?? '-'} ${e.part ?? '-'}  ${e.reason}`);
+        out(`${report.dryRun ? 'would move' : 'moved'} ${report.moved}, refused ${report.refused}`);
+      }
+      code = report.refused > 0 ? 1 : 0;
+    });
+
+  try {
+    await program.parseAsync(argv);
+    return code;
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      // Help and version are "errors" to commander; usage problems were already printed by it.
+      return error.exitCode === 0 ? 0 : 2;
+    }
+    const verbose = global().verbose === true;
+    if (error instanceof ConfigError) {
+      err(
+        verbose ? error.message : `mdvm-ingest: ${error.problems.map((p) => `${p.setting}: ${p.problem}`).join('; ')}`,
+      );
+      return 2;
+    }
+    if (error instanceof UsageError) {
+      err(`mdvm-ingest: ${error.message}`);
+      return 2;
+    }
+    err(`mdvm-ingest: ${oneLine(errorMessage(error))}`);
+    if (verbose && error instanceof Error && error.stack) err(redact(error.stack));
+    return error instanceof Error && error.message.startsWith('--settings') ? 2 : 1;
+  }
+}
+
+function oneLine(text: string): string {
+  return text.replace(/\s*\n\s*/g, ' ').slice(0, 500);
+}
+
+main(process.argv).then(
+  (code) => process.exit(code),
+  (error: unknown) => {
+    err(`mdvm-ingest: ${oneLine(errorMessage(error))}`);
+    process.exit(1);
+  },
+);

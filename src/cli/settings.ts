@@ -1,0 +1,38 @@
+import { readFileSync } from 'node:fs';
+import { parseEnv } from 'node:util';
+
+/**
+ * The CLI reads the app's own settings, by their app-setting names, from the environment and optionally
+ * from a file: a Functions `local.settings.json` (its `Values`) or a `.env` file. The environment wins, so
+ * a one-off override needs no file edit.
+ */
+export function settingsFrom(
+  file: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): Record<string, string | undefined> {
+  if (!file) return { ...env };
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    throw new Error(
+      `--settings ${file}: ${(error as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (error as Error).message}`,
+    );
+  }
+  let values: Record<string, string>;
+  if (file.endsWith('.json')) {
+    let parsed: { Values?: Record<string, unknown> };
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      throw new Error(`--settings ${file}: not valid JSON`);
+    }
+    if (!parsed.Values || typeof parsed.Values !== 'object') {
+      throw new Error(`--settings ${file}: expected a local.settings.json with a "Values" object`);
+    }
+    values = Object.fromEntries(Object.entries(parsed.Values).map(([k, v]) => [k, String(v)]));
+  } else {
+    values = parseEnv(text) as Record<string, string>;
+  }
+  return { ...values, ...env };
+}

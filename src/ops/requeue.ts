@@ -1,0 +1,140 @@
+import { MdvmError } from '../core/errors.js';
+import { parsePartMessage } from '../core/messages.js';
+import { parseSourceUrl } from '../core/parts.js';
+import { redact } from '../core/redact.js';
+import type { Runtime } from '../core/runtime.js';
+
+export interface RequeueEntry {
+  export: string | null;
+  part: string | null;
+  action: 'moved' | 'would-move' | 'refused' | 'skipped';
+  reason: string;
+}
+
+/** `requeue --json` shape (v1, documented in README). */
+export interface RequeueReport {
+  v: 1;
+  dryRun: boolean;
+  moved: number;
+  refused: number;
+  entries: RequeueEntry[];
+}
+
+export interface RequeueOptions {
+  readonly exportId?: string;
+  readonly dryRun?: boolean;
+}
+
+/**
+ * Moves part messages from the poison queue back onto the parts queue after a fix, each one validated
+ * again exactly as the copier would: schema, source URL policy, a matching part row not yet landed, and a
+ * SAS that is still valid. Refused messages stay on the poison queue with the reason reported.
+ */
+export async function requeuePoisoned(runtime: Runtime, options: RequeueOptions = {}): Promise<RequeueReport> {
+  const entries: RequeueEntry[] = [];
+  const seen = new Set<string>();
+  for (;;) {
+    // Hidden for a minute while we look: a parallel requeue cannot take the same message twice.
+    const batch = await runtime.poisonQueue.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 60 });
+    if (batch.receivedMessageItems.length === 0) break;
+    let fresh = 0;
+    for (const item of batch.receivedMessageItems) {
+      if (seen.has(item.messageId)) {
+        // Judged already in this pass: show it again at once, or the next command would not see it.
+        await runtime.poisonQueue.updateMessage(item.messageId, item.popReceipt, item.messageText, 0);
+        continue;
+      }
+      seen.add(item.messageId);
+      fresh++;
+      const entry = await judge(runtime, item.messageText, options);
+      entries.push(entry);
+      if (entry.action === 'moved') {
+        await runtime.queue.sendMessage(item.messageText, { messageTimeToLive: ttlOf(item.messageText, runtime) });
+        await runtime.poisonQueue.deleteMessage(item.messageId, item.popReceipt);
+      } else {
+        // Back to visible at once: refused and skipped messages stay where they were.
+        // The text goes back unchanged (Azurite rejects an update without one).
+        await runtime.poisonQueue.updateMessage(item.messageId, item.popReceipt, item.messageText, 0);
+      }
+    }
+    if (fresh === 0) break;
+  }
+  return {
+    v: 1,
+    dryRun: options.dryRun ?? false,
+    moved: entries.filter((e) => e.action === 'moved' || e.action === 'would-move').length,
+    refused: entries.filter((e) => e.action === 'refused').length,
+    entries,
+  };
+}
+
+async function judge(runtime: Runtime, text: string, options: RequeueOptions): Promise<RequeueEntry> {
+  const decoded = Buffer.from(text, 'base64').toString('utf8');
+  let json: unknown;
+  try {
+    json = JSON.parse(decoded);
+  } catch {
+    return { export: null, part: null, action: 'refused', reason: 'not a base64 JSON message' };
+  }
+  const letter = json as { reason?: unknown; original?: unknown };
+  if (typeof letter.reason === 'string' && typeof letter.original === 'string') {
+    return {
+      export: null,
+      part: null,
+      action: 'refused',
+      reason: `dead-lettered by the app (${redact(letter.reason)}); it never carried a usable SAS — the next timer tick re-enqueues missing parts`,
+    };
+  }
+  try {
+    const message = parsePartMessage(json);
+    if (options.exportId && message.export !== options.exportId) {
+      return {
+        export: message.export,
+        part: message.part,
+        action: 'skipped',
+        reason: `not --export ${options.exportId}`,
+      };
+    }
+    const source = parseSourceUrl(message.sourceUrl, runtime.config);
+    if (source.relativePath !== message.part)
+      throw new MdvmError('invalid-input', 'part does not match its source URL');
+    const row = await runtime.store.getPart(message.export, message.snapshot, message.part);
+    if (!row) throw new MdvmError('invalid-input', 'no part row for it in the manifest tables');
+    if (row.value.status === 'landed') {
+      return { export: message.export, part: message.part, action: 'refused', reason: 'already landed' };
+    }
+    const expires = message.sasExpiresOn ? Date.parse(message.sasExpiresOn) : Number.NaN;
+    if (!Number.isNaN(expires) && expires - runtime.config.sasSafetyMarginInMs <= runtime.now().getTime()) {
+      return {
+        export: message.export,
+        part: message.part,
+        action: 'refused',
+        reason: 'its SAS has expired; `mdvm-ingest run` asks Defender for fresh URLs and resumes the snapshot',
+      };
+    }
+    if (!options.dryRun && row.value.status !== 'queued') {
+      await runtime.store.mutatePart(message.export, message.snapshot, message.part, (r) =>
+        r.status === 'landed' ? undefined : { status: 'queued' },
+      );
+    }
+    return {
+      export: message.export,
+      part: message.part,
+      action: options.dryRun ? 'would-move' : 'moved',
+      reason: 'valid part message',
+    };
+  } catch (error) {
+    return { export: null, part: null, action: 'refused', reason: redact((error as Error).message) };
+  }
+}
+
+function ttlOf(text: string, runtime: Runtime): number {
+  try {
+    const message = parsePartMessage(Buffer.from(text, 'base64').toString('utf8'));
+    if (message.sasExpiresOn)
+      return Math.max(1, Math.floor((Date.parse(message.sasExpiresOn) - runtime.now().getTime()) / 1000));
+  } catch {
+    // judged valid just before; fall through to the default
+  }
+  return runtime.config.defender.sasValidHours * 3600;
+}

@@ -1,0 +1,135 @@
+import { createHash } from 'node:crypto';
+import type { ExportId } from '../core/catalog.js';
+import type { SnapshotManifest } from '../core/completion.js';
+import { manifestPath, snapshotFolder } from '../core/parts.js';
+import type { Runtime } from '../core/runtime.js';
+
+export type FindingKind =
+  | 'missing'
+  | 'extra'
+  | 'size-mismatch'
+  | 'md5-mismatch'
+  | 'manifest-table-mismatch'
+  | 'no-manifest'
+  | 'unknown-snapshot';
+
+export interface Finding {
+  export: string;
+  snapshot: string;
+  kind: FindingKind;
+  path: string;
+  detail: string;
+}
+
+/** `verify --json` shape (v1, documented in README). */
+export interface VerifyReport {
+  v: 1;
+  ok: boolean;
+  deep: boolean;
+  checked: { snapshots: number; blobs: number; bytesHashed: number };
+  findings: Finding[];
+}
+
+export interface VerifyOptions {
+  readonly exports: readonly ExportId[];
+  /** Only this snapshot id (e.g. 2026-11-22T1801Z); default: every complete snapshot. */
+  readonly snapshot?: string;
+  /** Download and hash every landed blob instead of trusting the stored Content-MD5. */
+  readonly deep?: boolean;
+}
+
+/**
+ * Compares the landing container with the tables and each `_manifest.json`: missing and extra blobs,
+ * size and MD5 mismatches, and disagreements between the manifest and the parts table.
+ */
+export async function verifyLanding(runtime: Runtime, options: VerifyOptions): Promise<VerifyReport> {
+  const findings: Finding[] = [];
+  const checked = { snapshots: 0, blobs: 0, bytesHashed: 0 };
+  for (const exportId of options.exports) {
+    const snapshots = (await runtime.store.listSnapshots(exportId))
+      .map((r) => r.value)
+      .filter((s) => (options.snapshot ? s.snapshotId === options.snapshot : s.status === 'complete'));
+    if (options.snapshot && snapshots.length === 0 && options.exports.length === 1) {
+      findings.push({
+        export: exportId,
+        snapshot: options.snapshot,
+        kind: 'unknown-snapshot',
+        path: snapshotFolder(exportId, options.snapshot),
+        detail: 'no such snapshot in the snapshots table',
+      });
+    }
+    for (const snapshot of snapshots) {
+      checked.snapshots++;
+      const add = (kind: FindingKind, path: string, detail: string) =>
+        findings.push({ export: exportId, snapshot: snapshot.snapshotId, kind, path, detail });
+      const folder = `${snapshotFolder(exportId, snapshot.snapshotId)}/`;
+      const mPath = manifestPath(exportId, snapshot.snapshotId);
+
+      const blobs = new Map<string, { bytes: number; md5: string | undefined }>();
+      for await (const blob of runtime.landing.listBlobsFlat({ prefix: folder })) {
+        const md5 = blob.properties.contentMD5;
+        blobs.set(blob.name, {
+          bytes: blob.properties.contentLength ?? 0,
+          md5: md5 && md5.length > 0 ? Buffer.from(md5).toString('base64') : undefined,
+        });
+      }
+      let manifest: SnapshotManifest | undefined;
+      try {
+        manifest = JSON.parse((await runtime.landing.getBlockBlobClient(mPath).downloadToBuffer()).toString('utf8'));
+      } catch {
+        if (snapshot.status === 'complete')
+          add('no-manifest', mPath, 'the snapshot is complete but has no readable _manifest.json');
+      }
+      const rows = new Map(
+        (await runtime.store.listParts(exportId, snapshot.snapshotId))
+          .map((r) => r.value)
+          .filter((r) => r.status === 'landed')
+          .map((r) => [r.landingPath, r]),
+      );
+      const expected = new Map<string, { bytes: number; md5: string | null }>();
+      if (manifest) {
+        for (const part of manifest.parts) expected.set(part.path, { bytes: part.bytes, md5: part.md5 });
+        for (const [path, row] of rows) {
+          const entry = expected.get(path);
+          if (!entry) add('manifest-table-mismatch', path, 'landed in the parts table but not in _manifest.json');
+          else if (entry.bytes !== row.bytes || (entry.md5 ?? undefined) !== row.md5) {
+            add(
+              'manifest-table-mismatch',
+              path,
+              `manifest ${entry.bytes} B/${entry.md5}, table ${row.bytes} B/${row.md5}`,
+            );
+          }
+        }
+        for (const path of expected.keys()) {
+          if (!rows.has(path))
+            add('manifest-table-mismatch', path, 'in _manifest.json but not landed in the parts table');
+        }
+      } else {
+        for (const [path, row] of rows) expected.set(path, { bytes: row.bytes ?? 0, md5: row.md5 ?? null });
+      }
+
+      for (const [path, want] of expected) {
+        const have = blobs.get(path);
+        checked.blobs++;
+        if (!have) {
+          add('missing', path, 'listed but not in the landing container');
+          continue;
+        }
+        if (have.bytes !== want.bytes) add('size-mismatch', path, `landed ${have.bytes} B, expected ${want.bytes} B`);
+        let actualMd5 = have.md5;
+        if (options.deep) {
+          const bytes = await runtime.landing.getBlockBlobClient(path).downloadToBuffer();
+          checked.bytesHashed += bytes.length;
+          actualMd5 = createHash('md5').update(bytes).digest('base64');
+        }
+        if (want.md5 && actualMd5 && want.md5 !== actualMd5) {
+          add('md5-mismatch', path, `landed MD5 ${actualMd5}, expected ${want.md5}`);
+        }
+      }
+      for (const path of blobs.keys()) {
+        if (path !== mPath && !expected.has(path)) add('extra', path, 'in the snapshot folder but in no manifest');
+      }
+    }
+  }
+  return { v: 1, ok: findings.length === 0, deep: options.deep ?? false, checked, findings };
+}

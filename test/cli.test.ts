@@ -1,0 +1,321 @@
+import { spawn } from 'node:child_process';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { EXPORT_IDS } from '../src/core/catalog.js';
+import type { DeadLetter } from '../src/core/messages.js';
+import type { RequeueReport } from '../src/ops/requeue.js';
+import type { StatusReport } from '../src/ops/status.js';
+import type { VerifyReport } from '../src/ops/verify.js';
+import { createApp, type Stack, startStack, type TestApp, tableRows } from './helpers/stack.js';
+
+const CLI = new URL('../dist/src/cli/main.js', import.meta.url).pathname;
+let stack: Stack;
+/** Everything every CLI run printed: checked for secrets at the end. */
+const printed: string[] = [];
+
+beforeAll(async () => {
+  stack = await startStack();
+});
+afterAll(async () => {
+  const text = printed.join('\n');
+  for (const secret of stack.simulator.issuedSecrets) expect(text).not.toContain(secret);
+  expect(text).not.toMatch(/sig=(?!<redacted>)[A-Za-z0-9%]/);
+  await stack?.stop();
+});
+
+interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run the built CLI as a child process (async: the simulator lives in this process). */
+function cli(
+  args: string[],
+  env: Record<string, string>,
+  options: { onSpawn?: (kill: () => void) => void } = {},
+): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], {
+      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d.toString();
+    });
+    child.stderr.on('data', (d: Buffer) => {
+      stderr += d.toString();
+    });
+    child.on('error', reject);
+    child.on('exit', (code) => {
+      printed.push(stdout, stderr);
+      resolve({ code, stdout, stderr });
+    });
+    options.onSpawn?.(() => child.kill('SIGINT'));
+  });
+}
+
+async function appFor(exports: string): Promise<TestApp> {
+  return createApp(stack, { MDVM_EXPORTS: exports });
+}
+
+describe('mdvm-ingest CLI (built, as a child process)', () => {
+  it('run lands all nine export types and exits 0; a second run copies nothing and says so', async () => {
+    const app = await createApp(stack);
+    for (const id of EXPORT_IDS) {
+      await stack.simulator.publish(id, { generatedTime: '2026-11-16T18:01:00Z', recordsPerPart: 10 });
+    }
+    stack.simulator.resetRateLimits();
+    const first = await cli(['run', '--workers', '6'], app.env);
+    expect(first.stderr).toBe('');
+    expect(first.code).toBe(0);
+    for (const id of EXPORT_IDS)
+      expect(first.stdout).toMatch(new RegExp(`${id}\\s+2026-11-16T1801Z\\s+\\d+/\\d+.*complete`));
+    const snapshots = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(snapshots.map((s) => s.status)).toEqual(EXPORT_IDS.map(() => 'complete'));
+
+    const second = await cli(['run'], app.env);
+    expect(second.code).toBe(0);
+    expect(second.stdout).toMatch(/^0 parts, 0 B copied/m);
+    expect(second.stdout.match(/unchanged — nothing copied/g)).toHaveLength(9);
+  });
+
+  it('run with one export SAS-expired exits non-zero saying why; the next run completes it without copying landed parts again', async () => {
+    const app = await appFor('certificates,browser-extensions');
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-16T12:01:00Z', recordsPerPart: 10 });
+    await stack.simulator.publish('browser-extensions', { generatedTime: '2026-11-16T12:01:00Z', recordsPerPart: 10 });
+    stack.simulator.resetRateLimits();
+    stack.simulator.injectFault('certificates', { kind: 'expired-sas', parts: 2 });
+    const first = await cli(['run'], app.env);
+    expect(first.code).toBe(1);
+    expect(first.stdout).toMatch(/certificates .*7\/9 parts, 2 expired — next run resumes/);
+    expect(first.stdout).toMatch(/browser-extensions .*complete/);
+
+    const second = await cli(['run'], app.env);
+    expect(second.code).toBe(0);
+    expect(second.stdout).toMatch(/^2 parts, .* copied/m);
+    expect(second.stdout).toMatch(/certificates .*resumed and completed/);
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts.filter((p) => p.partitionKey === 'certificates_2026-11-16T1201Z').every((p) => p.attempts === 1)).toBe(
+      true,
+    );
+  });
+
+  it('status --json matches the tables', async () => {
+    const app = await appFor('hardware-firmware,information-gathering');
+    await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-15T00:01:00Z', recordsPerPart: 5 });
+    await stack.simulator.publish('information-gathering', {
+      generatedTime: '2026-11-15T00:01:00Z',
+      recordsPerPart: 5,
+    });
+    stack.simulator.injectFault('information-gathering', { kind: 'missing-blob' });
+    stack.simulator.resetRateLimits();
+    await cli(['run'], app.env);
+    const result = await cli(['status', '--json'], app.env);
+    expect(result.code).toBe(1);
+    const report = JSON.parse(result.stdout) as StatusReport;
+    expect(report.v).toBe(1);
+    const rows = await tableRows(app.runtime.storage.snapshotsTable);
+    for (const e of report.exports) {
+      const row = rows.find((r) => r.partitionKey === e.export);
+      expect(e).toMatchObject({
+        snapshot: row?.snapshotId,
+        generatedTime: row?.rowKey,
+        status: row?.status,
+        partsLanded: row?.partsLanded,
+        partCount: row?.partCount,
+        bytes: row?.bytesLanded,
+      });
+      expect(e.ageMinutes).toBeGreaterThan(0);
+    }
+    expect(report.exports.find((e) => e.export === 'information-gathering')).toMatchObject({
+      status: 'copying',
+      lastError: expect.stringMatching(/_RbacGroupId=99/),
+    });
+    const plain = await cli(['status'], app.env);
+    expect(plain.stdout).toMatch(/hardware-firmware\s+2026-11-15T0001Z\s+complete/);
+  });
+
+  it('verify: 0 on an intact landing, non-zero after a blob is deleted or overwritten with other bytes', async () => {
+    const app = await appFor('secure-configuration');
+    await stack.simulator.publish('secure-configuration', {
+      generatedTime: '2026-11-15T06:01:00Z',
+      recordsPerPart: 30,
+    });
+    stack.simulator.resetRateLimits();
+    expect((await cli(['run'], app.env)).code).toBe(0);
+    const intact = await cli(['verify', '--json'], app.env);
+    expect(intact.code).toBe(0);
+    expect(JSON.parse(intact.stdout)).toMatchObject({ ok: true, findings: [], checked: { snapshots: 1, blobs: 9 } });
+    expect((await cli(['verify', '--deep'], app.env)).code).toBe(0);
+
+    const parts = (await tableRows(app.runtime.storage.partsTable)).map((p) => String(p.landingPath)).sort();
+    const [deleted, overwritten] = parts;
+    if (!deleted || !overwritten) throw new Error('expected parts');
+    await app.runtime.landing.getBlockBlobClient(deleted).delete();
+    const afterDelete = await cli(['verify', '--json'], app.env);
+    expect(afterDelete.code).toBe(1);
+    expect((JSON.parse(afterDelete.stdout) as VerifyReport).findings).toEqual([
+      expect.objectContaining({ kind: 'missing', path: deleted }),
+    ]);
+
+    const blob = app.runtime.landing.getBlockBlobClient(overwritten);
+    const original = await blob.downloadToBuffer();
+    const other = Buffer.from(original.map((b) => b ^ 0xff));
+    await blob.uploadData(other);
+    const afterOverwrite = await cli(['verify', '--export', 'secure-configuration', '--json'], app.env);
+    expect(afterOverwrite.code).toBe(1);
+    expect((JSON.parse(afterOverwrite.stdout) as VerifyReport).findings).toContainEqual(
+      expect.objectContaining({ kind: 'md5-mismatch', path: overwritten }),
+    );
+    const plain = await cli(
+      ['verify', '--deep', '--snapshot', '2026-11-15T0601Z', '--export', 'secure-configuration'],
+      app.env,
+    );
+    expect(plain.code).toBe(1);
+    expect(plain.stdout).toMatch(/^PROBLEMS: 1 snapshots, 9 parts checked/m);
+  });
+
+  it('requeue brings a poisoned message back and it lands; a dead letter is refused with its reason', async () => {
+    const app = await appFor('software-inventory');
+    await stack.simulator.publish('software-inventory', { generatedTime: '2026-11-15T12:01:00Z', recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    // The host gave up on every message (5 failed deliveries) and parked them on the poison queue.
+    let moved = 0;
+    for (;;) {
+      const batch = await app.runtime.queue.receiveMessages({ numberOfMessages: 32 });
+      if (batch.receivedMessageItems.length === 0) break;
+      for (const m of batch.receivedMessageItems) {
+        await app.runtime.poisonQueue.sendMessage(m.messageText);
+        await app.runtime.queue.deleteMessage(m.messageId, m.popReceipt);
+        moved++;
+      }
+    }
+    const letter: DeadLetter = {
+      v: 1,
+      reason: 'message is not JSON',
+      deadLetteredAt: new Date().toISOString(),
+      original: 'x',
+    };
+    await app.runtime.poisonQueue.sendMessage(Buffer.from(JSON.stringify(letter)).toString('base64'));
+
+    const dry = await cli(['requeue', '--dry-run', '--json'], app.env);
+    const dryReport = JSON.parse(dry.stdout) as RequeueReport;
+    expect(dryReport).toMatchObject({ dryRun: true, moved, refused: 1 });
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(0);
+
+    const real = await cli(['requeue'], app.env);
+    expect(real.code).toBe(1);
+    expect(real.stdout).toMatch(new RegExp(`moved ${moved}, refused 1`));
+    expect(real.stdout).toMatch(/refused .*dead-lettered by the app \(message is not JSON\)/);
+    expect((await app.runtime.poisonQueue.getProperties()).approximateMessagesCount).toBe(1);
+
+    const run = await cli(['run', '--exports', 'software-inventory'], app.env);
+    expect(run.code).toBe(0);
+    expect(run.stdout).toMatch(new RegExp(`^${moved} parts`, 'm'));
+    expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'complete' });
+  });
+
+  it('Ctrl-C during run stops cleanly and the next run resumes', async () => {
+    const app = await appFor('software-vulnerabilities');
+    await stack.simulator.publish('software-vulnerabilities', {
+      generatedTime: '2026-11-14T18:01:00Z',
+      groups: [0, 12, 31, 44, 51, 52, 53, 54],
+      partsPerGroup: 4,
+      recordsPerPart: 400,
+    });
+    stack.simulator.resetRateLimits();
+    let interrupted = false;
+    const first = await cli(
+      ['run', '--workers', '1'],
+      { ...app.env, MDVM_COPY_MODE: 'stream' },
+      {
+        onSpawn: (kill) => {
+          const poll = setInterval(async () => {
+            const landed = (await tableRows(app.runtime.storage.partsTable)).filter(
+              (p) => p.status === 'landed',
+            ).length;
+            if (landed >= 2 && !interrupted) {
+              interrupted = true;
+              clearInterval(poll);
+              kill();
+            }
+          }, 50);
+        },
+      },
+    );
+    expect(interrupted).toBe(true);
+    expect(first.code).toBe(1);
+    expect(first.stderr).toMatch(/interrupted: letting copies in flight finish/);
+    expect(first.stdout).toMatch(/next run resumes|run again to resume/);
+    const names: string[] = [];
+    for await (const b of app.runtime.landing.listBlobsFlat({ prefix: 'software-vulnerabilities/' }))
+      names.push(b.name);
+    expect(names.some((n) => n.endsWith('_manifest.json'))).toBe(false);
+
+    const second = await cli(['run'], app.env);
+    expect(second.code).toBe(0);
+    expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'complete' });
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts.every((p) => p.status === 'landed')).toBe(true);
+  });
+
+  it('bad input: one line naming what is wrong, non-zero exit, no stack trace unless --verbose', async () => {
+    const app = await appFor('certificates');
+    const unknown = await cli(['run', '--exports', 'everything'], app.env);
+    expect(unknown.code).toBe(2);
+    expect(unknown.stderr).toMatch(/unknown export type everything/);
+
+    const badFlag = await cli(['status', '--colour'], app.env);
+    expect(badFlag.code).toBe(2);
+    expect(badFlag.stderr).toMatch(/unknown option '--colour'/);
+
+    const badSetting = await cli(['status'], { ...app.env, MDVM_COPY_MODE: 'warp' });
+    expect(badSetting.code).toBe(2);
+    expect(badSetting.stderr.trim().split('\n')).toEqual([expect.stringMatching(/^mdvm-ingest: MDVM_COPY_MODE: /)]);
+
+    const unreachable = await cli(['status'], {
+      ...app.env,
+      AzureWebJobsStorage:
+        app.env.AzureWebJobsStorage?.replace(
+          /TableEndpoint=http:\/\/127\.0\.0\.1:\d+/,
+          'TableEndpoint=http://127.0.0.1:9',
+        ) ?? '',
+      MDVM_LANDING_CONNECTION_STRING: app.env.MDVM_LANDING_CONNECTION_STRING ?? '',
+    });
+    expect(unreachable.code).toBe(1);
+    expect(unreachable.stderr.trim().split('\n')).toHaveLength(1);
+    expect(unreachable.stderr).toMatch(/^mdvm-ingest: .*(ECONNREFUSED|connect)/);
+    expect(unreachable.stderr).not.toMatch(/\n\s+at /);
+
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-14T00:01:00Z', recordsPerPart: 3 });
+    stack.simulator.resetRateLimits();
+    const wrongCredential = await cli(['run'], { ...app.env, IDENTITY_HEADER: 'not-the-secret' });
+    expect(wrongCredential.code).toBe(1);
+    expect(wrongCredential.stdout).toMatch(/certificates .*could not get a token/);
+
+    const settingsMissing = await cli(['--settings', '/nonexistent/local.settings.json', 'status'], app.env);
+    expect(settingsMissing.code).toBe(2);
+    expect(settingsMissing.stderr).toMatch(/--settings \/nonexistent\/local.settings.json: no such file/);
+
+    const verbose = await cli(['--verbose', 'status'], {
+      ...app.env,
+      AzureWebJobsStorage:
+        app.env.AzureWebJobsStorage?.replace(
+          /TableEndpoint=http:\/\/127\.0\.0\.1:\d+/,
+          'TableEndpoint=http://127.0.0.1:9',
+        ) ?? '',
+    });
+    expect(verbose.stderr).toMatch(/\n\s+at /);
+  });
+
+  it('--help on every command', async () => {
+    for (const command of [[], ['run'], ['status'], ['verify'], ['requeue']]) {
+      const result = await cli([...command, '--help'], {});
+      expect(result.code).toBe(0);
+      expect(result.stdout).toMatch(/^Usage: mdvm-ingest/);
+    }
+  });
+});
