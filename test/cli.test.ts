@@ -89,7 +89,7 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     stack.simulator.injectFault('certificates', { kind: 'expired-sas', parts: 2 });
     const first = await cli(['run'], app.env);
     expect(first.code).toBe(1);
-    expect(first.stdout).toMatch(/certificates .*7\/9 parts, 2 expired — next run resumes/);
+    expect(first.stdout).toMatch(/certificates .*7\/9 parts, 2 expired — next run resumes$/m);
     expect(first.stdout).toMatch(/browser-extensions .*complete/);
 
     const second = await cli(['run'], app.env);
@@ -309,6 +309,38 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
         ) ?? '',
     });
     expect(verbose.stderr).toMatch(/\n\s+at /);
+  });
+
+  it('--json shapes are the documented v1 shapes', async () => {
+    const app = await appFor('software-inventory-noncpe');
+    await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-13T00:01:00Z',
+      recordsPerPart: 3,
+    });
+    stack.simulator.resetRateLimits();
+    await cli(['run'], app.env);
+    const keys = (o: object) => Object.keys(o).sort();
+    const status = JSON.parse((await cli(['status', '--json'], app.env)).stdout) as StatusReport;
+    expect(keys(status)).toEqual(['exports', 'generatedAt', 'v']);
+    expect(keys(status.exports[0] ?? {})).toEqual([
+      'ageMinutes',
+      'bytes',
+      'completedAt',
+      'export',
+      'generatedTime',
+      'incomplete',
+      'lastComplete',
+      'lastError',
+      'partCount',
+      'partsLanded',
+      'snapshot',
+      'status',
+    ]);
+    const verify = JSON.parse((await cli(['verify', '--json'], app.env)).stdout) as VerifyReport;
+    expect(keys(verify)).toEqual(['checked', 'deep', 'findings', 'ok', 'v']);
+    expect(keys(verify.checked)).toEqual(['blobs', 'bytesHashed', 'snapshots']);
+    const requeue = JSON.parse((await cli(['requeue', '--json'], app.env)).stdout) as RequeueReport;
+    expect(keys(requeue)).toEqual(['dryRun', 'entries', 'moved', 'refused', 'v']);
   });
 
   it('--help on every command', async () => {

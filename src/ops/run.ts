@@ -121,7 +121,8 @@ function noteFor(s: ExportSummary, tick: string, error: string | undefined, reas
   if (s.failed) parts.push(`${s.failed} failed`);
   if (s.queued) parts.push(`${s.queued} still queued`);
   const next = s.expired || s.failed || s.queued ? ' — next run resumes' : '';
-  return `${parts.join(', ')}${next}${s.lastError && (s.failed || s.expired) ? ` (${firstLine(s.lastError)})` : ''}`;
+  // The reason matters for failed parts (source gone, corrupt); expired parts just need fresh URLs.
+  return `${parts.join(', ')}${next}${s.lastError && s.failed ? ` (${firstLine(s.lastError)})` : ''}`;
 }
 
 function firstLine(text: string): string {

@@ -1,5 +1,6 @@
 import type { ExportId } from '../core/catalog.js';
 import type { Runtime } from '../core/runtime.js';
+import { formatBytes } from './summary.js';
 
 /** `status --json` shape (v1, documented in README). */
 export interface StatusReport {
@@ -70,7 +71,7 @@ export function renderStatus(report: StatusReport): string {
       e.snapshot ?? '-',
       e.status,
       `${e.partsLanded}/${e.partCount}`,
-      String(e.bytes),
+      formatBytes(e.bytes),
       age(e.ageMinutes),
       (e.lastError ?? '').slice(0, 80),
     ],
