@@ -289,6 +289,32 @@ describe('bad input and failures', () => {
     expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(1);
   });
 
+  it('_latest.json never moves back to an older snapshot', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'software-inventory-noncpe' });
+    await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-12T12:01:00Z',
+      recordsPerPart: 3,
+    });
+    await app.runner.tick();
+    await app.runner.drain();
+    // Defender hands out an older snapshot afterwards (a regional failover, say): it lands, but is not "latest".
+    await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-12T06:01:00Z',
+      recordsPerPart: 3,
+    });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    const snapshots = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(snapshots.map((r) => r.status)).toEqual(['complete', 'complete']);
+    const latest = JSON.parse(
+      (
+        await app.runtime.landing.getBlockBlobClient('software-inventory-noncpe/_latest.json').downloadToBuffer()
+      ).toString(),
+    );
+    expect(latest.snapshot).toBe('2026-11-12T1201Z');
+  });
+
   it('parks a part that keeps failing transiently on the poison queue after 5 attempts, marked failed', async () => {
     const app = await createApp(
       stack,

@@ -143,10 +143,11 @@ async function advanceLatest(
   for (let attempt = 0; attempt < 20; attempt++) {
     let etag: string | undefined;
     try {
-      const current = await blob.downloadToBuffer();
-      const props = await blob.getProperties();
-      etag = props.etag;
-      const pointer = JSON.parse(current.toString('utf8')) as Partial<LatestPointer>;
+      // Body and ETag from one response: a pointer read with another write's ETag could move backwards.
+      const response = await blob.download();
+      etag = response.etag;
+      const body = response.readableStreamBody ? await streamToString(response.readableStreamBody) : '';
+      const pointer = JSON.parse(body) as Partial<LatestPointer>;
       if (typeof pointer.generatedTime === 'string' && pointer.generatedTime >= snapshot.generatedTime) return;
     } catch (error) {
       if ((error as { statusCode?: number }).statusCode !== 404 && !(error instanceof SyntaxError)) {
@@ -175,12 +176,21 @@ async function advanceLatest(
   }
 }
 
-/** Self-healing: the counters on the snapshot row are brought in line with the part rows. */
+/**
+ * Self-healing: counters that lag behind the part rows (a crash between landing a part and counting it)
+ * are raised to match. Never lowered: the listing may be older than increments made since.
+ */
 export async function reconcileCounters(runtime: Runtime, snapshot: SnapshotRow, landed: PartRow[]): Promise<void> {
   const bytes = landed.reduce((sum, r) => sum + (r.bytes ?? 0), 0);
   await runtime.store.mutateSnapshot(snapshot.exportId, snapshot.generatedTime, (row) =>
-    row.partsLanded === landed.length && row.bytesLanded === bytes
+    row.status === 'complete' || row.partsLanded >= landed.length
       ? undefined
-      : { partsLanded: landed.length, bytesLanded: bytes },
+      : { partsLanded: landed.length, bytesLanded: Math.max(row.bytesLanded, bytes) },
   );
+}
+
+async function streamToString(stream: NodeJS.ReadableStream): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk));
+  return Buffer.concat(chunks).toString('utf8');
 }

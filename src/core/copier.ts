@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
@@ -64,9 +64,13 @@ function md5Of(props: { contentMD5?: Uint8Array | undefined }): string | undefin
   return props.contentMD5 && props.contentMD5.length > 0 ? Buffer.from(props.contentMD5).toString('base64') : undefined;
 }
 
-function blockId(index: number): string {
-  // Every id of a blob must have the same length; the index makes a retried copy reuse its ids.
-  return Buffer.from(`mdvm-block-${String(index).padStart(6, '0')}`).toString('base64');
+/**
+ * Block ids must all have the same length. The block path stages fixed byte ranges, so a retried or
+ * concurrent copy may reuse `mdvm-block-<index>` safely (same id, same bytes). The stream path cuts blocks
+ * where network chunks happen to end, so each attempt gets its own prefix: two attempts can never mix blocks.
+ */
+function blockId(index: number, attempt = 'mdvm-block'): string {
+  return Buffer.from(`${attempt}-${String(index).padStart(6, '0')}`).toString('base64');
 }
 
 /**
@@ -206,7 +210,11 @@ export class PartCopier {
     if (classified.kind !== 'expired') return classified;
     try {
       await source.getProperties({ abortSignal });
-      return classified;
+      // The source reads fine with this SAS: the 403 came from the landing side (role, firewall, token).
+      return new MdvmError('forbidden', `${classified.message} (the source is readable: the landing account refused)`, {
+        cause: error,
+        statusCode: 403,
+      });
     } catch (probe) {
       const probed = classifySourceError(probe);
       return probed.kind === 'not-found' || probed.kind === 'expired' ? probed : classified;
@@ -269,6 +277,7 @@ export class PartCopier {
     // The gunzip side must not reject unobserved while the upload is still running.
     gunzipDone?.catch(() => {});
 
+    const attempt = randomBytes(5).toString('hex');
     const ids: string[] = [];
     const inFlight = new Set<Promise<void>>();
     let firstError: unknown;
@@ -277,7 +286,7 @@ export class PartCopier {
     let total = 0;
 
     const stage = (chunk: Buffer): Promise<void> => {
-      const id = blockId(ids.length);
+      const id = blockId(ids.length, attempt);
       ids.push(id);
       const p = dest
         .stageBlock(id, chunk, chunk.length, { abortSignal: request.abortSignal })

@@ -131,10 +131,10 @@ export async function landPart(
     telemetry.track('part', { ...base, outcome: 'duplicate' });
     return { outcome: 'duplicate' };
   }
-  const counted = await runtime.store.mutateSnapshot(exportId, message.generatedTime, (s) => ({
-    partsLanded: s.partsLanded + 1,
-    bytesLanded: s.bytesLanded + copied.bytes,
-  }));
+  // A snapshot completed meanwhile (by a timer's reconcile) already counted this part from the listing.
+  const counted = await runtime.store.mutateSnapshot(exportId, message.generatedTime, (s) =>
+    s.status === 'complete' ? undefined : { partsLanded: s.partsLanded + 1, bytesLanded: s.bytesLanded + copied.bytes },
+  );
   telemetry.track('part', {
     ...base,
     outcome: 'landed',

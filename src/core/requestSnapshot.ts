@@ -106,7 +106,8 @@ export async function requestSnapshot(
       landingPath: landingPath(exportId, snapshotId, p.relativePath),
       status: deadOnArrival(p) ? 'expired' : 'queued',
       attempts: 0,
-      sasExpiresOn: p.sasExpiresOn?.toISOString(),
+      // A live SAS expiry on a queued row means "its message is on the queue": set once it is.
+      sasExpiresOn: deadOnArrival(p) ? p.sasExpiresOn?.toISOString() : undefined,
       queuedAt: now.toISOString(),
       ...(deadOnArrival(p) ? { lastError: deadReason } : {}),
     }));
@@ -128,7 +129,7 @@ export async function requestSnapshot(
           ? undefined
           : deadOnArrival(p)
             ? { status: 'expired', sasExpiresOn: p.sasExpiresOn?.toISOString(), lastError: deadReason }
-            : { status: 'queued', sasExpiresOn: p.sasExpiresOn?.toISOString(), queuedAt: now.toISOString() },
+            : { status: 'queued', queuedAt: now.toISOString() },
       ),
   );
   for (const p of expired) {
@@ -148,8 +149,8 @@ export async function requestSnapshot(
     ...(expired.length > 0 ? { lastError: `${expired.length} part(s): ${deadReason}` } : {}),
   }));
 
-  await runBounded(toEnqueue, runtime.config.enqueueConcurrency, (p) =>
-    enqueue(runtime, {
+  await runBounded(toEnqueue, runtime.config.enqueueConcurrency, async (p) => {
+    await enqueue(runtime, {
       v: 1,
       export: exportId,
       snapshot: snapshotId,
@@ -158,8 +159,14 @@ export async function requestSnapshot(
       sourceUrl: p.url,
       sasExpiresOn: p.sasExpiresOn?.toISOString() ?? null,
       enqueuedAt: now.toISOString(),
-    }),
-  );
+    });
+    // Only now is the part in flight; a tick that died before this line leaves it marked as needing a message.
+    if (p.sasExpiresOn) {
+      await runtime.store.mutatePart(exportId, snapshotId, p.relativePath, (row) =>
+        row.status === 'queued' ? { sasExpiresOn: p.sasExpiresOn?.toISOString() } : undefined,
+      );
+    }
+  });
 
   const landed = [...existing.values()].filter((r) => r.value.status === 'landed').map((r) => r.value);
   const current = (await runtime.store.getSnapshot(exportId, generatedTime))?.value ?? snapshot.value;

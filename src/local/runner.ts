@@ -144,6 +144,23 @@ export class LocalRunner {
     } catch {
       // The host passes non-JSON text through as a string.
     }
+    // Like the host, keep the message hidden while the copy runs, however long it takes.
+    const visibility = this.options.visibilityTimeoutInSeconds ?? 120;
+    let popReceipt = message.popReceipt;
+    const renew = setInterval(
+      () => {
+        queue
+          .updateMessage(message.messageId, popReceipt, text, visibility)
+          .then((r) => {
+            if (r.popReceipt) popReceipt = r.popReceipt;
+          })
+          .catch(() => {
+            // Lost the message (expired or taken over): the delete below will say so harmlessly.
+          });
+      },
+      (visibility * 1000) / 2,
+    );
+    let failure: unknown;
     try {
       await invoke(copy, input, {
         triggerMetadata: {
@@ -155,20 +172,33 @@ export class LocalRunner {
         },
         log: (level, line) => this.options.onLog?.(level, line),
       });
-      await queue.deleteMessage(message.messageId, message.popReceipt);
     } catch (error) {
-      // The host logs the failed invocation's exception; so do we.
-      this.options.onLog?.(
-        'error',
-        `${COPY_FUNCTION_NAME} failed (delivery ${message.dequeueCount}): ${(error as Error).message}`,
-      );
-      if (message.dequeueCount >= MAX_DEQUEUE_COUNT) {
-        await this.runtime.poisonQueue.sendMessage(text);
-        await queue.deleteMessage(message.messageId, message.popReceipt);
-      } else {
-        // Visible again after the retry delay, text unchanged (Azurite rejects an update without text).
-        await queue.updateMessage(message.messageId, message.popReceipt, text, this.options.retryDelayInSeconds ?? 1);
-      }
+      failure = error;
+    } finally {
+      clearInterval(renew);
     }
+    if (failure === undefined) return settle(queue.deleteMessage(message.messageId, popReceipt));
+    // The host logs the failed invocation's exception; so do we.
+    this.options.onLog?.(
+      'error',
+      `${COPY_FUNCTION_NAME} failed (delivery ${message.dequeueCount}): ${(failure as Error).message}`,
+    );
+    if (message.dequeueCount >= MAX_DEQUEUE_COUNT) {
+      await this.runtime.poisonQueue.sendMessage(text);
+      await settle(queue.deleteMessage(message.messageId, popReceipt));
+    } else {
+      // Visible again after the retry delay, text unchanged (Azurite rejects an update without text).
+      await settle(queue.updateMessage(message.messageId, popReceipt, text, this.options.retryDelayInSeconds ?? 1));
+    }
+  }
+}
+
+/** A delete or update of a message someone else now holds (404, stale pop receipt) is not our failure. */
+async function settle(operation: Promise<unknown>): Promise<void> {
+  try {
+    await operation;
+  } catch (error) {
+    const status = (error as { statusCode?: number }).statusCode;
+    if (status !== 404 && status !== 400) throw error;
   }
 }

@@ -32,32 +32,29 @@ export interface RequeueOptions {
  */
 export async function requeuePoisoned(runtime: Runtime, options: RequeueOptions = {}): Promise<RequeueReport> {
   const entries: RequeueEntry[] = [];
-  const seen = new Set<string>();
-  for (;;) {
-    // Hidden for a minute while we look: a parallel requeue cannot take the same message twice.
-    const batch = await runtime.poisonQueue.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 60 });
-    if (batch.receivedMessageItems.length === 0) break;
-    let fresh = 0;
-    for (const item of batch.receivedMessageItems) {
-      if (seen.has(item.messageId)) {
-        // Judged already in this pass: show it again at once, or the next command would not see it.
-        await runtime.poisonQueue.updateMessage(item.messageId, item.popReceipt, item.messageText, 0);
-        continue;
-      }
-      seen.add(item.messageId);
-      fresh++;
-      const entry = await judge(runtime, item.messageText, options);
-      entries.push(entry);
-      if (entry.action === 'moved') {
-        await runtime.queue.sendMessage(item.messageText, { messageTimeToLive: ttlOf(item.messageText, runtime) });
-        await runtime.poisonQueue.deleteMessage(item.messageId, item.popReceipt);
-      } else {
-        // Back to visible at once: refused and skipped messages stay where they were.
-        // The text goes back unchanged (Azurite rejects an update without one).
-        await runtime.poisonQueue.updateMessage(item.messageId, item.popReceipt, item.messageText, 0);
+  // Judged messages stay hidden until the pass ends, so every receive brings new ones and the loop ends
+  // when the poison queue has nothing left to show; then the ones we keep are made visible again.
+  const kept: { messageId: string; popReceipt: string; text: string }[] = [];
+  try {
+    for (;;) {
+      const batch = await runtime.poisonQueue.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 300 });
+      if (batch.receivedMessageItems.length === 0) break;
+      for (const item of batch.receivedMessageItems) {
+        const entry = await judge(runtime, item.messageText, options);
+        entries.push(entry);
+        if (entry.action === 'moved') {
+          await runtime.queue.sendMessage(item.messageText, { messageTimeToLive: ttlOf(item.messageText, runtime) });
+          await runtime.poisonQueue.deleteMessage(item.messageId, item.popReceipt);
+        } else {
+          kept.push({ messageId: item.messageId, popReceipt: item.popReceipt, text: item.messageText });
+        }
       }
     }
-    if (fresh === 0) break;
+  } finally {
+    for (const k of kept) {
+      // The text goes back unchanged (Azurite rejects an update without one).
+      await runtime.poisonQueue.updateMessage(k.messageId, k.popReceipt, k.text, 0).catch(() => {});
+    }
   }
   return {
     v: 1,
@@ -104,6 +101,15 @@ async function judge(runtime: Runtime, text: string, options: RequeueOptions): P
       return { export: message.export, part: message.part, action: 'refused', reason: 'already landed' };
     }
     const expires = message.sasExpiresOn ? Date.parse(message.sasExpiresOn) : Number.NaN;
+    const rowExpires = row.value.sasExpiresOn ? Date.parse(row.value.sasExpiresOn) : Number.NaN;
+    if (row.value.status === 'queued' && !Number.isNaN(rowExpires) && (Number.isNaN(expires) || rowExpires > expires)) {
+      return {
+        export: message.export,
+        part: message.part,
+        action: 'refused',
+        reason: 'a newer message for this part is already queued (a timer resumed it)',
+      };
+    }
     if (!Number.isNaN(expires) && expires - runtime.config.sasSafetyMarginInMs <= runtime.now().getTime()) {
       return {
         export: message.export,

@@ -66,7 +66,9 @@ export async function verifyLanding(runtime: Runtime, options: VerifyOptions): P
       const mPath = manifestPath(exportId, snapshot.snapshotId);
 
       const blobs = new Map<string, { bytes: number; md5: string | undefined }>();
-      for await (const blob of runtime.landing.listBlobsFlat({ prefix: folder })) {
+      for await (const blob of runtime.landing.listBlobsFlat({ prefix: folder, includeMetadata: true })) {
+        // Hierarchical-namespace accounts list their directories as empty blobs.
+        if (blob.metadata?.hdi_isfolder === 'true') continue;
         const md5 = blob.properties.contentMD5;
         blobs.set(blob.name, {
           bytes: blob.properties.contentLength ?? 0,
@@ -118,9 +120,15 @@ export async function verifyLanding(runtime: Runtime, options: VerifyOptions): P
         if (have.bytes !== want.bytes) add('size-mismatch', path, `landed ${have.bytes} B, expected ${want.bytes} B`);
         let actualMd5 = have.md5;
         if (options.deep) {
-          const bytes = await runtime.landing.getBlockBlobClient(path).downloadToBuffer();
-          checked.bytesHashed += bytes.length;
-          actualMd5 = createHash('md5').update(bytes).digest('base64');
+          // Streamed: parts can be gigabytes.
+          const download = await runtime.landing.getBlockBlobClient(path).download();
+          const hash = createHash('md5');
+          for await (const chunk of download.readableStreamBody ?? []) {
+            const buffer = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk as string);
+            hash.update(buffer);
+            checked.bytesHashed += buffer.length;
+          }
+          actualMd5 = hash.digest('base64');
         }
         if (want.md5 && actualMd5 && want.md5 !== actualMd5) {
           add('md5-mismatch', path, `landed MD5 ${actualMd5}, expected ${want.md5}`);
