@@ -1,4 +1,7 @@
 import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EXPORT_IDS } from '../src/core/catalog.js';
 import type { DeadLetter } from '../src/core/messages.js';
@@ -341,6 +344,62 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     expect(keys(verify.checked)).toEqual(['blobs', 'bytesHashed', 'snapshots']);
     const requeue = JSON.parse((await cli(['requeue', '--json'], app.env)).stdout) as RequeueReport;
     expect(keys(requeue)).toEqual(['dryRun', 'entries', 'moved', 'refused', 'v']);
+  });
+
+  it('reads settings from a .env or local.settings.json file, the environment winning', async () => {
+    const app = await appFor('certificates');
+    const dir = mkdtempSync(join(tmpdir(), 'mdvm-cli-'));
+    const dotenv = join(dir, 'mdvm.env');
+    writeFileSync(
+      dotenv,
+      Object.entries(app.env)
+        .map(([k, v]) => `${k}="${v}"`)
+        .join('\n'),
+    );
+    const fromEnvFile = await cli(['--settings', dotenv, 'status', '--json'], {});
+    expect(fromEnvFile.stderr).toBe('');
+    expect((JSON.parse(fromEnvFile.stdout) as StatusReport).exports.map((e) => e.export)).toEqual(['certificates']);
+    const json = join(dir, 'local.settings.json');
+    writeFileSync(json, JSON.stringify({ IsEncrypted: false, Values: app.env }));
+    const overridden = await cli(['--settings', json, 'status', '--json'], { MDVM_EXPORTS: 'hardware-firmware' });
+    expect((JSON.parse(overridden.stdout) as StatusReport).exports.map((e) => e.export)).toEqual(['hardware-firmware']);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('run completes exactly while another consumer (a deployed app) takes messages from the same queue', async () => {
+    const app = await appFor('security-baselines');
+    const snap = await stack.simulator.publish('security-baselines', {
+      generatedTime: '2026-11-12T18:01:00Z',
+      groups: [0, 12, 31, 44, 51],
+      partsPerGroup: 3,
+      recordsPerPart: 50,
+    });
+    stack.simulator.resetRateLimits();
+    let cliDone = false;
+    const other = (async () => {
+      while (!cliDone) {
+        await app.runner.drain({ timeoutInMs: 5_000 });
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    })();
+    const result = await cli(['run', '--workers', '2'], app.env);
+    cliDone = true;
+    await other;
+    expect(result.code).toBe(0);
+    const [snapshot] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(snapshot).toMatchObject({
+      status: 'complete',
+      partsLanded: snap.parts.length,
+      partCount: snap.parts.length,
+    });
+    const landedHere = app.events.filter((e) => e.event === 'part' && e.outcome === 'landed').length;
+    const landedByCli = Number(result.stdout.match(/^(\d+) parts/m)?.[1]);
+    expect(landedHere).toBeGreaterThan(0);
+    expect(landedByCli).toBeGreaterThan(0);
+    expect(landedHere + landedByCli).toBe(snap.parts.length);
+    const names: string[] = [];
+    for await (const b of app.runtime.landing.listBlobsFlat({ prefix: 'security-baselines/' })) names.push(b.name);
+    expect(names.filter((n) => n.endsWith('_manifest.json'))).toHaveLength(1);
   });
 
   it('--help on every command', async () => {
