@@ -1,6 +1,6 @@
 import type { ExportId } from '../core/catalog.js';
 import type { Runtime } from '../core/runtime.js';
-import { formatBytes } from './summary.js';
+import { formatBytes, formatColumns } from './summary.js';
 
 /** `status --json` shape (v1, documented in README). */
 export interface StatusReport {
@@ -77,11 +77,5 @@ export function renderStatus(report: StatusReport): string {
     ],
     ...e.incomplete.map((i) => ['', i.snapshot, i.status, `${i.partsLanded}/${i.partCount}`, '', '', '']),
   ]);
-  const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => (row[i] ?? '').length)));
-  const line = (cells: string[]) =>
-    cells
-      .map((c, i) => c.padEnd(widths[i] ?? 0))
-      .join('  ')
-      .trimEnd();
-  return [line(header), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)].join('\n');
+  return formatColumns(header, body);
 }

@@ -97,8 +97,13 @@ export function renderTable(
       ...(notes.size ? [notes.get(r.exportId) ?? ''] : []),
     ];
   });
+  return formatColumns(header, body);
+}
+
+/** Left-aligned columns two spaces apart, a dashed rule under the header. */
+export function formatColumns(header: readonly string[], body: readonly string[][]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => (row[i] ?? '').length)));
-  const line = (cells: string[]) =>
+  const line = (cells: readonly string[]) =>
     cells
       .map((c, i) => c.padEnd(widths[i] ?? 0))
       .join('  ')
