@@ -133,7 +133,7 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
       expect(e.ageMinutes).toBeGreaterThan(0);
     }
     expect(report.exports.find((e) => e.export === 'information-gathering')).toMatchObject({
-      status: 'copying',
+      status: 'failed',
       lastError: expect.stringMatching(/_RbacGroupId=99/),
     });
     const plain = await cli(['status'], app.env);

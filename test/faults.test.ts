@@ -113,7 +113,7 @@ describe('bad input and failures', () => {
     expect(failed).toHaveLength(1);
     expect(failed[0]?.lastError).toMatch(/404|not ?found/i);
     expect(snapshots[0]).toMatchObject({
-      status: 'copying',
+      status: 'failed',
       partCount: snap.parts.length + 1,
       partsLanded: snap.parts.length,
     });
@@ -339,7 +339,7 @@ describe('bad input and failures', () => {
     const { parts, snapshots } = await state(app);
     const row = parts.find((p) => String(p.path).includes('_RbacGroupId=0/part-00000'));
     expect(row).toMatchObject({ status: 'failed', attempts: 5, lastError: expect.stringMatching(/503 ServerBusy/) });
-    expect(snapshots[0]).toMatchObject({ status: 'copying', partsLanded: snap.parts.length - 1 });
+    expect(snapshots[0]).toMatchObject({ status: 'failed', partsLanded: snap.parts.length - 1 });
     const poison = await queueTexts(app, 'poison');
     expect(poison).toHaveLength(1);
     // The host parks the original message; it is still a valid part message for a later requeue.

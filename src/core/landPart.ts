@@ -102,6 +102,7 @@ export async function landPart(
     await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
       r.status === 'landed' ? undefined : { lastError: failure.message, ...(lastAttempt ? { status: 'failed' } : {}) },
     );
+    if (lastAttempt) await markSnapshotFailedIfStuck(runtime, exportId, snapshotId, message.generatedTime);
     telemetry.track('part', {
       ...base,
       outcome: lastAttempt ? 'failed' : 'retry',
@@ -145,8 +146,29 @@ export async function landPart(
   });
   if (counted && counted.partsLanded >= counted.partCount) {
     await completeSnapshotIfReady(runtime, telemetry, exportId, message.generatedTime);
+  } else if (counted?.lastError) {
+    // Only snapshots that already had trouble pay for the listing: this may have been the last part in flight.
+    await markSnapshotFailedIfStuck(runtime, exportId, snapshotId, message.generatedTime);
   }
   return { outcome: 'landed' };
+}
+
+/**
+ * A snapshot is `failed` when nothing of it is in flight any more and a part failed for good (source gone,
+ * corrupt, or out of attempts). The next timer tick still retries those parts with fresh URLs and puts the
+ * snapshot back to `copying`; until then `failed` is what status and monitoring should see.
+ */
+async function markSnapshotFailedIfStuck(
+  runtime: Runtime,
+  exportId: string,
+  snapshotId: string,
+  generatedTime: string,
+): Promise<void> {
+  const parts = (await runtime.store.listParts(exportId, snapshotId)).map((p) => p.value);
+  if (parts.some((p) => p.status === 'queued') || !parts.some((p) => p.status === 'failed')) return;
+  await runtime.store.mutateSnapshot(exportId, generatedTime, (s) =>
+    s.status === 'copying' || s.status === 'requested' ? { status: 'failed' } : undefined,
+  );
 }
 
 async function markUnlandable(
@@ -162,6 +184,8 @@ async function markUnlandable(
   await runtime.store.mutateSnapshot(message.export, message.generatedTime, (s) =>
     s.status === 'complete' ? undefined : { lastError: redact(`${message.part}: ${reason}`) },
   );
+  if (status === 'failed')
+    await markSnapshotFailedIfStuck(runtime, message.export, message.snapshot, message.generatedTime);
   telemetry.track('part', {
     export: message.export,
     snapshot: message.snapshot,

@@ -143,7 +143,7 @@ export async function requestSnapshot(
   }
 
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
-    status: row.status === 'requested' || row.status === 'failed' ? 'copying' : row.status,
+    status: row.status === 'requested' || (row.status === 'failed' && toEnqueue.length > 0) ? 'copying' : row.status,
     partCount: Math.max(row.partCount, offered.length),
     lastRequestedAt: now.toISOString(),
     ...(expired.length > 0 ? { lastError: `${expired.length} part(s): ${deadReason}` } : {}),
