@@ -17,9 +17,7 @@ import { runIngestion } from '../ops/run.js';
 import { exportStatus, renderStatus } from '../ops/status.js';
 import { formatBytes, renderTable } from '../ops/summary.js';
 import { verifyLanding } from '../ops/verify.js';
-import { settingsFrom } from './settings.js';
-
-class UsageError extends Error {}
+import { SettingsFileError, settingsFrom } from './settings.js';
 
 interface GlobalOptions {
   settings?: string;
@@ -222,13 +220,13 @@ async function main(argv: string[]): Promise<number> {
       );
       return 2;
     }
-    if (error instanceof UsageError) {
+    if (error instanceof SettingsFileError) {
       err(`mdvm-ingest: ${error.message}`);
       return 2;
     }
     err(`mdvm-ingest: ${oneLine(errorMessage(error))}`);
     if (verbose && error instanceof Error && error.stack) err(redact(error.stack));
-    return error instanceof Error && error.message.startsWith('--settings') ? 2 : 1;
+    return 1;
   }
 }
 

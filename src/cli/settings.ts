@@ -1,6 +1,9 @@
 import { readFileSync } from 'node:fs';
 import { parseEnv } from 'node:util';
 
+/** A settings file that cannot be read: bad input, exit code 2. */
+export class SettingsFileError extends Error {}
+
 /**
  * The CLI reads the app's own settings, by their app-setting names, from the environment and optionally
  * from a file: a Functions `local.settings.json` (its `Values`) or a `.env` file. The environment wins, so
@@ -15,7 +18,7 @@ export function settingsFrom(
   try {
     text = readFileSync(file, 'utf8');
   } catch (error) {
-    throw new Error(
+    throw new SettingsFileError(
       `--settings ${file}: ${(error as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (error as Error).message}`,
     );
   }
@@ -25,10 +28,10 @@ export function settingsFrom(
     try {
       parsed = JSON.parse(text);
     } catch {
-      throw new Error(`--settings ${file}: not valid JSON`);
+      throw new SettingsFileError(`--settings ${file}: not valid JSON`);
     }
     if (!parsed.Values || typeof parsed.Values !== 'object') {
-      throw new Error(`--settings ${file}: expected a local.settings.json with a "Values" object`);
+      throw new SettingsFileError(`--settings ${file}: expected a local.settings.json with a "Values" object`);
     }
     values = Object.fromEntries(Object.entries(parsed.Values).map(([k, v]) => [k, String(v)]));
   } else {

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { EXPORT_IDS, type ExportId } from './catalog.js';
+import { EXPORT_IDS, type ExportId, getExportType } from './catalog.js';
 import { MdvmError } from './errors.js';
 
 /**
@@ -26,6 +26,12 @@ export interface DeadLetter {
   deadLetteredAt: string;
   /** The original message with every SAS query removed: the credential is never parked. */
   original: string;
+}
+
+/** A message lives no longer than its SAS (DESIGN §4): until `sasExpiresOn`, or the export's capped lifetime. */
+export function messageTimeToLiveInSeconds(message: PartMessage, sasValidHours: number, now: Date): number {
+  if (message.sasExpiresOn) return Math.max(1, Math.floor((Date.parse(message.sasExpiresOn) - now.getTime()) / 1000));
+  return Math.min(sasValidHours, getExportType(message.export).sasMaxHours) * 3600;
 }
 
 /** Validated on the way out as on the way in: the timer never enqueues what the copier would refuse. */

@@ -3,7 +3,7 @@ import { completeSnapshotIfReady, reconcileCounters } from './completion.js';
 import { runBounded } from './concurrency.js';
 import { classifyStorageError, MdvmError } from './errors.js';
 import type { PartRow, SnapshotRow, Versioned } from './manifestStore.js';
-import { encodeMessage, type PartMessage } from './messages.js';
+import { encodeMessage, messageTimeToLiveInSeconds, type PartMessage } from './messages.js';
 import { canonicalGeneratedTime, landingPath, parseSourceUrl, type SourcePart, snapshotIdOf } from './parts.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
@@ -209,9 +209,7 @@ function needsAnotherMessage(row: Versioned<PartRow>, now: Date, marginInMs: num
 }
 
 async function enqueue(runtime: Runtime, message: PartMessage): Promise<void> {
-  const ttlSeconds = message.sasExpiresOn
-    ? Math.max(1, Math.floor((Date.parse(message.sasExpiresOn) - runtime.now().getTime()) / 1000))
-    : Math.min(runtime.config.defender.sasValidHours, getExportType(message.export).sasMaxHours) * 3600;
+  const ttlSeconds = messageTimeToLiveInSeconds(message, runtime.config.defender.sasValidHours, runtime.now());
   try {
     await runtime.queue.sendMessage(encodeMessage(message), { messageTimeToLive: ttlSeconds });
   } catch (error) {

@@ -71,5 +71,3 @@ export function redactingLogger(write: (level: 'info' | 'warn' | 'error', line: 
     error: (m) => write('error', redact(m)),
   };
 }
-
-export const silentLogger: Logger = { info: () => {}, warn: () => {}, error: () => {} };

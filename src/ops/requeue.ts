@@ -1,5 +1,5 @@
 import { MdvmError } from '../core/errors.js';
-import { parsePartMessage } from '../core/messages.js';
+import { messageTimeToLiveInSeconds, type PartMessage, parsePartMessage } from '../core/messages.js';
 import { parseSourceUrl } from '../core/parts.js';
 import { redact } from '../core/redact.js';
 import type { Runtime } from '../core/runtime.js';
@@ -40,10 +40,16 @@ export async function requeuePoisoned(runtime: Runtime, options: RequeueOptions 
       const batch = await runtime.poisonQueue.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 300 });
       if (batch.receivedMessageItems.length === 0) break;
       for (const item of batch.receivedMessageItems) {
-        const entry = await judge(runtime, item.messageText, options);
+        const { entry, message } = await judge(runtime, item.messageText, options);
         entries.push(entry);
-        if (entry.action === 'moved') {
-          await runtime.queue.sendMessage(item.messageText, { messageTimeToLive: ttlOf(item.messageText, runtime) });
+        if (entry.action === 'moved' && message) {
+          await runtime.queue.sendMessage(item.messageText, {
+            messageTimeToLive: messageTimeToLiveInSeconds(
+              message,
+              runtime.config.defender.sasValidHours,
+              runtime.now(),
+            ),
+          });
           await runtime.poisonQueue.deleteMessage(item.messageId, item.popReceipt);
         } else {
           kept.push({ messageId: item.messageId, popReceipt: item.popReceipt, text: item.messageText });
@@ -65,7 +71,18 @@ export async function requeuePoisoned(runtime: Runtime, options: RequeueOptions 
   };
 }
 
-async function judge(runtime: Runtime, text: string, options: RequeueOptions): Promise<RequeueEntry> {
+/** The verdict, plus the message itself when it moves (never part of the printed entry: it holds the SAS). */
+async function judge(
+  runtime: Runtime,
+  text: string,
+  options: RequeueOptions,
+): Promise<{ entry: RequeueEntry; message?: PartMessage }> {
+  const entry = await verdict(runtime, text, options);
+  if (entry.action !== 'moved') return { entry };
+  return { entry, message: parsePartMessage(Buffer.from(text, 'base64').toString('utf8')) };
+}
+
+async function verdict(runtime: Runtime, text: string, options: RequeueOptions): Promise<RequeueEntry> {
   const decoded = Buffer.from(text, 'base64').toString('utf8');
   let json: unknown;
   try {
@@ -132,15 +149,4 @@ async function judge(runtime: Runtime, text: string, options: RequeueOptions): P
   } catch (error) {
     return { export: null, part: null, action: 'refused', reason: redact((error as Error).message) };
   }
-}
-
-function ttlOf(text: string, runtime: Runtime): number {
-  try {
-    const message = parsePartMessage(Buffer.from(text, 'base64').toString('utf8'));
-    if (message.sasExpiresOn)
-      return Math.max(1, Math.floor((Date.parse(message.sasExpiresOn) - runtime.now().getTime()) / 1000));
-  } catch {
-    // judged valid just before; fall through to the default
-  }
-  return runtime.config.defender.sasValidHours * 3600;
 }

@@ -1,7 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { TableClient } from '@azure/data-tables';
 import { CallBudget } from '../../src/core/callBudget.js';
-import type { ExportId } from '../../src/core/catalog.js';
 import { loadConfig } from '../../src/core/config.js';
 import type { PartCopier } from '../../src/core/copier.js';
 import { createRuntime, type Runtime } from '../../src/core/runtime.js';
@@ -127,5 +126,3 @@ export async function queueTexts(app: TestApp, which: 'parts' | 'poison'): Promi
   const peeked = await queue.peekMessages({ numberOfMessages: 32 });
   return peeked.peekedMessageItems.map((m) => m.messageText);
 }
-
-export const ALL = (ids: readonly ExportId[]) => ids.join(',');
