@@ -1,78 +1,115 @@
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const script = join(root, 'infra/scripts/grant-defender-permissions.sh');
+const script = join(root, 'infra/scripts/grant-defender-permissions.mjs');
 
 const PRINCIPAL_ID = '11111111-2222-4333-8444-555555555555';
 const DEFENDER_SP_ID = 'dddddddd-0000-4000-8000-000000000001';
+const OTHER_RESOURCE_ID = 'eeeeeeee-0000-4000-8000-000000000002';
 const ROLE_IDS = {
   'Vulnerability.Read.All': '41269fc5-d04d-4bfd-bce7-43a51cea049a',
   'Software.Read.All': '37f71c98-d198-41ae-964d-2c49aab74926',
   'SecurityBaselinesAssessment.Read.All': 'e870c0c1-c1e4-4b53-9fba-6ea1c5eb4cbe',
 } as const;
 const OTHER_ROLE_ID = 'a833e4c5-0000-4000-8000-00000000beef';
+/** What the fake az hands out as the Graph token: shaped like a JWT, so a leak would be caught by its look too. */
+const FAKE_TOKEN = 'eyJ0eXAiOiJKV1QifQ.eyJhdWQiOiJncmFwaC10ZXN0In0.c2lnbmF0dXJlLW9mLXRoZS10ZXN0';
 
 /**
- * A stand-in for the Azure CLI. It logs every call (arguments separated by \x1f, one call per line) and
- * answers the calls the script makes the way `az ... --query Q -o tsv` would, from FAKE_* variables.
- * An unexpected call fails loudly so a change in the script shows up here.
+ * A stand-in for the Azure CLI: it logs every call (arguments separated by \x1f, one call per line) and answers
+ * the two calls the script makes (tenant, Graph token). An unexpected call fails loudly.
  */
 const FAKE_AZ = `#!/usr/bin/env bash
 set -u
 { printf '%s\\x1f' "$@"; printf '\\n'; } >> "$FAKE_AZ_LOG"
-if [ "\${1:-}" = account ]; then
-  if [ "\${FAKE_LOGGED_IN:-1}" = 1 ]; then echo "tenant-0000"; exit 0; fi
+if [ "\${FAKE_LOGGED_IN:-1}" != 1 ]; then
   echo "ERROR: Please run 'az login' to setup account." >&2; exit 1
 fi
-[ "\${1:-}" = rest ] || { echo "fake az: unexpected call: $*" >&2; exit 90; }
-shift
-method=GET url='' query='' body=''
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --method) method="$2"; shift ;;
-    --url) url="$2"; shift ;;
-    --query) query="$2"; shift ;;
-    --body) body="$2"; shift ;;
-    --headers|-o|--output) shift ;;
-  esac
-  shift
-done
-case "$method $url" in
-  "GET $FAKE_GRAPH/v1.0/servicePrincipals?\\$filter=appId%20eq%20'fc780465-2017-40d4-a0c5-307022471b92'"*)
-    [ "\${FAKE_DEFENDER:-1}" = 1 ] || exit 0
-    case "$query" in
-      'value[0].id') echo "$FAKE_DEFENDER_SP_ID" ;;
-      'value[0].appRoles[].[value, id]') printf '%s\\n' "$FAKE_ROLE_ROWS" ;;
-      *) echo "fake az: unexpected query $query" >&2; exit 91 ;;
-    esac ;;
-  "GET $FAKE_GRAPH/v1.0/servicePrincipals/$FAKE_PRINCIPAL_ID?"*)
-    echo "mdvm-test-identity" ;;
-  "GET $FAKE_GRAPH/v1.0/servicePrincipals/"*'/appRoleAssignments?'*)
-    [ "$query" = "value[?resourceId=='$FAKE_DEFENDER_SP_ID'].appRoleId" ] || { echo "fake az: unexpected query $query" >&2; exit 92; }
-    for id in \${FAKE_ASSIGNED:-}; do echo "$id"; done ;;
-  "GET $FAKE_GRAPH/v1.0/servicePrincipals/"*)
-    echo 'ERROR: Not Found({"error":{"code":"Request_ResourceNotFound","message":"Resource does not exist."}})' >&2; exit 1 ;;
-  "POST $FAKE_GRAPH/v1.0/servicePrincipals/"*'/appRoleAssignments')
-    if [ "\${FAKE_POST_FORBIDDEN:-0}" = 1 ]; then
-      echo 'ERROR: Forbidden({"error":{"code":"Authorization_RequestDenied","message":"Insufficient privileges to complete the operation."}})' >&2
-      exit 1
-    fi ;;
-  *) echo "fake az: unexpected request $method $url" >&2; exit 93 ;;
+case "\${1:-} \${2:-}" in
+  "account show") echo "tenant-0000" ;;
+  "account get-access-token") echo "$FAKE_TOKEN" ;;
+  *) echo "fake az: unexpected call: $*" >&2; exit 90 ;;
 esac
-exit 0
 `;
+
+/** A stand-in for Microsoft Graph on loopback, answering the calls the script makes and recording them. */
+interface GraphState {
+  defenderPresent: boolean;
+  assigned: string[];
+  postForbidden: boolean;
+  requests: { method: string; url: string; authorization: string; body: unknown }[];
+}
+const graphState: GraphState = { defenderPresent: true, assigned: [], postForbidden: false, requests: [] };
+
+function fakeGraph(): Server {
+  return createServer((req, res) => {
+    let raw = '';
+    req.on('data', (chunk) => {
+      raw += chunk;
+    });
+    req.on('end', () => {
+      const url = decodeURIComponent(req.url ?? '');
+      const authorization = req.headers.authorization ?? '';
+      graphState.requests.push({ method: req.method ?? '', url, authorization, body: raw ? JSON.parse(raw) : null });
+      const send = (status: number, body: unknown) => {
+        res.writeHead(status, { 'Content-Type': 'application/json' });
+        res.end(JSON.stringify(body));
+      };
+      const error = (status: number, code: string, message: string) => send(status, { error: { code, message } });
+      if (authorization !== `Bearer ${FAKE_TOKEN}`) return error(401, 'InvalidAuthenticationToken', 'no token');
+      if (
+        req.method === 'GET' &&
+        url.startsWith("/v1.0/servicePrincipals?$filter=appId eq 'fc780465-2017-40d4-a0c5-307022471b92'")
+      ) {
+        if (!graphState.defenderPresent) return send(200, { value: [] });
+        const appRoles = [['Machine.Read.All', OTHER_ROLE_ID], ...Object.entries(ROLE_IDS)].map(([value, id]) => ({
+          value,
+          id,
+        }));
+        return send(200, { value: [{ id: DEFENDER_SP_ID, appId: 'fc780465-2017-40d4-a0c5-307022471b92', appRoles }] });
+      }
+      const assignments = `/v1.0/servicePrincipals/${PRINCIPAL_ID}/appRoleAssignments`;
+      if (req.method === 'GET' && url.startsWith(`${assignments}?`)) {
+        return send(200, {
+          value: [
+            ...graphState.assigned.map((appRoleId) => ({ appRoleId, resourceId: DEFENDER_SP_ID })),
+            // The same role id on another resource is not a grant of ours.
+            { appRoleId: ROLE_IDS['Software.Read.All'], resourceId: OTHER_RESOURCE_ID },
+          ],
+        });
+      }
+      if (req.method === 'POST' && url === assignments) {
+        if (graphState.postForbidden) {
+          return error(403, 'Authorization_RequestDenied', 'Insufficient privileges to complete the operation.');
+        }
+        return send(201, { id: 'new-assignment' });
+      }
+      if (req.method === 'GET' && url.startsWith(`/v1.0/servicePrincipals/${PRINCIPAL_ID}?`)) {
+        return send(200, { id: PRINCIPAL_ID, displayName: 'mdvm-test-identity' });
+      }
+      if (req.method === 'GET' && url.startsWith('/v1.0/servicePrincipals/')) {
+        return error(404, 'Request_ResourceNotFound', 'Resource does not exist.');
+      }
+      return error(400, 'fake-graph', `unexpected request ${req.method} ${url}`);
+    });
+  });
+}
 
 let dir: string;
 let fakeAz: string;
 let fakeAzd: string;
 let logFile: string;
+let server: Server;
+let graphEndpoint: string;
 
-beforeAll(() => {
+beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'mdvm-grant-'));
   fakeAz = join(dir, 'az');
   fakeAzd = join(dir, 'azd');
@@ -84,87 +121,98 @@ beforeAll(() => {
     `#!/usr/bin/env bash\n[ "$*" = "env get-value AZURE_MANAGED_IDENTITY_PRINCIPAL_ID" ] && echo "${PRINCIPAL_ID}"\n`,
   );
   chmodSync(fakeAzd, 0o755);
+  server = fakeGraph();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  graphEndpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
 });
 
-afterAll(() => {
+afterAll(async () => {
+  await new Promise((resolve) => server?.close(resolve));
   rmSync(dir, { recursive: true, force: true });
+});
+
+beforeEach(() => {
+  Object.assign(graphState, { defenderPresent: true, assigned: [], postForbidden: false, requests: [] });
 });
 
 interface Run {
   status: number | null;
   out: string;
-  calls: string[][];
+  azCalls: string[][];
+  graph: GraphState['requests'];
 }
 
-function run(args: string[], env: Record<string, string | undefined> = {}): Run {
+/** Runs the script as azd runs the hook, `node <script>`; asynchronously, so the fake Graph can answer. */
+async function run(args: string[], env: Record<string, string | undefined> = {}): Promise<Run> {
   writeFileSync(logFile, '');
   const base: Record<string, string | undefined> = { ...process.env };
   delete base.AZURE_MANAGED_IDENTITY_PRINCIPAL_ID;
-  delete base.GRAPH_ENDPOINT;
-  const result = spawnSync('bash', [script, ...args], {
-    encoding: 'utf8',
+  const child = spawn(process.execPath, [script, ...args], {
     env: {
       ...base,
       AZ: fakeAz,
       AZD: join(dir, 'no-azd-here'),
+      GRAPH_ENDPOINT: graphEndpoint,
       GRANT_RETRY_DELAY_SECONDS: '0',
       GRANT_LOOKUP_ATTEMPTS: '2',
       FAKE_AZ_LOG: logFile,
-      FAKE_GRAPH: 'https://graph.microsoft.com',
-      FAKE_PRINCIPAL_ID: PRINCIPAL_ID,
-      FAKE_DEFENDER_SP_ID: DEFENDER_SP_ID,
-      FAKE_ROLE_ROWS: [['Machine.Read.All', OTHER_ROLE_ID], ...Object.entries(ROLE_IDS)]
-        .map((row) => row.join('\t'))
-        .join('\n'),
+      FAKE_TOKEN,
       ...env,
     },
   });
-  const calls = readFileSync(logFile, 'utf8')
+  let out = '';
+  child.stdout.on('data', (chunk) => {
+    out += chunk;
+  });
+  child.stderr.on('data', (chunk) => {
+    out += chunk;
+  });
+  const status = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  const azCalls = readFileSync(logFile, 'utf8')
     .split('\n')
     .filter((line) => line !== '')
     .map((line) => line.split('\x1f').slice(0, -1));
-  return { status: result.status, out: `${result.stdout}${result.stderr}`, calls };
+  expect(out, 'the Graph token must never be printed').not.toContain(FAKE_TOKEN);
+  return { status, out, azCalls, graph: [...graphState.requests] };
 }
 
-const posts = (calls: string[][]) => calls.filter((args) => args.includes('POST'));
-const bodyOf = (args: string[]) => JSON.parse(args[args.indexOf('--body') + 1] ?? 'null');
+const posts = (graph: Run['graph']) => graph.filter((r) => r.method === 'POST');
 
-describe('infra/scripts/grant-defender-permissions.sh', () => {
-  it('is executable and prints help', () => {
+describe('infra/scripts/grant-defender-permissions.mjs', () => {
+  it('prints help and calls nothing', async () => {
     expect(existsSync(script)).toBe(true);
-    const { status, out, calls } = run(['--help']);
+    const { status, out, azCalls, graph } = await run(['--help']);
     expect(status).toBe(0);
-    expect(out).toMatch(/Usage: grant-defender-permissions\.sh \[--dry-run\] \[PRINCIPAL_ID\]/);
+    expect(out).toMatch(/Usage: grant-defender-permissions\.mjs \[--dry-run\] \[PRINCIPAL_ID\]/);
     expect(out).toContain('GRAPH_ENDPOINT');
-    expect(calls).toEqual([]);
+    expect(azCalls).toEqual([]);
+    expect(graph).toEqual([]);
   });
 
-  it('refuses to run without a principal id', () => {
-    const { status, out } = run([]);
-    expect(status).not.toBe(0);
+  it('refuses to run without a principal id', async () => {
+    const { status, out } = await run([]);
+    expect(status).toBe(1);
     expect(out).toMatch(/no managed identity principal id/);
     expect(out).toContain('AZURE_MANAGED_IDENTITY_PRINCIPAL_ID');
   });
 
-  it('refuses a principal id that is not a GUID', () => {
-    const { status, out } = run(['mdvm-identity']);
-    expect(status).not.toBe(0);
-    expect(out).toMatch(/not a GUID/);
+  it('refuses a principal id that is not a GUID, and an unknown option', async () => {
+    expect((await run(['mdvm-identity'])).out).toMatch(/not a GUID/);
+    const unknown = await run(['--force', PRINCIPAL_ID]);
+    expect(unknown.status).toBe(1);
+    expect(unknown.out).toMatch(/unknown option '--force'/);
   });
 
-  it('grants exactly the missing roles and skips the one already granted', () => {
-    const { status, out, calls } = run([], {
-      AZURE_MANAGED_IDENTITY_PRINCIPAL_ID: PRINCIPAL_ID,
-      FAKE_ASSIGNED: `${OTHER_ROLE_ID} ${ROLE_IDS['Vulnerability.Read.All']}`,
-    });
-    expect(out).not.toMatch(/fake az/);
-    expect(status).toBe(0);
-    const posted = posts(calls);
-    expect(posted).toHaveLength(2);
-    for (const args of posted) {
-      expect(args).toContain(`https://graph.microsoft.com/v1.0/servicePrincipals/${PRINCIPAL_ID}/appRoleAssignments`);
+  it('grants exactly the missing roles and skips the one already granted', async () => {
+    graphState.assigned = [OTHER_ROLE_ID, ROLE_IDS['Vulnerability.Read.All']];
+    const { status, out, graph } = await run([], { AZURE_MANAGED_IDENTITY_PRINCIPAL_ID: PRINCIPAL_ID });
+    expect(status, out).toBe(0);
+    const posted = posts(graph);
+    for (const request of posted) {
+      expect(request.url).toBe(`/v1.0/servicePrincipals/${PRINCIPAL_ID}/appRoleAssignments`);
     }
-    expect(posted.map(bodyOf)).toEqual([
+    // Software.Read.All is assigned only on another resource: it is still granted here.
+    expect(posted.map((r) => r.body)).toEqual([
       { principalId: PRINCIPAL_ID, resourceId: DEFENDER_SP_ID, appRoleId: ROLE_IDS['Software.Read.All'] },
       {
         principalId: PRINCIPAL_ID,
@@ -176,66 +224,85 @@ describe('infra/scripts/grant-defender-permissions.sh', () => {
     expect(out).toMatch(/Done: 2 granted, 1 already granted/);
   });
 
-  it('takes the principal id from azd when the environment has none, and uses GRAPH_ENDPOINT', () => {
-    const { status, calls } = run([], {
-      AZD: fakeAzd,
-      GRAPH_ENDPOINT: 'https://graph.microsoft.us/',
-      FAKE_GRAPH: 'https://graph.microsoft.us',
-    });
+  it('takes the principal id from azd when the environment has none, and asks az for a token for GRAPH_ENDPOINT', async () => {
+    const { status, azCalls, graph } = await run([], { AZD: fakeAzd, GRAPH_ENDPOINT: `${graphEndpoint}/` });
     expect(status).toBe(0);
-    const posted = posts(calls);
-    expect(posted).toHaveLength(3);
-    expect(posted.map((args) => bodyOf(args).principalId)).toEqual([PRINCIPAL_ID, PRINCIPAL_ID, PRINCIPAL_ID]);
-    expect(
-      calls.every((args) => args[0] !== 'rest' || args.some((a) => a.startsWith('https://graph.microsoft.us/'))),
-    ).toBe(true);
+    expect(posts(graph).map((r) => (r.body as { principalId: string }).principalId)).toEqual([
+      PRINCIPAL_ID,
+      PRINCIPAL_ID,
+      PRINCIPAL_ID,
+    ]);
+    const tokenCall = azCalls.find((args) => args[1] === 'get-access-token');
+    expect(tokenCall?.[tokenCall.indexOf('--resource') + 1]).toBe(graphEndpoint);
+    // The token goes to Graph in the Authorization header, on every call.
+    expect(graph.every((r) => r.authorization === `Bearer ${FAKE_TOKEN}`)).toBe(true);
   });
 
-  it('--dry-run posts nothing', () => {
-    const { status, out, calls } = run(['--dry-run', PRINCIPAL_ID]);
+  it('--dry-run posts nothing', async () => {
+    const { status, out, graph } = await run(['--dry-run', PRINCIPAL_ID]);
     expect(status).toBe(0);
-    expect(calls.length).toBeGreaterThan(0);
-    expect(posts(calls)).toEqual([]);
+    expect(graph.length).toBeGreaterThan(0);
+    expect(posts(graph)).toEqual([]);
     expect(out).toMatch(/would grant: +Vulnerability\.Read\.All/);
     expect(out).toMatch(/Dry run: 3 to grant, 0 already granted/);
   });
 
-  it('is a no-op when every role is already granted', () => {
-    const { status, out, calls } = run([PRINCIPAL_ID], { FAKE_ASSIGNED: Object.values(ROLE_IDS).join(' ') });
+  it('is a no-op when every role is already granted', async () => {
+    graphState.assigned = Object.values(ROLE_IDS);
+    const { status, out, graph } = await run([PRINCIPAL_ID]);
     expect(status).toBe(0);
-    expect(posts(calls)).toEqual([]);
+    expect(posts(graph)).toEqual([]);
     expect(out).toMatch(/Done: 0 granted, 3 already granted/);
   });
 
-  it('explains a tenant without Defender for Endpoint', () => {
-    const { status, out, calls } = run([PRINCIPAL_ID], { FAKE_DEFENDER: '0' });
-    expect(status).not.toBe(0);
+  it('explains a tenant without Defender for Endpoint', async () => {
+    graphState.defenderPresent = false;
+    const { status, out, graph } = await run([PRINCIPAL_ID]);
+    expect(status).toBe(1);
     expect(out).toMatch(/WindowsDefenderATP service principal .* is not in tenant/);
     expect(out).toMatch(/Defender for Endpoint/);
-    expect(posts(calls)).toEqual([]);
+    expect(posts(graph)).toEqual([]);
   });
 
-  it('explains a missing az sign-in', () => {
-    const { status, out } = run([PRINCIPAL_ID], { FAKE_LOGGED_IN: '0' });
-    expect(status).not.toBe(0);
+  it('explains a missing az sign-in', async () => {
+    const { status, out, graph } = await run([PRINCIPAL_ID], { FAKE_LOGGED_IN: '0' });
+    expect(status).toBe(1);
     expect(out).toMatch(/not signed in to the Azure CLI.*az login/);
+    expect(graph).toEqual([]);
   });
 
-  it('names the directory roles when Graph answers 403', () => {
-    const { status, out } = run([PRINCIPAL_ID], { FAKE_POST_FORBIDDEN: '1' });
-    expect(status).not.toBe(0);
+  it('explains a missing Azure CLI', async () => {
+    const { status, out } = await run([PRINCIPAL_ID], { AZ: join(dir, 'no-az-here') });
+    expect(status).toBe(1);
+    expect(out).toMatch(/Azure CLI .* is not installed or not on PATH/);
+  });
+
+  it('names the directory roles when Graph answers 403', async () => {
+    graphState.postForbidden = true;
+    const { status, out } = await run([PRINCIPAL_ID]);
+    expect(status).toBe(1);
     expect(out).toMatch(/insufficient privileges/);
     expect(out).toMatch(/Privileged Role\s+Administrator/);
     expect(out).toMatch(/Cloud Application Administrator/);
     expect(out).toMatch(/AppRoleAssignment\.ReadWrite\.All/);
   });
 
-  it('explains an unknown principal id (e.g. a client id passed instead)', () => {
-    const { status, out, calls } = run(['99999999-2222-4333-8444-555555555555']);
-    expect(status).not.toBe(0);
+  it('explains an unknown principal id (e.g. a client id passed instead), after retrying', async () => {
+    const other = '99999999-2222-4333-8444-555555555555';
+    const { status, out, graph } = await run([other]);
+    expect(status).toBe(1);
+    expect(out).toMatch(/not found yet \(attempt 1\/2\)/);
     expect(out).toMatch(/no service principal with object id 99999999-/);
     expect(out).toMatch(/not its client id/);
-    expect(posts(calls)).toEqual([]);
+    expect(graph.filter((r) => r.url.startsWith(`/v1.0/servicePrincipals/${other}?`))).toHaveLength(2);
+    expect(posts(graph)).toEqual([]);
+  });
+
+  it('sends the token to no plain-http Graph endpoint but loopback', async () => {
+    const { status, out, azCalls } = await run([PRINCIPAL_ID], { GRAPH_ENDPOINT: 'http://graph.example.com' });
+    expect(status).toBe(1);
+    expect(out).toMatch(/GRAPH_ENDPOINT must be https/);
+    expect(azCalls).toEqual([]);
   });
 });
 

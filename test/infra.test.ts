@@ -1,9 +1,25 @@
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import ignore from 'ignore';
 import { afterEach, describe, expect, it } from 'vitest';
+import { parse } from 'yaml';
 import { AZURE_REQUIRED_SETTINGS, HOST_SETTING_NAMES, SETTING_NAMES } from '../src/core/config.js';
+import { STAGING_FOLDER } from '../src/deploy/functionPackage.js';
 import { checkBicep } from './infra/bicepCheck.js';
+
+interface HookVariant {
+  shell?: string;
+  run: string;
+}
+interface Hook {
+  posix?: HookVariant;
+  windows?: HookVariant;
+}
+interface AzureYaml {
+  hooks: Record<string, Hook>;
+  services: { api: { hooks: Record<string, Hook> } };
+}
 
 const infra = new URL('../infra', import.meta.url).pathname;
 const copies: string[] = [];
@@ -131,14 +147,44 @@ describe('infrastructure (offline Bicep checks)', () => {
     }
   });
 
-  it('azure.yaml and the parameters file follow azd conventions', () => {
-    const yaml = readFileSync(new URL('../azure.yaml', import.meta.url), 'utf8');
-    expect(yaml).toMatch(/^name: mdvm-ingest$/m);
-    expect(yaml).toMatch(/host: function/);
-    expect(yaml).toMatch(/language: (ts|js)/);
-    const hook = yaml.match(/run: (\S+)/)?.[1];
-    expect(hook).toBe('./infra/scripts/grant-defender-permissions.sh');
-    expect(readFileSync(new URL(`../${hook}`, import.meta.url), 'utf8')).toMatch(/^#!/);
+  it('azure.yaml follows azd conventions and deploys the package npm run package makes', () => {
+    const azure = parse(readFileSync(new URL('../azure.yaml', import.meta.url), 'utf8'));
+    expect(azure.name).toBe('mdvm-ingest');
+    const api = azure.services.api;
+    expect(api).toMatchObject({ project: '.', language: 'ts', host: 'function', remoteBuild: false });
+    // azd zips the dist folder as it is: the staging folder of `npm run package`.
+    expect(api.dist).toBe(`build/${STAGING_FOLDER}`);
+    // azd rejects `remoteBuild: false` when the project's .funcignore excludes node_modules (azure-dev
+    // resolveFunctionAppRemoteBuild), and it reads that file with gitignore rules.
+    const funcignore = ignore().add(readFileSync(new URL('../.funcignore', import.meta.url), 'utf8'));
+    expect(funcignore.ignores('node_modules/')).toBe(false);
+    expect(funcignore.ignores('src/')).toBe(true);
+    expect(funcignore.ignores('dist/src/functions/index.js')).toBe(false);
+  });
+
+  // azd runs a hook's `posix` or `windows` variant for the operator's OS, and refuses a hook that has no `run`
+  // for it: every hook has both, and each runs something that exists in the repository.
+  it.each([
+    ['postprovision', (azure: AzureYaml) => azure.hooks.postprovision],
+    ['service prepackage', (azure: AzureYaml) => azure.services.api.hooks.prepackage],
+  ])('the %s hook runs on Linux, macOS and Windows', (_name, hookOf) => {
+    const azure = parse(readFileSync(new URL('../azure.yaml', import.meta.url), 'utf8')) as AzureYaml;
+    const hook = hookOf(azure) ?? {};
+    expect(hook.posix?.run).toBeTruthy();
+    expect(hook.windows?.run).toBeTruthy();
+    expect(hook.windows?.shell).toBe('pwsh');
+    for (const variant of [hook.posix, hook.windows]) {
+      const words = variant?.run.split(/\s+/) ?? [];
+      if (words[0] === 'node') expect(existsSync(new URL(`../${words[1]}`, import.meta.url)), words[1]).toBe(true);
+      else expect(words.slice(0, 2)).toEqual(['npm', 'run']);
+      if (words[0] === 'npm') {
+        const scripts = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).scripts;
+        expect(scripts[words[2] ?? '']).toBeTruthy();
+      }
+    }
+  });
+
+  it('the parameters file fills what azd knows', () => {
     const parameters = JSON.parse(readFileSync(new URL('../infra/main.parameters.json', import.meta.url), 'utf8'));
     expect(parameters.parameters).toMatchObject({
       environmentName: { value: '${AZURE_ENV_NAME}' },
