@@ -9,8 +9,44 @@ targetScope = 'subscription'
 @maxLength(64)
 param environmentName string
 
-@description('Azure region of every resource; it must offer the Flex Consumption plan.')
-@minLength(1)
+// The regions that offered the Flex Consumption plan when this was written (the list the Azure-Samples Flex
+// Consumption azd templates use, less the canary region). azd offers only these; a region outside the list fails
+// before anything is created. To check a region today: az functionapp list-flexconsumption-locations -o table.
+// A region Azure has added since can be added here (infra/README.md, "Choose the region").
+@description('Azure region of every resource. It must offer the Flex Consumption plan: az functionapp list-flexconsumption-locations -o table.')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
 @metadata({
   azd: {
     type: 'location'
@@ -18,8 +54,16 @@ param environmentName string
 })
 param location string
 
-@description('Optional principal (object) id of the user running azd (AZURE_PRINCIPAL_ID); it gets Storage Blob Data Reader on the landing account. Empty: none.')
+@description('Optional principal (object) id of the user running azd (AZURE_PRINCIPAL_ID); it gets Storage Blob Data Reader on the landing container. Empty: none.')
 param principalId string = ''
+
+@description('Kind of principal principalId is (AZURE_PRINCIPAL_TYPE): User when a person runs azd, ServicePrincipal in a pipeline.')
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param principalType string = 'User'
 
 @description('Memory of each Function App instance in MB: 512, 2048 or 4096.')
 @allowed([
@@ -72,6 +116,14 @@ param sasValidHours int = 6
 ])
 param copyMode string = 'server'
 
+@description('E-mail address that receives the alerts (poison queue, function failures, late snapshot). Empty: the alert rules fire into the Azure portal only.')
+param alertEmail string = ''
+
+@description('Hours after a snapshot\'s generatedTime by which it must be complete; a snapshot still incomplete then raises an alert.')
+@minValue(1)
+@maxValue(40)
+param snapshotCompleteWithinHours int = 6
+
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
   'azd-env-name': environmentName
@@ -89,6 +141,8 @@ var names = {
   runtimeStorage: 'stfn${resourceToken}'
   landingStorage: 'stld${resourceToken}'
   deploymentContainer: 'app-package-${resourceToken}'
+  alertPrefix: 'alert-${resourceToken}'
+  actionGroup: 'ag-${resourceToken}'
 }
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
@@ -128,6 +182,7 @@ module runtimeStorage 'modules/runtime-storage.bicep' = {
     tags: tags
     deploymentContainerName: names.deploymentContainer
     identityPrincipalId: identity.outputs.IDENTITY_PRINCIPAL_ID
+    logAnalyticsWorkspaceId: monitoring.outputs.LOG_ANALYTICS_ID
   }
 }
 
@@ -144,6 +199,8 @@ module landingStorage 'modules/landing-storage.bicep' = {
     enableEventGrid: enableEventGrid
     identityPrincipalId: identity.outputs.IDENTITY_PRINCIPAL_ID
     readerPrincipalId: principalId
+    readerPrincipalType: principalType
+    logAnalyticsWorkspaceId: monitoring.outputs.LOG_ANALYTICS_ID
   }
 }
 
@@ -173,6 +230,21 @@ module functionApp 'modules/function-app.bicep' = {
     schedule: schedule
     sasValidHours: sasValidHours
     copyMode: copyMode
+  }
+}
+
+module alerts 'modules/alerts.bicep' = {
+  name: 'alerts'
+  scope: rg
+  params: {
+    namePrefix: names.alertPrefix
+    actionGroupName: names.actionGroup
+    location: location
+    tags: tags
+    logAnalyticsWorkspaceId: monitoring.outputs.LOG_ANALYTICS_ID
+    poisonQueueName: runtimeStorage.outputs.POISON_QUEUE_NAME
+    alertEmail: alertEmail
+    snapshotCompleteWithinHours: snapshotCompleteWithinHours
   }
 }
 

@@ -42,8 +42,19 @@ param snapshotsReadyQueueName string = 'mdvm-snapshots-ready'
 @description('Principal (object) id of the Function App\'s managed identity; it gets Storage Blob Data Contributor on the landing container.')
 param identityPrincipalId string
 
-@description('Optional principal (object) id of a user, e.g. the one running azd, who gets Storage Blob Data Reader on the landing account. Empty: none.')
+@description('Optional principal (object) id of a user, e.g. the one running azd, who gets Storage Blob Data Reader on the landing container. Empty: none.')
 param readerPrincipalId string = ''
+
+@description('Kind of principal readerPrincipalId is.')
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param readerPrincipalType string = 'User'
+
+@description('Resource id of the Log Analytics workspace that receives the landing container\'s blob read, write and delete logs (the audit trail of who read or changed landed data).')
+param logAnalyticsWorkspaceId string
 
 // Built-in roles.
 var storageBlobDataContributorRoleId = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
@@ -145,12 +156,38 @@ resource blobDataContributor 'Microsoft.Authorization/roleAssignments@2022-04-01
   }
 }
 
+// Whoever looks at the landed data reads this one container, nothing else in the account.
 resource blobDataReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(readerPrincipalId)) {
-  name: guid(storage.id, readerPrincipalId, storageBlobDataReaderRoleId)
-  scope: storage
+  name: guid(container.id, readerPrincipalId, storageBlobDataReaderRoleId)
+  scope: container
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataReaderRoleId)
     principalId: readerPrincipalId
+    principalType: readerPrincipalType
+  }
+}
+
+// Audit trail: every read, write and delete of landed blobs (who, when, from where) in Log Analytics, table
+// StorageBlobLogs. Downstream readers' access shows here as much as the app's own writes.
+resource blobAuditLogs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'landing-blob-audit'
+  scope: blobService
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        category: 'StorageRead'
+        enabled: true
+      }
+      {
+        category: 'StorageWrite'
+        enabled: true
+      }
+      {
+        category: 'StorageDelete'
+        enabled: true
+      }
+    ]
   }
 }
 

@@ -36,6 +36,9 @@ param partsTableName string = 'parts'
 @description('Principal (object) id of the Function App\'s managed identity; it gets the data roles below.')
 param identityPrincipalId string
 
+@description('Resource id of the Log Analytics workspace that receives the queue logs (table StorageQueueLogs): every message put on, read from and deleted from the parts queue and its poison queue.')
+param logAnalyticsWorkspaceId string
+
 // Built-in roles.
 var storageBlobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
 var storageQueueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
@@ -95,6 +98,29 @@ resource queues 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-
     name: queueName
   }
 ]
+
+// Queue logs: what was enqueued, retried and dead-lettered, and by whom. The poison-queue alert reads them.
+resource queueLogs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'runtime-queue-logs'
+  scope: queueService
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        category: 'StorageRead'
+        enabled: true
+      }
+      {
+        category: 'StorageWrite'
+        enabled: true
+      }
+      {
+        category: 'StorageDelete'
+        enabled: true
+      }
+    ]
+  }
+}
 
 resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
   parent: storage

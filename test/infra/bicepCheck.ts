@@ -1,6 +1,6 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { join, relative } from 'node:path';
+import { dirname, join, relative, sep } from 'node:path';
 import { Language, type Node, Parser } from 'web-tree-sitter';
 import {
   AZURE_REQUIRED_SETTINGS,
@@ -103,6 +103,38 @@ function hasDescription(decorators: Node | undefined): boolean {
   return named(decorators).some((d) => /^@\s*(sys\.)?description\s*\(/.test(d.text));
 }
 
+/**
+ * Diagnostic settings the deployment must have: which module, on which storage service, and why. Each must send
+ * the read, write and delete logs to a Log Analytics workspace.
+ */
+export const REQUIRED_DIAGNOSTICS = [
+  { file: 'modules/landing-storage.bicep', service: 'blobServices', why: 'the audit trail of the landed data' },
+  { file: 'modules/runtime-storage.bicep', service: 'queueServices', why: 'the poison-queue alert reads it' },
+] as const;
+const STORAGE_LOG_CATEGORIES = ['StorageRead', 'StorageWrite', 'StorageDelete'];
+
+/** Alert rules the deployment must have: the suffix of the rule name and what its query must read. */
+export const REQUIRED_ALERTS = [
+  { suffix: '-poison', query: /StorageQueueLogs[\s\S]*PutMessage/, what: 'messages on the poison queue' },
+  { suffix: '-function-failures', query: /AppRequests[\s\S]*Success == false/, what: 'function failures' },
+  { suffix: '-snapshot-late', query: /mdvm\.snapshot[\s\S]*generatedTime/, what: 'a snapshot not complete in time' },
+] as const;
+
+interface DiagnosticSetting {
+  readonly file: string;
+  readonly line: number;
+  readonly scopeType: string;
+  readonly enabled: ReadonlySet<string>;
+  readonly hasWorkspace: boolean;
+}
+
+interface AlertRule {
+  readonly file: string;
+  readonly line: number;
+  readonly name: string;
+  readonly query: string;
+}
+
 const SECRET_NAME = /(key|secret|password|connectionstring|sas|token)/i;
 const SECRET_CALL = /\blist(Keys|AccountSas|ServiceSas|ConnectionStrings|Secrets)\s*\(/;
 
@@ -112,6 +144,9 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
   const appSettings = new Map<string, string>();
   const files = bicepFiles(infraDir);
   let nodeRuntime = 0;
+  const diagnostics: DiagnosticSetting[] = [];
+  const alerts: AlertRule[] = [];
+  const modulesUsed = new Set<string>();
 
   for (const path of files) {
     const file = relative(infraDir, path);
@@ -129,6 +164,19 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
     }
 
     const top = named(tree.rootNode);
+    // Symbols of this file: resource name → type, variable name → its value's text.
+    const resourceTypes = new Map<string, string>();
+    const variables = new Map<string, string>();
+    for (const node of top) {
+      const [symbol, second] = named(node);
+      if (node.type === 'resource_declaration' && symbol) resourceTypes.set(symbol.text, keyText(second));
+      if (node.type === 'variable_declaration' && symbol) variables.set(symbol.text, named(node).at(-1)?.text ?? '');
+      if (node.type === 'module_declaration') {
+        const path = keyText(named(node).find((c) => c.type === 'string'));
+        modulesUsed.add(join(dirname(file), path).split(sep).join('/'));
+      }
+    }
+
     top.forEach((node, i) => {
       const before = top[i - 1];
       if (node.type === 'parameter_declaration' && !hasDescription(before)) {
@@ -178,6 +226,16 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
         if (!(name?.type === 'call_expression' && /^guid\s*\(/.test(name.text))) {
           add(name ?? n, 'role-guid', 'role assignment name must be guid(...)');
         }
+        // Without principalType ARM looks the principal up in Entra, which fails for one created a moment ago.
+        if (!property(props, 'principalType')) add(n, 'principal-type', 'role assignment must set principalType');
+        const scopeType = resourceTypes.get(property(body, 'scope')?.text ?? '') ?? '';
+        if (file === 'modules/landing-storage.bicep' && /^Microsoft\.Storage\/storageAccounts@/.test(scopeType)) {
+          add(
+            property(body, 'scope') ?? n,
+            'landing-scope',
+            'roles on landed data are granted on the landing container, not the account',
+          );
+        }
       }
       if (/^Microsoft\.Insights\/components@/i.test(type) && property(props, 'DisableLocalAuth')?.text !== 'true') {
         if (property(props, 'disableLocalAuth')?.text !== 'true') {
@@ -192,6 +250,38 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
           }
         }
       }
+      if (/^Microsoft\.Insights\/diagnosticSettings@/.test(type)) {
+        const enabled = new Set<string>();
+        const logs = property(props, 'logs');
+        for (const entry of logs ? named(logs).filter((c) => c.type === 'object') : []) {
+          if (property(entry, 'enabled')?.text === 'true') enabled.add(keyText(property(entry, 'category')));
+        }
+        diagnostics.push({
+          file,
+          line: n.startPosition.row + 1,
+          scopeType: resourceTypes.get(property(body, 'scope')?.text ?? '') ?? '',
+          enabled,
+          hasWorkspace: property(props, 'workspaceId') !== undefined,
+        });
+      }
+      if (/^Microsoft\.Insights\/scheduledQueryRules@/.test(type)) {
+        const line = n.startPosition.row + 1;
+        const name = property(body, 'name')?.text ?? '';
+        const condition = property(property(props, 'criteria'), 'allOf');
+        const first = condition ? named(condition).find((c) => c.type === 'object') : undefined;
+        const queryNode = property(first, 'query');
+        const query = variables.get(queryNode?.text ?? '') ?? queryNode?.text ?? '';
+        alerts.push({ file, line, name, query });
+        if (property(props, 'enabled')?.text !== 'true') {
+          add(property(props, 'enabled') ?? n, 'alert-disabled', `alert rule ${name} must set enabled: true`);
+        }
+        for (const key of ['severity', 'evaluationFrequency', 'windowSize', 'scopes', 'actions']) {
+          if (!property(props, key)) add(n, 'alert-shape', `alert rule ${name} has no ${key}`);
+        }
+        if (!query || property(first, 'threshold') === undefined || property(first, 'operator') === undefined) {
+          add(n, 'alert-shape', `alert rule ${name} needs a criteria.allOf query, operator and threshold`);
+        }
+      }
       const siteConfigSettings = property(property(props, 'siteConfig'), 'appSettings');
       if (siteConfigSettings) add(n, 'app-settings-shape', 'set app settings in a sites/config appsettings resource');
     });
@@ -201,7 +291,13 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
     problems.push({ file: '(all)', line: 0, rule: 'node-22', message: "no runtime { name: 'node', version: '22' }" });
   }
   problems.push(...checkAppSettings(appSettings));
-  return { problems, files: files.map((f) => relative(infraDir, f)), appSettings };
+  const relativeFiles = files.map((f) => relative(infraDir, f).split(sep).join('/'));
+  problems.push(...checkDiagnostics(relativeFiles, diagnostics), ...checkAlerts(relativeFiles, alerts));
+  for (const file of relativeFiles.filter((f) => f.startsWith('modules/'))) {
+    if (!modulesUsed.has(file))
+      problems.push({ file, line: 1, rule: 'module-unused', message: `${file} is never deployed` });
+  }
+  return { problems, files: relativeFiles, appSettings };
 }
 
 /** The Bicep's app settings against the settings the code (and the host) read. */
@@ -227,6 +323,63 @@ export function checkAppSettings(appSettings: ReadonlyMap<string, string>): Prob
       problem('local-setting', 'MDVM_ALLOW_LOOPBACK is for the local profile only');
     } else if (!readByCode.has(name)) {
       problem('unknown-setting', `app setting ${name} is never read by the code or the host`);
+    }
+  }
+  return problems;
+}
+
+function checkDiagnostics(files: readonly string[], diagnostics: readonly DiagnosticSetting[]): Problem[] {
+  const problems: Problem[] = [];
+  for (const required of REQUIRED_DIAGNOSTICS) {
+    if (!files.includes(required.file)) continue;
+    const candidates = diagnostics.filter(
+      (d) =>
+        d.file === required.file && d.scopeType.startsWith(`Microsoft.Storage/storageAccounts/${required.service}@`),
+    );
+    if (candidates.length === 0) {
+      problems.push({
+        file: required.file,
+        line: 1,
+        rule: 'diagnostics',
+        message: `no diagnostic setting on ${required.service} (${required.why})`,
+      });
+    }
+    for (const d of candidates) {
+      const missing = STORAGE_LOG_CATEGORIES.filter((c) => !d.enabled.has(c));
+      if (missing.length > 0 || !d.hasWorkspace) {
+        problems.push({
+          file: d.file,
+          line: d.line,
+          rule: 'diagnostics',
+          message: `the ${required.service} diagnostic setting must send ${STORAGE_LOG_CATEGORIES.join(', ')} to a workspace (${required.why}); ${missing.length > 0 ? `not enabled: ${missing.join(', ')}` : 'no workspaceId'}`,
+        });
+      }
+    }
+  }
+  return problems;
+}
+
+function checkAlerts(files: readonly string[], alerts: readonly AlertRule[]): Problem[] {
+  if (!files.includes('modules/alerts.bicep')) {
+    return [{ file: '(all)', line: 0, rule: 'alert-missing', message: 'no modules/alerts.bicep' }];
+  }
+  const problems: Problem[] = [];
+  for (const required of REQUIRED_ALERTS) {
+    const rule = alerts.find((a) => a.name.includes(`${required.suffix}'`));
+    if (!rule) {
+      problems.push({
+        file: 'modules/alerts.bicep',
+        line: 1,
+        rule: 'alert-missing',
+        message: `no alert rule named *${required.suffix} (${required.what})`,
+      });
+    } else if (!required.query.test(rule.query)) {
+      problems.push({
+        file: rule.file,
+        line: rule.line,
+        rule: 'alert-query',
+        message: `alert rule *${required.suffix} does not query ${required.what} (${required.query})`,
+      });
     }
   }
   return problems;
