@@ -339,3 +339,66 @@ describe('GitHub workflows', () => {
     }
   });
 });
+
+describe('infra/scripts/wait-for-role-propagation.mjs', () => {
+  const waitScript = join(root, 'infra/scripts/wait-for-role-propagation.mjs');
+  let azDir: string;
+  let roleAz: string;
+
+  beforeAll(() => {
+    azDir = mkdtempSync(join(tmpdir(), 'mdvm-roles-'));
+    roleAz = join(azDir, 'az');
+    // Answers `az role assignment list --assignee <id> --all ... -o json` from FAKE_ASSIGNMENTS; fails otherwise.
+    writeFileSync(
+      roleAz,
+      `#!/usr/bin/env bash\n[ "$1 $2 $3 $4 $5 $6" = "role assignment list --assignee ${PRINCIPAL_ID} --all" ] || { echo "az: unexpected $*" >&2; exit 2; }\n[ "\${FAKE_SIGNED_IN:-1}" = 1 ] || { echo "Please run 'az login'" >&2; exit 1; }\nprintf '%s' "$FAKE_ASSIGNMENTS"\n`,
+    );
+    chmodSync(roleAz, 0o755);
+  });
+  afterAll(() => rmSync(azDir, { recursive: true, force: true }));
+
+  async function wait(env: Record<string, string>): Promise<{ status: number | null; out: string }> {
+    const child = spawn(process.execPath, [waitScript], {
+      env: { PATH: process.env.PATH ?? '', AZ: roleAz, AZURE_MANAGED_IDENTITY_PRINCIPAL_ID: PRINCIPAL_ID, ...env },
+    });
+    let out = '';
+    child.stdout.on('data', (c) => {
+      out += c;
+    });
+    child.stderr.on('data', (c) => {
+      out += c;
+    });
+    const status = await new Promise<number | null>((resolve) => child.on('close', resolve));
+    return { status, out };
+  }
+  const assignmentsCreated = (...agesInSeconds: number[]) =>
+    JSON.stringify(agesInSeconds.map((age) => ({ createdOn: new Date(Date.now() - age * 1000).toISOString() })));
+
+  it('does not wait when the newest role assignment is older than the propagation time', async () => {
+    const { status, out } = await wait({ FAKE_ASSIGNMENTS: assignmentsCreated(3600, 900) });
+    expect(status).toBe(0);
+    expect(out).toMatch(/older than 300s: not waiting/);
+  });
+
+  it('waits out the rest of the propagation time after a fresh assignment, then lets the deployment go on', async () => {
+    const { status, out } = await wait({
+      FAKE_ASSIGNMENTS: assignmentsCreated(3600, 1),
+      ROLE_PROPAGATION_SECONDS: '2',
+    });
+    expect(status).toBe(0);
+    expect(out).toMatch(/waiting [12]s for them to take effect/);
+    expect(out.trim().split('\n').at(-1)).toBe('role propagation: done');
+  });
+
+  it('never fails the deployment when it cannot tell: az not signed in, no identity yet, or switched off', async () => {
+    const signedOut = await wait({ FAKE_SIGNED_IN: '0', FAKE_ASSIGNMENTS: '[]' });
+    expect(signedOut.status).toBe(0);
+    expect(signedOut.out).toMatch(/could not list .* run `azd deploy` again in a few minutes/);
+    const noIdentity = await wait({ AZURE_MANAGED_IDENTITY_PRINCIPAL_ID: '', FAKE_ASSIGNMENTS: '[]' });
+    expect(noIdentity.status).toBe(0);
+    expect(noIdentity.out).toMatch(/AZURE_MANAGED_IDENTITY_PRINCIPAL_ID is not set/);
+    const off = await wait({ ROLE_PROPAGATION_SECONDS: '0', FAKE_ASSIGNMENTS: assignmentsCreated(1) });
+    expect(off.out).toMatch(/not waiting/);
+    expect(off.out).not.toMatch(/waiting \d+s/);
+  });
+});

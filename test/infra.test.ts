@@ -240,6 +240,7 @@ describe('infrastructure (offline Bicep checks)', () => {
   it.each([
     ['postprovision', (azure: AzureYaml) => azure.hooks.postprovision],
     ['service prepackage', (azure: AzureYaml) => azure.services.api.hooks.prepackage],
+    ['service predeploy', (azure: AzureYaml) => azure.services.api.hooks.predeploy],
   ])('the %s hook runs on Linux, macOS and Windows', (_name, hookOf) => {
     const azure = parse(readFileSync(new URL('../azure.yaml', import.meta.url), 'utf8')) as AzureYaml;
     const hook = hookOf(azure) ?? {};
