@@ -6,8 +6,10 @@ import { fileURLToPath } from 'node:url';
 import { unzipSync } from 'fflate';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EXPORT_IDS } from '../src/core/catalog.js';
+import { loadConfig } from '../src/core/config.js';
+import { createRuntime } from '../src/core/runtime.js';
 import { buildFunctionPackage, PackageError, ZIP_NAME } from '../src/deploy/functionPackage.js';
-import { COPY_FUNCTION_NAME, QUEUE_CONNECTION, timerFunctionName } from '../src/functions/register.js';
+import { COPY_FUNCTION_NAME, functionSpecs, QUEUE_CONNECTION, timerFunctionName } from '../src/functions/specs.js';
 import { exampleAppSettings } from './infra/bicepSettings.js';
 
 /**
@@ -126,6 +128,22 @@ describe('the deployment package (npm run package)', () => {
     // ...and the queue it listens on is the one the runtime storage module creates.
     const runtimeStorage = readFileSync(join(infra, 'modules/runtime-storage.bicep'), 'utf8');
     expect(runtimeStorage).toContain(`param partsQueueName string = '${settings.MDVM_PARTS_QUEUE}'`);
+  });
+
+  it('registers exactly the function specs the in-process host drives (mdvm-ingest run, npm start, the tests)', () => {
+    const report = loadLikeWorker(packageDir, settings);
+    const registered = (report.functions ?? []).map((f) => {
+      const { type, schedule, runOnStartup, useMonitor, queueName, connection } = Object.values(f.bindings)[0] ?? {};
+      const trigger = type === 'timerTrigger' ? { schedule, runOnStartup, useMonitor } : { queueName, connection };
+      return { name: f.name, kind: type === 'timerTrigger' ? 'timer' : 'storageQueue', trigger };
+    });
+    const config = loadConfig(settings);
+    const specs = functionSpecs(config, createRuntime(config)).map(({ name, kind, trigger }) => ({
+      name,
+      kind,
+      trigger,
+    }));
+    expect(registered).toEqual(specs);
   });
 
   it('a wrong setting in the deployed app stops it with the setting named and registers nothing', () => {

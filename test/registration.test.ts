@@ -1,9 +1,8 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EXPORT_IDS } from '../src/core/catalog.js';
-import { ConfigError, SETTING_NAMES } from '../src/core/config.js';
+import { ConfigError, loadConfig, SETTING_NAMES } from '../src/core/config.js';
 import { MAX_DEQUEUE_COUNT } from '../src/core/landPart.js';
-import { installFunctionsHostCapture, registeredFunctions, resetRegistrations } from '../src/local/functionsHost.js';
 import { createApp, type Stack, startStack } from './helpers/stack.js';
 
 let stack: Stack;
@@ -14,61 +13,47 @@ afterAll(async () => {
   await stack?.stop();
 });
 
-describe('what the app registers with the Functions host', () => {
+const stackSettings = () => ({
+  AzureWebJobsStorage: stack.azurite.customer.connectionString,
+  MDVM_LANDING_CONNECTION_STRING: stack.azurite.customer.connectionString,
+});
+
+describe('what the app declares for the Functions host', () => {
   it('one timer per enabled export type and one queue trigger, with the configured names', async () => {
     const app = await createApp(stack, {
       MDVM_EXPORTS: 'certificates,software-vulnerabilities',
       MDVM_SCHEDULE: '0 23 */2 * * *',
     });
-    const registered = app.runner.register();
-    expect([...registered.keys()].sort()).toEqual([
+    const functions = app.runner.functions;
+    expect(functions.map((f) => f.name).sort()).toEqual([
       'copy-part',
       'export-certificates',
       'export-software-vulnerabilities',
     ]);
     for (const id of ['certificates', 'software-vulnerabilities']) {
-      expect(registered.get(`export-${id}`)?.trigger).toMatchObject({
-        type: 'timerTrigger',
-        schedule: '0 23 */2 * * *',
-        runOnStartup: false,
-        useMonitor: true,
+      expect(functions.find((f) => f.name === `export-${id}`)).toMatchObject({
+        kind: 'timer',
+        exportId: id,
+        trigger: { schedule: '0 23 */2 * * *', runOnStartup: false, useMonitor: true },
       });
     }
-    const copy = registered.get('copy-part');
-    expect(copy?.trigger).toMatchObject({
-      type: 'queueTrigger',
-      queueName: `parts-${app.suffix}`,
-      connection: 'AzureWebJobsStorage',
-      direction: 'in',
+    expect(functions.find((f) => f.name === 'copy-part')).toMatchObject({
+      kind: 'storageQueue',
+      trigger: { queueName: `parts-${app.suffix}`, connection: 'AzureWebJobsStorage' },
     });
-    // No output bindings: the handlers write through the SDK clients.
-    expect(copy?.bindings).toHaveLength(1);
   });
 
-  it('registers all nine timers by default', async () => {
+  it('declares all nine timers by default', async () => {
     const app = await createApp(stack);
-    const names = [...app.runner.register().keys()];
+    const names = app.runner.functions.map((f) => f.name);
     expect(names.filter((n) => n.startsWith('export-')).sort()).toEqual(EXPORT_IDS.map((id) => `export-${id}`).sort());
   });
 
-  it('the host entry point refuses to start on a wrong setting and names it', async () => {
-    installFunctionsHostCapture();
-    resetRegistrations();
-    const saved = { ...process.env };
-    try {
-      process.env.AzureWebJobsStorage = 'UseDevelopmentStorage=true';
-      process.env.MDVM_LANDING_CONNECTION_STRING = 'UseDevelopmentStorage=true';
-      process.env.MDVM_COPY_MODE = 'teleport';
-      const failure = await import('../src/functions/index.js').then(
-        () => undefined,
-        (error: unknown) => error,
-      );
-      expect(failure).toBeInstanceOf(ConfigError);
-      expect((failure as Error).message).toMatch(/MDVM_COPY_MODE: expected "server" or "stream" \(got 'teleport'\)/);
-      expect(registeredFunctions().size).toBe(0);
-    } finally {
-      process.env = saved;
-    }
+  it('a wrong setting stops the app before anything is declared, naming the setting', () => {
+    expect(() => loadConfig({ ...stackSettings(), MDVM_COPY_MODE: 'teleport' })).toThrow(ConfigError);
+    expect(() => loadConfig({ ...stackSettings(), MDVM_COPY_MODE: 'teleport' })).toThrow(
+      /MDVM_COPY_MODE: expected "server" or "stream" \(got 'teleport'\)/,
+    );
   });
 
   it('host.json sets the queue trigger deliberately and agrees with the code', () => {

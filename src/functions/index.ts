@@ -4,7 +4,8 @@
  */
 import { loadConfig } from '../core/config.js';
 import { createRuntime } from '../core/runtime.js';
-import { registerFunctions } from './register.js';
+import { registerWithHost } from './register.js';
+import { functionSpecs } from './specs.js';
 
 const config = loadConfig(process.env);
-registerFunctions(config, createRuntime(config));
+registerWithHost(functionSpecs(config, createRuntime(config)));

@@ -2,7 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { ExportId } from '../core/catalog.js';
 import type { Runtime } from '../core/runtime.js';
 import type { TelemetryEvent } from '../core/telemetry.js';
-import { LocalRunner } from '../local/runner.js';
+import { InProcessHost } from '../host/inProcessHost.js';
 import { type ExportSummary, summarize } from './summary.js';
 
 export interface RunOptions {
@@ -52,7 +52,7 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
   const tickOutcome = new Map<string, string>();
   const tickReason = new Map<string, string>();
   const throughput = new Map<string, number>();
-  const runner = new LocalRunner(runtime, {
+  const runner = new InProcessHost(runtime, {
     workers: options.workers,
     ...(options.onLog ? { onLog: options.onLog } : {}),
     onTelemetry: (event) => {
@@ -70,7 +70,6 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
       options.onEvent?.(event);
     },
   });
-  runner.register();
 
   const ticks = await runner.tick(options.exports);
   const tickErrors = new Map(ticks.filter((t) => t.error).map((t) => [t.exportId, t.error ?? '']));

@@ -6,8 +6,8 @@ import type { PartCopier } from '../../src/core/copier.js';
 import { createRuntime, type Runtime } from '../../src/core/runtime.js';
 import { ensureStorage } from '../../src/core/storage.js';
 import type { TelemetryEvent } from '../../src/core/telemetry.js';
+import { InProcessHost } from '../../src/host/inProcessHost.js';
 import { type LocalAzurite, startAzurite } from '../../src/local/azurite.js';
-import { LocalRunner } from '../../src/local/runner.js';
 import { DefenderSimulator } from '../../src/simulator/simulator.js';
 
 /** One Azurite + one simulator per test file; each test gets its own queue, tables and container. */
@@ -34,7 +34,7 @@ export async function startStack(): Promise<Stack> {
 
 export interface TestApp {
   readonly runtime: Runtime;
-  readonly runner: LocalRunner;
+  readonly runner: InProcessHost;
   /** Every line the handlers logged (level + text). */
   readonly logs: { level: string; line: string }[];
   readonly events: TelemetryEvent[];
@@ -79,13 +79,12 @@ export async function createApp(
   await ensureStorage(runtime.storage);
   const logs: { level: string; line: string }[] = [];
   const events: TelemetryEvent[] = [];
-  const runner = new LocalRunner(runtime, {
+  const runner = new InProcessHost(runtime, {
     workers: options.workers ?? 4,
     retryDelayInSeconds: 1,
     onLog: (level, line) => logs.push({ level, line }),
     onTelemetry: (event) => events.push(event),
   });
-  runner.register();
   return { runtime, runner, logs, events, suffix, env: { ...env, ...stack.simulator.identityEnvironment } };
 }
 

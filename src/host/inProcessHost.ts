@@ -1,19 +1,19 @@
 import { setTimeout as sleep } from 'node:timers/promises';
+import type { InvocationContext as HostInvocationContext } from '@azure/functions';
 import type { QueueClient } from '@azure/storage-queue';
 import type { ExportId } from '../core/catalog.js';
 import { MAX_DEQUEUE_COUNT } from '../core/landPart.js';
 import type { Runtime } from '../core/runtime.js';
 import type { TelemetryEvent } from '../core/telemetry.js';
-import { COPY_FUNCTION_NAME, registerFunctions, timerFunctionName } from '../functions/register.js';
+import { InvocationContext } from '../functions/azureFunctions.js';
 import {
-  installFunctionsHostCapture,
-  invoke,
-  type RegisteredFunction,
-  registeredFunctions,
-  resetRegistrations,
-} from './functionsHost.js';
+  type FunctionSpec,
+  functionSpecs,
+  type QueueFunctionSpec,
+  type TimerFunctionSpec,
+} from '../functions/specs.js';
 
-export interface LocalRunnerOptions {
+export interface InProcessHostOptions {
   /** Concurrent queue workers (the host's batchSize + newBatchThreshold plays this role in Azure). */
   workers?: number;
   /** Seconds a received message stays invisible while a worker handles it. */
@@ -36,44 +36,39 @@ export interface TickReport {
 }
 
 /**
- * Drives the registered handlers the way the Functions host would: timer ticks on request, and a
- * queue listener with N workers, at-least-once delivery, retry after a visibility delay and the
- * poison queue after MAX_DEQUEUE_COUNT attempts.
+ * The Functions host's part, played in this process for the operator CLI (`mdvm-ingest run`, and `npm start`
+ * through it) and the tests: it drives the same function specs the host entry point registers
+ * (functions/specs.ts), through a real `InvocationContext`: timer ticks on request, and a queue listener with N
+ * workers, at-least-once delivery, retry after a visibility delay and the poison queue after
+ * MAX_DEQUEUE_COUNT attempts.
  */
-export class LocalRunner {
+export class InProcessHost {
+  /** Every function, as the Functions host would register it. */
+  readonly functions: readonly FunctionSpec[];
   private readonly workers: number;
-  private readonly options: LocalRunnerOptions;
-  private timers = new Map<ExportId, RegisteredFunction>();
-  private copy: RegisteredFunction | undefined;
+  private readonly options: InProcessHostOptions;
+  private readonly timers: ReadonlyMap<ExportId, TimerFunctionSpec>;
+  private readonly copy: QueueFunctionSpec;
 
   constructor(
     private readonly runtime: Runtime,
-    options: LocalRunnerOptions = {},
+    options: InProcessHostOptions = {},
   ) {
     this.options = options;
     this.workers = options.workers ?? 8;
-  }
-
-  /** Register the app's functions exactly as the host entry point does, and keep the handlers. */
-  register(): ReadonlyMap<string, RegisteredFunction> {
-    installFunctionsHostCapture();
-    resetRegistrations();
-    registerFunctions(this.runtime.config, this.runtime, {
-      ...(this.options.onTelemetry ? { onTelemetry: this.options.onTelemetry } : {}),
+    this.functions = functionSpecs(runtime.config, runtime, {
+      ...(options.onTelemetry ? { onTelemetry: options.onTelemetry } : {}),
     });
-    const registered = registeredFunctions();
-    this.timers = new Map();
-    for (const id of this.runtime.config.exports) {
-      const fn = registered.get(timerFunctionName(id));
-      if (fn) this.timers.set(id, fn);
-    }
-    this.copy = registered.get(COPY_FUNCTION_NAME);
-    return new Map(registered);
+    this.timers = new Map(
+      this.functions.filter((f): f is TimerFunctionSpec => f.kind === 'timer').map((f) => [f.exportId, f]),
+    );
+    const copy = this.functions.find((f): f is QueueFunctionSpec => f.kind === 'storageQueue');
+    if (!copy) throw new Error('the app declares no queue function');
+    this.copy = copy;
   }
 
   /** One tick of each timer (all enabled exports by default), in parallel like the host would. */
   async tick(exportIds: readonly ExportId[] = this.runtime.config.exports): Promise<TickReport[]> {
-    if (this.timers.size === 0) this.register();
     const timerInput = { isPastDue: false, schedule: { adjustForDST: true }, scheduleStatus: {} };
     return Promise.all(
       exportIds.map(async (exportId) => {
@@ -91,9 +86,7 @@ export class LocalRunner {
 
   /** Handle queue messages until the queue is empty and nothing is in flight (or the timeout). */
   async drain(options: DrainOptions = {}): Promise<void> {
-    if (!this.copy) this.register();
     const copy = this.copy;
-    if (!copy) throw new Error(`no ${COPY_FUNCTION_NAME} function registered`);
     const queue = this.runtime.queue;
     const deadline = Date.now() + (options.timeoutInMs ?? 10 * 60_000);
     let inFlight = 0;
@@ -126,7 +119,7 @@ export class LocalRunner {
   }
 
   private async deliver(
-    copy: RegisteredFunction,
+    copy: QueueFunctionSpec,
     queue: QueueClient,
     message: Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'][number],
   ): Promise<void> {
@@ -181,7 +174,7 @@ export class LocalRunner {
     // The host logs the failed invocation's exception; so do we.
     this.options.onLog?.(
       'error',
-      `${COPY_FUNCTION_NAME} failed (delivery ${message.dequeueCount}): ${(failure as Error).message}`,
+      `${copy.name} failed (delivery ${message.dequeueCount}): ${(failure as Error).message}`,
     );
     if (message.dequeueCount >= MAX_DEQUEUE_COUNT) {
       await this.runtime.poisonQueue.sendMessage(text);
@@ -201,4 +194,21 @@ async function settle(operation: Promise<unknown>): Promise<void> {
     const status = (error as { statusCode?: number }).statusCode;
     if (status !== 404 && status !== 400) throw error;
   }
+}
+
+interface InvokeOptions {
+  triggerMetadata?: Record<string, unknown>;
+  log?: (level: string, message: string) => void;
+}
+
+/** Call a function's handler through a real InvocationContext, as the host does. */
+async function invoke(fn: FunctionSpec, input: unknown, options: InvokeOptions = {}): Promise<void> {
+  const context = new InvocationContext({
+    invocationId: crypto.randomUUID(),
+    functionName: fn.name,
+    ...(options.triggerMetadata ? { triggerMetadata: options.triggerMetadata } : {}),
+    logHandler: (level, ...args) => options.log?.(level, args.map(String).join(' ')),
+  });
+  // The host hands a timer its schedule status and a queue trigger the decoded message; both handlers are ours.
+  await (fn.handler as (input: unknown, context: HostInvocationContext) => Promise<void>)(input, context);
 }

@@ -1,0 +1,106 @@
+import type { InvocationContext, Timer } from '@azure/functions';
+import type { ExportId } from '../core/catalog.js';
+import type { AppConfig } from '../core/config.js';
+import { errorMessage, MdvmError } from '../core/errors.js';
+import { landPart } from '../core/landPart.js';
+import { requestSnapshot } from '../core/requestSnapshot.js';
+import type { Runtime } from '../core/runtime.js';
+import { redactingLogger, Telemetry, type TelemetryEvent } from '../core/telemetry.js';
+
+/**
+ * The app's functions as data: name, trigger and handler. The Functions host entry point (index.ts) registers
+ * exactly this list with `app.timer` / `app.storageQueue`; the in-process host (src/host) behind
+ * `mdvm-ingest run`, `npm start` and the tests drives the same list. Handlers are thin: they build telemetry
+ * for the invocation and call core code.
+ */
+export interface TimerFunctionSpec {
+  readonly kind: 'timer';
+  readonly name: string;
+  readonly exportId: ExportId;
+  readonly trigger: { readonly schedule: string; readonly runOnStartup: boolean; readonly useMonitor: boolean };
+  readonly handler: (timer: Timer, context: InvocationContext) => Promise<void>;
+}
+
+export interface QueueFunctionSpec {
+  readonly kind: 'storageQueue';
+  readonly name: string;
+  readonly trigger: { readonly queueName: string; readonly connection: string };
+  readonly handler: (message: unknown, context: InvocationContext) => Promise<void>;
+}
+
+export type FunctionSpec = TimerFunctionSpec | QueueFunctionSpec;
+
+/** The queue trigger's connection: the runtime storage account the host itself uses. */
+export const QUEUE_CONNECTION = 'AzureWebJobsStorage';
+export const COPY_FUNCTION_NAME = 'copy-part';
+export const timerFunctionName = (exportId: ExportId): string => `export-${exportId}`;
+
+export interface FunctionSpecOptions {
+  /** Extra sink for telemetry events (tests and the CLI's progress display). */
+  onTelemetry?: (event: TelemetryEvent) => void;
+}
+
+export function functionSpecs(config: AppConfig, runtime: Runtime, options: FunctionSpecOptions = {}): FunctionSpec[] {
+  const timers = config.exports.map(
+    (exportId): TimerFunctionSpec => ({
+      kind: 'timer',
+      name: timerFunctionName(exportId),
+      exportId,
+      trigger: { schedule: config.schedule, runOnStartup: false, useMonitor: true },
+      handler: async (_timer, context) => {
+        const telemetry = telemetryFor(context, options);
+        try {
+          const result = await requestSnapshot(runtime, telemetry, exportId);
+          context.log(
+            `${exportId}: snapshot ${result.snapshotId} ${result.outcome}; ${result.partsEnqueued}/${result.partCount} parts enqueued`,
+          );
+        } catch (error) {
+          if (error instanceof MdvmError && error.kind === 'rate-limited') {
+            // Expected under the 20 calls/hour budget: the next tick tries again.
+            context.warn(`${exportId}: rate limited, next tick retries: ${error.message}`);
+            telemetry.track('request', { export: exportId, outcome: 'rate-limited', reason: error.message });
+            return;
+          }
+          telemetry.track('request', { export: exportId, outcome: 'error', reason: errorMessage(error) });
+          throw redacted(error);
+        }
+      },
+    }),
+  );
+  const copy: QueueFunctionSpec = {
+    kind: 'storageQueue',
+    name: COPY_FUNCTION_NAME,
+    trigger: { queueName: config.queueName, connection: QUEUE_CONNECTION },
+    handler: async (message, context) => {
+      const telemetry = telemetryFor(context, options);
+      try {
+        await landPart(runtime, telemetry, message, { dequeueCount: dequeueCountOf(context) });
+      } catch (error) {
+        throw redacted(error);
+      }
+    },
+  };
+  return [...timers, copy];
+}
+
+function telemetryFor(context: InvocationContext, options: FunctionSpecOptions): Telemetry {
+  const logger = redactingLogger((level, line) => {
+    if (level === 'error') context.error(line);
+    else if (level === 'warn') context.warn(line);
+    else context.log(line);
+  });
+  return new Telemetry(logger, options.onTelemetry);
+}
+
+function dequeueCountOf(context: InvocationContext): number {
+  const raw = context.triggerMetadata?.dequeueCount as unknown;
+  // Worker 3.16.0 delivered 64-bit values as {low, high}.
+  if (raw && typeof raw === 'object' && 'low' in raw) return Number((raw as { low: number }).low);
+  const n = Number(raw ?? 1);
+  return Number.isFinite(n) && n > 0 ? n : 1;
+}
+
+/** What the host logs of a thrown error must carry no credential: only redacted MdvmErrors leave. */
+function redacted(error: unknown): MdvmError {
+  return error instanceof MdvmError ? error : new MdvmError('transient', errorMessage(error));
+}
