@@ -2,11 +2,12 @@ import { type ExportId, getExportType } from './catalog.js';
 import { completeSnapshotIfReady, reconcileCounters } from './completion.js';
 import { runBounded } from './concurrency.js';
 import { classifyStorageError, MdvmError } from './errors.js';
-import type { PartRow, SnapshotRow, Versioned } from './manifestStore.js';
+import type { SnapshotRow } from './manifestStore.js';
 import { encodeMessage, messageTimeToLiveInSeconds, type PartMessage } from './messages.js';
-import { canonicalGeneratedTime, landingPath, parseSourceUrl, type SourcePart, snapshotIdOf } from './parts.js';
+import { canonicalGeneratedTime, parseSourceUrl, snapshotIdOf } from './parts.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
+import { DEAD_ON_ARRIVAL_REASON, type OfferedPart, planTick, statusAfterTick } from './tickPlan.js';
 
 export type TickOutcome = 'enqueued' | 'resumed' | 'unchanged' | 'completed';
 
@@ -21,14 +22,10 @@ export interface TickResult {
   readonly superseded: readonly string[];
 }
 
-interface OfferedPart extends SourcePart {
-  readonly url: string;
-}
-
 /**
- * One timer tick for one export type: ask Defender for the current snapshot, record it, and
- * enqueue every part that still needs copying (all of them the first time; only the missing ones
- * when resuming). Older incomplete snapshots become `superseded`; nothing landed is deleted.
+ * One timer tick for one export type: ask Defender for the current snapshot, plan what to record and enqueue
+ * (tickPlan.ts: all parts the first time, only the missing ones when resuming, older incomplete snapshots
+ * superseded, dead SAS URLs marked expired), and carry the plan out. Nothing landed is deleted.
  */
 export async function requestSnapshot(
   runtime: Runtime,
@@ -51,105 +48,74 @@ export async function requestSnapshot(
   });
   const generatedTime = canonicalGeneratedTime(response.generatedTime);
   const snapshotId = snapshotIdOf(generatedTime);
-  const offered = uniqueParts(
-    response.exportFiles.map((url) => {
-      try {
-        return { ...parseSourceUrl(url, runtime.config), url };
-      } catch (error) {
-        throw new MdvmError(
-          'invalid-input',
-          `Defender returned a part URL the app refuses: ${(error as Error).message}`,
-          { cause: error },
-        );
-      }
-    }),
-  );
+  const offered = response.exportFiles.map((url): OfferedPart => {
+    try {
+      return { ...parseSourceUrl(url, runtime.config), url };
+    } catch (error) {
+      throw new MdvmError(
+        'invalid-input',
+        `Defender returned a part URL the app refuses: ${(error as Error).message}`,
+        { cause: error },
+      );
+    }
+  });
 
   const now = runtime.now();
-  let snapshot = await runtime.store.getSnapshot(exportId, generatedTime);
-  const superseded = await supersedeOlder(runtime, telemetry, exportId, generatedTime);
-  if (snapshot?.value.status === 'complete') {
+  const current = await runtime.store.getSnapshot(exportId, generatedTime);
+  const plan = planTick({
+    exportId,
+    generatedTime,
+    snapshotId,
+    offered,
+    snapshot: current?.value,
+    snapshots: (await runtime.store.listSnapshots(exportId)).map((r) => r.value),
+    parts: current ? (await runtime.store.listParts(exportId, snapshotId)).map((r) => r.value) : [],
+    now,
+    sasSafetyMarginInMs: runtime.config.sasSafetyMarginInMs,
+  });
+
+  // Carry the plan out, in an order where a crash at any line leaves a state the next tick plans from again.
+  const superseded = await supersede(runtime, telemetry, exportId, generatedTime, plan.supersede);
+  if (plan.unchanged && current) {
     telemetry.track('request', {
       export: exportId,
       snapshot: snapshotId,
       outcome: 'unchanged',
       durationMs: Date.now() - started,
     });
-    return result('unchanged', snapshot.value, 0, superseded);
+    return result('unchanged', current.value, 0, superseded);
   }
-  const resuming = snapshot !== undefined;
-  snapshot ??= await runtime.store.createSnapshot({
-    exportId,
-    generatedTime,
-    snapshotId,
-    status: 'requested',
-    partCount: offered.length,
-    partsLanded: 0,
-    bytesLanded: 0,
-    requestedAt: now.toISOString(),
-    lastRequestedAt: now.toISOString(),
-  });
-
-  const existing = new Map((await runtime.store.listParts(exportId, snapshotId)).map((r) => [r.value.path, r]));
-  // A URL whose SAS is already dead (or dies within the safety margin) is not worth a message.
-  const margin = runtime.config.sasSafetyMarginInMs;
-  const deadOnArrival = (p: OfferedPart) =>
-    p.sasExpiresOn !== undefined && p.sasExpiresOn.getTime() - margin <= now.getTime();
-  const deadReason = 'the SAS URL had expired when Defender returned it; the next tick asks for fresh URLs';
-  const newRows: PartRow[] = offered
-    .filter((p) => !existing.has(p.relativePath))
-    .map((p) => ({
-      exportId,
-      snapshotId,
-      path: p.relativePath,
-      sourcePath: p.sourcePath,
-      landingPath: landingPath(exportId, snapshotId, p.relativePath),
-      status: deadOnArrival(p) ? 'expired' : 'queued',
-      attempts: 0,
-      // A live SAS expiry on a queued row means "its message is on the queue": set once it is.
-      sasExpiresOn: deadOnArrival(p) ? p.sasExpiresOn?.toISOString() : undefined,
-      queuedAt: now.toISOString(),
-      ...(deadOnArrival(p) ? { lastError: deadReason } : {}),
-    }));
-  await runtime.store.insertParts(newRows);
-
-  const needed = offered.filter((p) => {
-    const row = existing.get(p.relativePath);
-    return row === undefined || needsAnotherMessage(row, now, margin);
-  });
-  const toEnqueue = needed.filter((p) => !deadOnArrival(p));
-  const expired = needed.filter(deadOnArrival);
-  // Rows that get a fresh message are `queued` again with the new SAS expiry; dead ones are `expired`.
-  await runBounded(
-    needed.filter((p) => existing.has(p.relativePath)),
-    runtime.config.enqueueConcurrency,
-    (p) =>
-      runtime.store.mutatePart(exportId, snapshotId, p.relativePath, (row) =>
-        row.status === 'landed'
-          ? undefined
-          : deadOnArrival(p)
-            ? { status: 'expired', sasExpiresOn: p.sasExpiresOn?.toISOString(), lastError: deadReason }
-            : { status: 'queued', queuedAt: now.toISOString() },
-      ),
+  const snapshot = plan.createSnapshot ? await runtime.store.createSnapshot(plan.createSnapshot) : current;
+  if (!snapshot) throw new MdvmError('fatal', `snapshot ${exportId}/${snapshotId} vanished during the tick`);
+  await runtime.store.insertParts(plan.newParts);
+  const expiredPaths = new Map(plan.markExpired.map((p) => [p.path, p]));
+  await runBounded([...plan.requeue, ...expiredPaths.keys()], runtime.config.enqueueConcurrency, (path) =>
+    runtime.store.mutatePart(exportId, snapshotId, path, (row) => {
+      if (row.status === 'landed') return undefined;
+      const expired = expiredPaths.get(path);
+      return expired
+        ? { status: 'expired', sasExpiresOn: expired.sasExpiresOn, lastError: DEAD_ON_ARRIVAL_REASON }
+        : { status: 'queued', queuedAt: now.toISOString() };
+    }),
   );
-  for (const p of expired) {
+  for (const p of plan.expired) {
     telemetry.track('part', {
       export: exportId,
       snapshot: snapshotId,
       part: p.relativePath,
       outcome: 'expired',
-      reason: deadReason,
+      reason: DEAD_ON_ARRIVAL_REASON,
     });
   }
 
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
-    status: row.status === 'requested' || (row.status === 'failed' && toEnqueue.length > 0) ? 'copying' : row.status,
-    partCount: Math.max(row.partCount, offered.length),
+    status: statusAfterTick(row.status, plan.enqueue.length),
+    partCount: Math.max(row.partCount, plan.offered.length),
     lastRequestedAt: now.toISOString(),
-    ...(expired.length > 0 ? { lastError: `${expired.length} part(s): ${deadReason}` } : {}),
+    ...(plan.expired.length > 0 ? { lastError: `${plan.expired.length} part(s): ${DEAD_ON_ARRIVAL_REASON}` } : {}),
   }));
 
-  await runBounded(toEnqueue, runtime.config.enqueueConcurrency, async (p) => {
+  await runBounded(plan.enqueue, runtime.config.enqueueConcurrency, async (p) => {
     await enqueue(runtime, {
       v: 1,
       export: exportId,
@@ -168,44 +134,27 @@ export async function requestSnapshot(
     }
   });
 
-  const landed = [...existing.values()].filter((r) => r.value.status === 'landed').map((r) => r.value);
-  const current = (await runtime.store.getSnapshot(exportId, generatedTime))?.value ?? snapshot.value;
-  await reconcileCounters(runtime, current, landed);
+  const latest = (await runtime.store.getSnapshot(exportId, generatedTime))?.value ?? snapshot.value;
+  await reconcileCounters(runtime, latest, [...plan.landed]);
   const completed = await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
-  const outcome: TickOutcome = completed ? 'completed' : resuming ? 'resumed' : 'enqueued';
+  const outcome: TickOutcome = completed ? 'completed' : current ? 'resumed' : 'enqueued';
   telemetry.track('request', {
     export: exportId,
     snapshot: snapshotId,
-    outcome: outcome === 'resumed' ? 'resumed' : outcome === 'completed' ? 'completed' : 'enqueued',
+    outcome,
     durationMs: Date.now() - started,
-    reason: `${toEnqueue.length} of ${offered.length} parts enqueued, ${landed.length} already landed${expired.length ? `, ${expired.length} with an expired SAS` : ''}`,
+    reason: `${plan.enqueue.length} of ${plan.offered.length} parts enqueued, ${plan.landed.length} already landed${plan.expired.length ? `, ${plan.expired.length} with an expired SAS` : ''}`,
   });
   return {
     exportId,
     snapshotId,
     generatedTime,
     outcome,
-    partCount: offered.length,
-    partsEnqueued: toEnqueue.length,
-    partsLanded: landed.length,
+    partCount: plan.offered.length,
+    partsEnqueued: plan.enqueue.length,
+    partsLanded: plan.landed.length,
     superseded,
   };
-}
-
-/** A part needs a fresh message when its last one cannot succeed any more. */
-function needsAnotherMessage(row: Versioned<PartRow>, now: Date, marginInMs: number): boolean {
-  switch (row.value.status) {
-    case 'landed':
-      return false;
-    case 'expired':
-    case 'failed':
-      return true;
-    case 'queued': {
-      const expires = row.value.sasExpiresOn ? Date.parse(row.value.sasExpiresOn) : Number.NaN;
-      // A queued part whose message still holds a valid SAS is in flight: do not copy it twice.
-      return Number.isNaN(expires) || expires - marginInMs <= now.getTime();
-    }
-  }
 }
 
 async function enqueue(runtime: Runtime, message: PartMessage): Promise<void> {
@@ -217,23 +166,19 @@ async function enqueue(runtime: Runtime, message: PartMessage): Promise<void> {
   }
 }
 
-async function supersedeOlder(
+async function supersede(
   runtime: Runtime,
   telemetry: Telemetry,
   exportId: ExportId,
   generatedTime: string,
+  older: readonly SnapshotRow[],
 ): Promise<string[]> {
-  const superseded: string[] = [];
-  for (const older of await runtime.store.listSnapshots(exportId)) {
-    const row = older.value;
-    if (row.generatedTime >= generatedTime) continue;
-    if (row.status === 'complete' || row.status === 'superseded') continue;
+  for (const row of older) {
     await runtime.store.mutateSnapshot(exportId, row.generatedTime, (r) =>
       r.status === 'complete' || r.status === 'superseded'
         ? undefined
         : { status: 'superseded', supersededBy: generatedTime },
     );
-    superseded.push(row.snapshotId);
     telemetry.track('request', {
       export: exportId,
       snapshot: row.snapshotId,
@@ -241,13 +186,7 @@ async function supersedeOlder(
       reason: `superseded by ${snapshotIdOf(generatedTime)} with ${row.partsLanded}/${row.partCount} parts landed`,
     });
   }
-  return superseded;
-}
-
-function uniqueParts(parts: OfferedPart[]): OfferedPart[] {
-  const seen = new Map<string, OfferedPart>();
-  for (const p of parts) if (!seen.has(p.relativePath)) seen.set(p.relativePath, p);
-  return [...seen.values()];
+  return older.map((row) => row.snapshotId);
 }
 
 function result(outcome: TickOutcome, row: SnapshotRow, enqueued: number, superseded: string[]): TickResult {
