@@ -1,39 +1,20 @@
 import { type ExportId, getExportType } from './catalog.js';
-import { classifyStorageError } from './errors.js';
-import type { PartRow, SnapshotRow } from './manifestStore.js';
+import {
+  contractProblems,
+  type LatestPointer,
+  latestSchema,
+  manifestSchema,
+  type PartRow,
+  parseJson,
+  type SnapshotManifest,
+  type SnapshotRow,
+} from './contracts.js';
+import { classifyStorageError, MdvmError } from './errors.js';
 import { latestPath, manifestPath } from './parts.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
 
-/** `_manifest.json` (contract, DESIGN §2). */
-export interface SnapshotManifest {
-  v: 1;
-  export: string;
-  exportTitle: string;
-  snapshot: string;
-  generatedTime: string;
-  completedAt: string;
-  totals: { parts: number; bytes: number; records: number | null };
-  parts: {
-    /** Landing blob name. */
-    path: string;
-    /** Part identity: OrgId=…/_RbacGroupId=…/part-….json.gz (the parts table's `path`). */
-    part: string;
-    bytes: number;
-    md5: string | null;
-    records: number | null;
-    verification: string | null;
-  }[];
-}
-
-export interface LatestPointer {
-  v: 1;
-  export: string;
-  snapshot: string;
-  generatedTime: string;
-  manifest: string;
-  updatedAt: string;
-}
+export type { LatestPointer, SnapshotManifest } from './contracts.js';
 
 const JSON_HEADERS = { blobContentType: 'application/json; charset=utf-8' };
 
@@ -60,7 +41,7 @@ export async function completeSnapshotIfReady(
     return false;
   }
 
-  const manifest = buildManifest(snapshot.value, landed, runtime.now());
+  const manifest = checkedManifest(buildManifest(snapshot.value, landed, runtime.now()));
   const path = manifestPath(exportId, snapshot.value.snapshotId);
   const manifestBlob = runtime.landing.getBlockBlobClient(path);
   const body = `${JSON.stringify(manifest, null, 2)}\n`;
@@ -110,7 +91,8 @@ function buildManifest(snapshot: SnapshotRow, landed: PartRow[], now: Date): Sna
     .map((r) => ({
       path: r.landingPath,
       part: r.path,
-      bytes: r.bytes ?? 0,
+      // The part row contract guarantees bytes on a landed row; never guess a size into a manifest.
+      bytes: r.bytes ?? -1,
       md5: r.md5 ?? null,
       records: r.records ?? null,
       verification: r.verification ?? null,
@@ -132,6 +114,18 @@ function buildManifest(snapshot: SnapshotRow, landed: PartRow[], now: Date): Sna
   };
 }
 
+/** The manifest is checked against its contract before it is written: it is what downstream trusts. */
+function checkedManifest(manifest: SnapshotManifest): SnapshotManifest {
+  const result = manifestSchema.safeParse(manifest);
+  if (!result.success) {
+    throw new MdvmError(
+      'fatal',
+      `refusing to write _manifest.json for ${manifest.export}/${manifest.snapshot}: ${contractProblems(result.error)}`,
+    );
+  }
+  return manifest;
+}
+
 /** `_latest.json` only ever moves to a newer generatedTime, under ETag guard. */
 async function advanceLatest(
   runtime: Runtime,
@@ -147,12 +141,11 @@ async function advanceLatest(
       const response = await blob.download();
       etag = response.etag;
       const body = response.readableStreamBody ? await streamToString(response.readableStreamBody) : '';
-      const pointer = JSON.parse(body) as Partial<LatestPointer>;
-      if (typeof pointer.generatedTime === 'string' && pointer.generatedTime >= snapshot.generatedTime) return;
+      // A pointer that is not JSON or breaks its contract is replaced (still under its ETag).
+      const pointer = latestSchema.safeParse(parseJson(body));
+      if (pointer.success && pointer.data.generatedTime >= snapshot.generatedTime) return;
     } catch (error) {
-      if ((error as { statusCode?: number }).statusCode !== 404 && !(error instanceof SyntaxError)) {
-        throw classifyStorageError(error, 'read _latest.json');
-      }
+      if ((error as { statusCode?: number }).statusCode !== 404) throw classifyStorageError(error, 'read _latest.json');
     }
     const pointer: LatestPointer = {
       v: 1,
@@ -162,7 +155,7 @@ async function advanceLatest(
       manifest,
       updatedAt: runtime.now().toISOString(),
     };
-    const body = `${JSON.stringify(pointer, null, 2)}\n`;
+    const body = `${JSON.stringify(latestSchema.parse(pointer), null, 2)}\n`;
     try {
       await blob.upload(body, Buffer.byteLength(body), {
         blobHTTPHeaders: JSON_HEADERS,

@@ -1,49 +1,9 @@
 import type { TableClient, TableEntityResult, TransactionAction } from '@azure/data-tables';
-import { classifyStorageError } from './errors.js';
+import { contractProblems, type PartRow, partRowSchema, type SnapshotRow, snapshotRowSchema } from './contracts.js';
+import { classifyStorageError, MdvmError } from './errors.js';
 import { decodeKey, encodeKey, partsPartitionKey } from './parts.js';
 
-export type SnapshotStatus = 'requested' | 'copying' | 'complete' | 'superseded' | 'failed';
-export type PartStatus = 'queued' | 'landed' | 'expired' | 'failed';
-
-/** `snapshots` table (contract, DESIGN §3): PartitionKey = export id, RowKey = generatedTime. */
-export interface SnapshotRow {
-  exportId: string;
-  generatedTime: string;
-  snapshotId: string;
-  status: SnapshotStatus;
-  partCount: number;
-  partsLanded: number;
-  bytesLanded: number;
-  recordsLanded?: number | undefined;
-  requestedAt: string;
-  lastRequestedAt: string;
-  completedAt?: string | undefined;
-  manifestPath?: string | undefined;
-  supersededBy?: string | undefined;
-  lastError?: string | undefined;
-}
-
-/** `parts` table (contract): PartitionKey = `{export}_{snapshot}`, RowKey = encoded part path. */
-export interface PartRow {
-  exportId: string;
-  snapshotId: string;
-  path: string;
-  sourcePath: string;
-  landingPath: string;
-  status: PartStatus;
-  attempts: number;
-  bytes?: number | undefined;
-  md5?: string | undefined;
-  records?: number | undefined;
-  durationMs?: number | undefined;
-  copyMethod?: string | undefined;
-  /** `md5` or `length`: what the landed bytes were checked with (see CopyResult.verification). */
-  verification?: string | undefined;
-  lastError?: string | undefined;
-  sasExpiresOn?: string | undefined;
-  queuedAt?: string | undefined;
-  landedAt?: string | undefined;
-}
+export type { PartRow, PartStatus, SnapshotRow, SnapshotStatus } from './contracts.js';
 
 export interface Versioned<T> {
   readonly value: T;
@@ -63,13 +23,29 @@ function defined(entity: Record<string, unknown>): Record<string, unknown> {
   return Object.fromEntries(Object.entries(entity).filter(([, v]) => v !== undefined));
 }
 
+/** A row is checked against its contract before it is written; what is written is the row as given. */
+function checked<T>(schema: typeof snapshotRowSchema | typeof partRowSchema, row: T, what: string): T {
+  const result = schema.safeParse(row);
+  if (!result.success) {
+    throw new MdvmError(
+      'fatal',
+      `refusing to write a ${what} that breaks its contract: ${contractProblems(result.error)}`,
+    );
+  }
+  return row;
+}
+
 function snapshotEntity(row: SnapshotRow): Entity {
-  const { exportId, generatedTime, ...rest } = row;
+  const { exportId, generatedTime, ...rest } = checked(
+    snapshotRowSchema,
+    row,
+    `snapshots row ${row.exportId}/${row.generatedTime}`,
+  );
   return { partitionKey: exportId, rowKey: generatedTime, ...defined(rest) };
 }
 
 function partEntity(row: PartRow): Entity {
-  const { exportId, snapshotId, ...rest } = row;
+  const { exportId, snapshotId, ...rest } = checked(partRowSchema, row, `parts row ${row.snapshotId}/${row.path}`);
   return {
     partitionKey: partsPartitionKey(exportId, snapshotId),
     rowKey: encodeKey(row.path),
@@ -79,43 +55,36 @@ function partEntity(row: PartRow): Entity {
   };
 }
 
+/** A row read back is parsed with its contract: a corrupted row stops here, with its keys and what is wrong. */
+function fromEntity<T>(
+  schema: { safeParse(value: unknown): { success: true; data: T } | { success: false; error: import('zod').ZodError } },
+  raw: Record<string, unknown>,
+  what: string,
+): T {
+  const result = schema.safeParse(raw);
+  if (!result.success) {
+    throw new MdvmError('fatal', `${what} breaks its contract (docs/contracts.md): ${contractProblems(result.error)}`);
+  }
+  return result.data;
+}
+
+/** The entity without the table's own properties. */
+function properties(e: TableEntityResult<Record<string, unknown>>): Record<string, unknown> {
+  const { partitionKey: _pk, rowKey: _rk, etag: _etag, timestamp: _ts, 'odata.metadata': _m, ...rest } = e;
+  // A cleared error is stored as '' (a merge cannot delete a property).
+  if (rest.lastError === '') delete rest.lastError;
+  return rest;
+}
+
 function toSnapshot(e: TableEntityResult<Record<string, unknown>>): SnapshotRow {
-  const {
-    partitionKey,
-    rowKey,
-    etag: _etag,
-    timestamp: _ts,
-    'odata.metadata': _m,
-    ...rest
-  } = e as Entity & {
-    etag: string;
-  };
-  const row: SnapshotRow = {
-    ...(rest as Omit<SnapshotRow, 'exportId' | 'generatedTime'>),
-    exportId: partitionKey,
-    generatedTime: rowKey,
-  };
-  if (row.lastError === '') row.lastError = undefined;
-  return row;
+  const raw = { ...properties(e), exportId: e.partitionKey, generatedTime: e.rowKey };
+  return fromEntity(snapshotRowSchema, raw, `snapshots row ${e.partitionKey}/${e.rowKey}`);
 }
 
 function toPart(e: TableEntityResult<Record<string, unknown>>): PartRow {
-  const {
-    partitionKey: _pk,
-    rowKey,
-    etag: _etag,
-    timestamp: _ts,
-    'odata.metadata': _m,
-    ...rest
-  } = e as Entity & {
-    etag: string;
-  };
-  const row: PartRow = {
-    ...(rest as Omit<PartRow, 'path'>),
-    path: (rest.path as string | undefined) ?? decodeKey(rowKey),
-  };
-  if (row.lastError === '') row.lastError = undefined;
-  return row;
+  const rest = properties(e);
+  const raw = { ...rest, path: (rest.path as string | undefined) ?? decodeKey(e.rowKey ?? '') };
+  return fromEntity(partRowSchema, raw, `parts row ${e.partitionKey}/${String(raw.path)}`);
 }
 
 /** Thrown by conditional updates when someone else changed the row first. */

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import type { ExportId } from '../core/catalog.js';
-import type { SnapshotManifest } from '../core/completion.js';
+import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
 import { manifestPath, snapshotFolder } from '../core/parts.js';
 import type { Runtime } from '../core/runtime.js';
 
@@ -76,11 +76,17 @@ export async function verifyLanding(runtime: Runtime, options: VerifyOptions): P
         });
       }
       let manifest: SnapshotManifest | undefined;
+      let text: string | undefined;
       try {
-        manifest = JSON.parse((await runtime.landing.getBlockBlobClient(mPath).downloadToBuffer()).toString('utf8'));
+        text = (await runtime.landing.getBlockBlobClient(mPath).downloadToBuffer()).toString('utf8');
       } catch {
         if (snapshot.status === 'complete')
           add('no-manifest', mPath, 'the snapshot is complete but has no readable _manifest.json');
+      }
+      if (text !== undefined) {
+        const parsed = manifestSchema.safeParse(parseJson(text));
+        if (parsed.success) manifest = parsed.data;
+        else add('no-manifest', mPath, `_manifest.json breaks its contract: ${contractProblems(parsed.error)}`);
       }
       const rows = new Map(
         (await runtime.store.listParts(exportId, snapshot.snapshotId))
