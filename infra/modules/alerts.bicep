@@ -3,7 +3,7 @@
 // invocations failing, and a snapshot still incomplete N hours after Defender generated it. With an e-mail
 // address, an action group mails every alert; without, the alerts show in the portal (Monitor > Alerts) only.
 // The late-snapshot rule reads the app's `mdvm.request` / `mdvm.snapshot` trace lines; a metric with fixed
-// dimensions will replace that query when the telemetry work lands (README "Monitoring").
+// dimensions will replace that query when the telemetry work lands (infra/README.md, "Audit logs and alerts").
 
 @description('Prefix of the alert rule names, e.g. alert-<token>.')
 @minLength(1)
@@ -101,7 +101,7 @@ resource poisonAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
   kind: 'LogAlert'
   properties: {
     displayName: 'mdvm-ingest: parts dead-lettered'
-    description: 'A message was put on ${poisonQueueName}: a part is not landing. Find the reason with `mdvm-ingest status` and the dead letter, fix it, then `mdvm-ingest requeue` (README "Failure handling").'
+    description: 'A message was put on ${poisonQueueName}: a part is not landing. Find the reason with `mdvm-ingest status` and the dead letter, fix it, then `mdvm-ingest requeue` (docs/contracts.md, "Failure semantics").'
     severity: 2
     enabled: true
     evaluationFrequency: 'PT5M'

@@ -1,5 +1,5 @@
 // Landing storage account: the byte-exact copies of the Defender export parts, _manifest.json and
-// _latest.json (README "Landing layout"). A separate account from the runtime one so that downstream
+// _latest.json (docs/contracts.md, "Landing layout"). A separate account from the runtime one so that downstream
 // readers (Fabric, Synapse, Databricks, Data Explorer) can be granted access to the data and nothing else.
 // Optional: an Event Grid system topic that puts a message on a queue whenever a snapshot's
 // _manifest.json is created, the "snapshot ready" signal.

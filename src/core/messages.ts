@@ -3,7 +3,7 @@ import { EXPORT_IDS, type ExportId, getExportType } from './catalog.js';
 import { MdvmError } from './errors.js';
 
 /**
- * The parts-queue message (contract, DESIGN §4): JSON, versioned, one part per message,
+ * The parts-queue message (contract: docs/contracts.md, "Queue messages"): JSON, versioned, one part per message,
  * base64 on the wire (the Functions queue trigger's default encoding).
  */
 export const partMessageSchema = z.object({
@@ -28,7 +28,7 @@ export interface DeadLetter {
   original: string;
 }
 
-/** A message lives no longer than its SAS (DESIGN §4): until `sasExpiresOn`, or the export's capped lifetime. */
+/** A message lives no longer than its SAS (docs/contracts.md, "Queue messages"): until `sasExpiresOn`, or the export's capped lifetime. */
 export function messageTimeToLiveInSeconds(message: PartMessage, sasValidHours: number, now: Date): number {
   if (message.sasExpiresOn) return Math.max(1, Math.floor((Date.parse(message.sasExpiresOn) - now.getTime()) / 1000));
   return Math.min(sasValidHours, getExportType(message.export).sasMaxHours) * 3600;

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import type { ExportId } from '../core/catalog.js';
 
 /**
- * Realistic, deterministic records for every export type, shaped like shared/reference/samples:
+ * Realistic, deterministic records for every export type, shaped like the sample records Microsoft documents for each export type:
  * camelCase keys for most types, PascalCase for browser extensions and information gathering,
  * null CVE ids, JSON carried inside strings, mixed timestamp formats.
  */

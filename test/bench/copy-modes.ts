@@ -1,7 +1,8 @@
 /**
  * `npm run bench`: throughput and peak memory of every copy mode of PartCopier, side by side in one
  * run, against the local limit (a raw upload of the same bytes from memory into Azurite).
- * Benchmarks report; nothing here asserts on time. See DESIGN.md §8-9.
+ * Benchmarks report; nothing here asserts on time. Azurite copies server-side internally, so the server-side
+ * numbers say nothing about Azure (docs/adr/0002).
  */
 import { createHash, randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
@@ -234,7 +235,7 @@ async function main(): Promise<number> {
   console.log('');
   console.log(
     "Note: Azurite's Copy Blob From URL is an internal metadata copy (near-instant, no 256 MiB cap): " +
-      'its speed is not representative of Azure (DESIGN.md §9).',
+      'its speed is not representative of Azure.',
   );
   console.log(`total bench time ${((performance.now() - started) / 1000).toFixed(1)} s`);
 
