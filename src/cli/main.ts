@@ -8,7 +8,7 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import ora from 'ora';
 import { EXPORT_IDS, type ExportId, isExportId } from '../core/catalog.js';
 import { ConfigError, loadConfig } from '../core/config.js';
-import { errorMessage } from '../core/errors.js';
+import { errorMessage, isStorageCondition } from '../core/errors.js';
 import { redact } from '../core/redact.js';
 import { createRuntime, type Runtime } from '../core/runtime.js';
 import { ensureStorage } from '../core/storage.js';
@@ -65,7 +65,7 @@ async function createMissing(runtime: Runtime): Promise<void> {
   // Infra creates these in Azure; against Azurite (or a fresh account) create them. A 403 means the identity
   // may use but not create them, which is fine.
   await ensureStorage(runtime.storage).catch((error: unknown) => {
-    if ((error as { statusCode?: number }).statusCode !== 403) throw error;
+    if (!isStorageCondition(error, 'forbidden')) throw error;
   });
 }
 

@@ -9,7 +9,7 @@ import {
   type SnapshotManifest,
   type SnapshotRow,
 } from './contracts.js';
-import { classifyStorageError, MdvmError } from './errors.js';
+import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
 import { latestPath, manifestPath } from './parts.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
@@ -52,7 +52,7 @@ export async function completeSnapshotIfReady(
     });
   } catch (error) {
     // Someone else completed it first: their manifest lists the same parts.
-    if ((error as { code?: string }).code !== 'BlobAlreadyExists') {
+    if (!isStorageCondition(error, 'already-exists')) {
       throw classifyStorageError(error, 'write _manifest.json');
     }
   }
@@ -145,7 +145,7 @@ async function advanceLatest(
       const pointer = latestSchema.safeParse(parseJson(body));
       if (pointer.success && pointer.data.generatedTime >= snapshot.generatedTime) return;
     } catch (error) {
-      if ((error as { statusCode?: number }).statusCode !== 404) throw classifyStorageError(error, 'read _latest.json');
+      if (!isStorageCondition(error, 'not-found')) throw classifyStorageError(error, 'read _latest.json');
     }
     const pointer: LatestPointer = {
       v: 1,
@@ -163,8 +163,10 @@ async function advanceLatest(
       });
       return;
     } catch (error) {
-      const status = (error as { statusCode?: number }).statusCode;
-      if (status !== 412 && status !== 409) throw classifyStorageError(error, 'write _latest.json');
+      // Another writer moved it (ETag) or created it first: read again.
+      if (!isStorageCondition(error, 'precondition-failed', 'already-exists', 'conflict')) {
+        throw classifyStorageError(error, 'write _latest.json');
+      }
     }
   }
 }

@@ -10,7 +10,7 @@ import {
 } from '@azure/storage-blob';
 import { runBounded } from './concurrency.js';
 import type { AppConfig } from './config.js';
-import { classifyStorageError, MdvmError } from './errors.js';
+import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
 
 export type CopyMethod = 'copy-from-url' | 'block-from-url' | 'stream' | 'already-landed';
 
@@ -130,7 +130,7 @@ export class PartCopier {
       try {
         await write(true);
       } catch (error) {
-        if ((error as { code?: string }).code !== 'BlobAlreadyExists') throw error;
+        if (!isStorageCondition(error, 'already-exists')) throw error;
         if (await this.destinationProperties(dest, request.abortSignal)) {
           // A concurrent delivery of the same part landed it first: verify theirs below.
           method = 'already-landed';
@@ -196,7 +196,7 @@ export class PartCopier {
     try {
       return await dest.getProperties({ abortSignal });
     } catch (error) {
-      if ((error as { statusCode?: number }).statusCode === 404) return undefined;
+      if (isStorageCondition(error, 'not-found')) return undefined;
       throw classifyStorageError(error, 'read landed blob properties');
     }
   }
@@ -350,7 +350,7 @@ export class PartCopier {
         abortSignal: request.abortSignal,
       });
     } catch (error) {
-      if ((error as { code?: string }).code === 'BlobAlreadyExists') throw error;
+      if (isStorageCondition(error, 'already-exists')) throw error;
       throw classifyStorageError(error, 'commit block list');
     }
     return { md5: md5.toString('base64'), bytes: total, records: counter?.records };

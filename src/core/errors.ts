@@ -9,7 +9,10 @@ import { redact } from './redact.js';
  * - `not-found`: the source is gone; retrying the same URL cannot help.
  * - `transient`: network trouble, 5xx, throttling; retrying later may help.
  * - `invalid-input`: a message, response or setting is malformed; retrying cannot help.
- * - `forbidden`: credentials work but lack a permission; an operator must act.
+ * - `forbidden`: credentials work but lack a permission; an operator must act. Never retried in a backoff loop
+ *   (`retryable` is false). A part copy that meets it is still redelivered by the queue up to maxDequeueCount:
+ *   a role assignment that is still propagating starts to work on its own, and after the last delivery the
+ *   message waits on the poison queue for `mdvm-ingest requeue` once the permission is fixed.
  * - `fatal`: anything else we do not understand; surfaced loudly.
  */
 export type ErrorKind =
@@ -90,6 +93,36 @@ export function classifyStorageError(error: unknown, what: string): MdvmError {
   }
   if (status !== undefined && status >= 400 && status < 500) return new MdvmError('fatal', detail, options);
   return new MdvmError('transient', detail, options);
+}
+
+/**
+ * Conditions of a storage response that callers expect and handle (a row that is not there, a create-only write
+ * that lost the race, an ETag that moved), named once here so no caller tests status codes or error codes itself.
+ */
+export type StorageCondition =
+  | 'not-found'
+  | 'already-exists'
+  | 'precondition-failed'
+  | 'conflict'
+  | 'forbidden'
+  | 'bad-request';
+
+export function storageCondition(error: unknown): StorageCondition | undefined {
+  const e = (error ?? {}) as RestLikeError;
+  const code = e.code ?? '';
+  if (e.statusCode === 404 || code === 'BlobNotFound' || code === 'ContainerNotFound') return 'not-found';
+  if (/AlreadyExists$/.test(code)) return 'already-exists';
+  if (e.statusCode === 412) return 'precondition-failed';
+  if (e.statusCode === 409) return 'conflict';
+  if (e.statusCode === 403) return 'forbidden';
+  if (e.statusCode === 400) return 'bad-request';
+  return undefined;
+}
+
+/** Whether a storage error is one of the expected conditions. */
+export function isStorageCondition(error: unknown, ...conditions: StorageCondition[]): boolean {
+  const condition = storageCondition(error);
+  return condition !== undefined && conditions.includes(condition);
 }
 
 export function isNetworkError(error: unknown): boolean {

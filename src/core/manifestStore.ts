@@ -1,6 +1,6 @@
-import type { TableClient, TableEntityResult, TransactionAction } from '@azure/data-tables';
+import { odata, type TableClient, type TableEntityResult, type TransactionAction } from '@azure/data-tables';
 import { contractProblems, type PartRow, partRowSchema, type SnapshotRow, snapshotRowSchema } from './contracts.js';
-import { classifyStorageError, MdvmError } from './errors.js';
+import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
 import { decodeKey, encodeKey, partsPartitionKey } from './parts.js';
 
 export type { PartRow, PartStatus, SnapshotRow, SnapshotStatus } from './contracts.js';
@@ -13,10 +13,6 @@ export interface Versioned<T> {
 type Entity = Record<string, unknown> & { partitionKey: string; rowKey: string };
 
 const TRANSACTION_LIMIT = 100;
-
-function statusCode(error: unknown): number | undefined {
-  return (error as { statusCode?: number }).statusCode;
-}
 
 /** Drop undefined so a merge never writes a null over a value. */
 function defined(entity: Record<string, unknown>): Record<string, unknown> {
@@ -105,7 +101,7 @@ export class ManifestStore {
       const e = await this.snapshots.getEntity<Record<string, unknown>>(exportId, generatedTime);
       return { value: toSnapshot(e), etag: e.etag };
     } catch (error) {
-      if (statusCode(error) === 404) return undefined;
+      if (isStorageCondition(error, 'not-found')) return undefined;
       throw classifyStorageError(error, 'read snapshot row');
     }
   }
@@ -114,7 +110,7 @@ export class ManifestStore {
     const out: Versioned<SnapshotRow>[] = [];
     try {
       for await (const e of this.snapshots.listEntities<Record<string, unknown>>({
-        queryOptions: { filter: `PartitionKey eq '${exportId.replace(/'/g, "''")}'` },
+        queryOptions: { filter: odata`PartitionKey eq ${exportId}` },
       })) {
         out.push({ value: toSnapshot(e), etag: e.etag });
       }
@@ -129,7 +125,8 @@ export class ManifestStore {
     try {
       await this.snapshots.createEntity(snapshotEntity(row));
     } catch (error) {
-      if (statusCode(error) !== 409) throw classifyStorageError(error, 'create snapshot row');
+      if (!isStorageCondition(error, 'already-exists', 'conflict'))
+        throw classifyStorageError(error, 'create snapshot row');
     }
     const created = await this.getSnapshot(row.exportId, row.generatedTime);
     if (!created) throw classifyStorageError(new Error('snapshot row vanished after insert'), 'create snapshot row');
@@ -142,7 +139,7 @@ export class ManifestStore {
     try {
       await this.snapshots.updateEntity(entity, 'Merge', { etag: current.etag });
     } catch (error) {
-      if (statusCode(error) === 412) throw new ConcurrentUpdateError();
+      if (isStorageCondition(error, 'precondition-failed')) throw new ConcurrentUpdateError();
       throw classifyStorageError(error, 'update snapshot row');
     }
   }
@@ -173,17 +170,17 @@ export class ManifestStore {
       );
       return { value: toPart(e), etag: e.etag };
     } catch (error) {
-      if (statusCode(error) === 404) return undefined;
+      if (isStorageCondition(error, 'not-found')) return undefined;
       throw classifyStorageError(error, 'read part row');
     }
   }
 
   async listParts(exportId: string, snapshotId: string): Promise<Versioned<PartRow>[]> {
     const out: Versioned<PartRow>[] = [];
-    const pk = partsPartitionKey(exportId, snapshotId).replace(/'/g, "''");
+    const pk = partsPartitionKey(exportId, snapshotId);
     try {
       for await (const e of this.parts.listEntities<Record<string, unknown>>({
-        queryOptions: { filter: `PartitionKey eq '${pk}'` },
+        queryOptions: { filter: odata`PartitionKey eq ${pk}` },
       })) {
         out.push({ value: toPart(e), etag: e.etag });
       }
@@ -204,12 +201,14 @@ export class ManifestStore {
       try {
         await this.parts.submitTransaction(actions);
       } catch (error) {
-        if (statusCode(error) !== 409) throw classifyStorageError(error, 'insert part rows');
+        if (!isStorageCondition(error, 'already-exists', 'conflict'))
+          throw classifyStorageError(error, 'insert part rows');
         for (const row of chunk) {
           try {
             await this.parts.createEntity(partEntity(row));
           } catch (inner) {
-            if (statusCode(inner) !== 409) throw classifyStorageError(inner, 'insert part row');
+            if (!isStorageCondition(inner, 'already-exists', 'conflict'))
+              throw classifyStorageError(inner, 'insert part row');
           }
         }
       }
@@ -221,7 +220,7 @@ export class ManifestStore {
     try {
       await this.parts.updateEntity(entity, 'Merge', { etag: current.etag });
     } catch (error) {
-      if (statusCode(error) === 412) throw new ConcurrentUpdateError();
+      if (isStorageCondition(error, 'precondition-failed')) throw new ConcurrentUpdateError();
       throw classifyStorageError(error, 'update part row');
     }
   }

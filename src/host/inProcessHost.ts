@@ -2,6 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { InvocationContext as HostInvocationContext } from '@azure/functions';
 import type { QueueClient } from '@azure/storage-queue';
 import type { ExportId } from '../core/catalog.js';
+import { isStorageCondition } from '../core/errors.js';
 import { MAX_DEQUEUE_COUNT } from '../core/landPart.js';
 import type { Runtime } from '../core/runtime.js';
 import type { TelemetryEvent } from '../core/telemetry.js';
@@ -191,8 +192,7 @@ async function settle(operation: Promise<unknown>): Promise<void> {
   try {
     await operation;
   } catch (error) {
-    const status = (error as { statusCode?: number }).statusCode;
-    if (status !== 404 && status !== 400) throw error;
+    if (!isStorageCondition(error, 'not-found', 'bad-request')) throw error;
   }
 }
 

@@ -1,0 +1,38 @@
+import { describe, expect, it } from 'vitest';
+import { classifyStorageError, isStorageCondition, storageCondition } from '../../src/core/errors.js';
+
+/** What the storage SDKs throw: a RestError with the HTTP status and the service's error code. */
+const restError = (statusCode: number | undefined, code?: string) =>
+  Object.assign(new Error(`${statusCode} ${code ?? ''}`), { statusCode, code, name: 'RestError' });
+
+describe('storage conditions are named once', () => {
+  it.each([
+    [restError(404, 'BlobNotFound'), 'not-found'],
+    [restError(404, 'ResourceNotFound'), 'not-found'],
+    [restError(409, 'BlobAlreadyExists'), 'already-exists'],
+    [restError(409, 'EntityAlreadyExists'), 'already-exists'],
+    [restError(412, 'ConditionNotMet'), 'precondition-failed'],
+    [restError(409, 'LeaseIdMissing'), 'conflict'],
+    [restError(403, 'AuthorizationPermissionMismatch'), 'forbidden'],
+    [restError(400, 'PopReceiptMismatch'), 'bad-request'],
+    [restError(500, 'InternalError'), undefined],
+    [new Error('socket hang up'), undefined],
+  ])('%s is %s', (error, condition) => {
+    expect(storageCondition(error)).toBe(condition);
+  });
+
+  it('isStorageCondition matches any of the conditions given', () => {
+    expect(isStorageCondition(restError(409, 'BlobAlreadyExists'), 'not-found', 'already-exists')).toBe(true);
+    expect(isStorageCondition(restError(412), 'already-exists', 'conflict')).toBe(false);
+    expect(isStorageCondition(undefined, 'not-found')).toBe(false);
+  });
+
+  it('forbidden is not retryable in a backoff loop; expired SAS and transient failures are classified apart', () => {
+    expect(classifyStorageError(restError(403, 'AuthorizationPermissionMismatch'), 'write')).toMatchObject({
+      kind: 'forbidden',
+      retryable: false,
+    });
+    expect(classifyStorageError(restError(403, 'AuthenticationFailed'), 'read').kind).toBe('expired');
+    expect(classifyStorageError(restError(503, 'ServerBusy'), 'write')).toMatchObject({ retryable: true });
+  });
+});
