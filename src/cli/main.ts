@@ -6,8 +6,8 @@
  */
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import ora from 'ora';
-import { EXPORT_IDS, type ExportId, isExportId } from '../core/catalog.js';
-import { ConfigError, loadConfig } from '../core/config.js';
+import type { ExportId } from '../core/catalog.js';
+import { ConfigError, loadConfig, parseExportList } from '../core/config.js';
 import { errorMessage, isStorageCondition } from '../core/errors.js';
 import { redact } from '../core/redact.js';
 import { createRuntime, type Runtime } from '../core/runtime.js';
@@ -27,18 +27,11 @@ interface GlobalOptions {
 const out = (line = '') => process.stdout.write(`${redact(line)}\n`);
 const err = (line: string) => process.stderr.write(`${redact(line)}\n`);
 
+/** The same parser as MDVM_EXPORTS. */
 function exportList(value: string): ExportId[] {
-  const ids = value
-    .split(',')
-    .map((s) => s.trim())
-    .filter(Boolean);
-  const unknown = ids.filter((id) => !isExportId(id));
-  if (unknown.length > 0 || ids.length === 0) {
-    throw new InvalidArgumentError(
-      `unknown export type ${unknown.join(', ') || '(empty)'}; expected: ${EXPORT_IDS.join(', ')}`,
-    );
-  }
-  return ids as ExportId[];
+  const parsed = parseExportList(value);
+  if ('problem' in parsed) throw new InvalidArgumentError(parsed.problem);
+  return parsed.exports;
 }
 
 function exportId(value: string): ExportId {

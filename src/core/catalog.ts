@@ -112,6 +112,9 @@ export type ExportId = (typeof EXPORT_TYPES)[number]['id'];
 
 export const EXPORT_IDS: readonly ExportId[] = EXPORT_TYPES.map((t) => t.id);
 
+/** Every WindowsDefenderATP application permission some export type needs, each once. */
+export const DEFENDER_PERMISSIONS: readonly DefenderPermission[] = [...new Set(EXPORT_TYPES.map((t) => t.permission))];
+
 export type CatalogEntry = (typeof EXPORT_TYPES)[number];
 
 const byId = new Map<string, CatalogEntry>(EXPORT_TYPES.map((t) => [t.id, t]));

@@ -79,24 +79,33 @@ const hostPatterns = z
     error: 'each entry must be a host name, optionally starting with "*." (e.g. *.blob.core.windows.net)',
   });
 
+/**
+ * `all` or a comma-separated list of export ids, as MDVM_EXPORTS and the CLI's `--exports` take it: the export
+ * ids, each once, or the reason the list is refused.
+ */
+export function parseExportList(text: string): { exports: ExportId[] } | { problem: string } {
+  const items = text
+    .split(',')
+    .map((x) => x.trim())
+    .filter((x) => x.length > 0);
+  if (items.length === 1 && items[0] === 'all') return { exports: [...EXPORT_IDS] };
+  const unknown = items.filter((x) => !isExportId(x));
+  if (unknown.length > 0 || items.length === 0) {
+    return {
+      problem: `unknown export type ${unknown.map((u) => `'${u}'`).join(', ') || '(empty)'}; expected "all" or a comma-separated list of: ${EXPORT_IDS.join(', ')}`,
+    };
+  }
+  return { exports: [...new Set(items)] as ExportId[] };
+}
+
 const exportsList = z
   .string()
   .default('all')
   .transform((s, ctx): ExportId[] => {
-    const items = s
-      .split(',')
-      .map((x) => x.trim())
-      .filter((x) => x.length > 0);
-    if (items.length === 1 && items[0] === 'all') return [...EXPORT_IDS];
-    const unknown = items.filter((x) => !isExportId(x));
-    if (unknown.length > 0 || items.length === 0) {
-      ctx.addIssue({
-        code: 'custom',
-        message: `unknown export type ${unknown.map((u) => `'${u}'`).join(', ') || '(empty)'}; expected "all" or a comma-separated list of: ${EXPORT_IDS.join(', ')}`,
-      });
-      return z.NEVER;
-    }
-    return [...new Set(items)] as ExportId[];
+    const parsed = parseExportList(s);
+    if ('exports' in parsed) return parsed.exports;
+    ctx.addIssue({ code: 'custom', message: parsed.problem });
+    return z.NEVER;
   });
 
 export const settingsSchema = z

@@ -8,7 +8,7 @@ import {
   generateBlobSASQueryParameters,
   StorageSharedKeyCredential,
 } from '@azure/storage-blob';
-import { EXPORT_TYPES, type ExportId, type ExportType, getExportType } from '../core/catalog.js';
+import { DEFENDER_PERMISSIONS, EXPORT_TYPES, type ExportId, type ExportType, getExportType } from '../core/catalog.js';
 import { generateRecords, seededRng } from './records.js';
 
 /**
@@ -78,7 +78,7 @@ export interface SimulatorRequest {
   readonly status: number;
 }
 
-const ALL_ROLES = ['Vulnerability.Read.All', 'Software.Read.All', 'SecurityBaselinesAssessment.Read.All'];
+const ALL_ROLES = DEFENDER_PERMISSIONS;
 const ACCEPTED_RESOURCES = new Set(['https://api.securitycenter.microsoft.com', 'https://api.security.microsoft.com']);
 const ORG_ID = '5f0c1e2a-7b3d-4c8e-9a61-2d4b8e7f9c03';
 

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MdvmError } from '../src/core/errors.js';
-import type { DeadLetter, PartMessage } from '../src/core/messages.js';
-import { encodeMessage } from '../src/core/messages.js';
+import { MdvmError } from '../../src/core/errors.js';
+import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
+import { encodeMessage } from '../../src/core/messages.js';
 import {
   createApp,
   listBlobNames,
@@ -11,7 +11,7 @@ import {
   startStack,
   type TestApp,
   tableRows,
-} from './helpers/stack.js';
+} from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {

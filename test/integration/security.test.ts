@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MdvmError } from '../src/core/errors.js';
-import { createApp, type Stack, startStack, tableRows } from './helpers/stack.js';
+import { MdvmError } from '../../src/core/errors.js';
+import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {

@@ -5,12 +5,12 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { unzipSync } from 'fflate';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EXPORT_IDS } from '../src/core/catalog.js';
-import { loadConfig } from '../src/core/config.js';
-import { createRuntime } from '../src/core/runtime.js';
-import { buildFunctionPackage, PackageError, ZIP_NAME } from '../src/deploy/functionPackage.js';
-import { COPY_FUNCTION_NAME, functionSpecs, QUEUE_CONNECTION, timerFunctionName } from '../src/functions/specs.js';
-import { exampleAppSettings } from './infra/bicepSettings.js';
+import { EXPORT_IDS } from '../../src/core/catalog.js';
+import { loadConfig } from '../../src/core/config.js';
+import { createRuntime } from '../../src/core/runtime.js';
+import { buildFunctionPackage, PackageError, ZIP_NAME } from '../../src/deploy/functionPackage.js';
+import { COPY_FUNCTION_NAME, functionSpecs, QUEUE_CONNECTION, timerFunctionName } from '../../src/functions/specs.js';
+import { exampleAppSettings } from '../infra/bicepSettings.js';
 
 /**
  * What azd deploys, proven: `npm run package` builds the zip, the zip is unpacked into an empty folder outside
@@ -18,7 +18,7 @@ import { exampleAppSettings } from './infra/bicepSettings.js';
  * Functions Node worker loads it (test/package/load-like-worker.mjs), with exactly the app settings the Bicep
  * gives the Function App.
  */
-const root = fileURLToPath(new URL('..', import.meta.url));
+const root = fileURLToPath(new URL('../..', import.meta.url));
 const infra = join(root, 'infra');
 const loader = join(root, 'test/package/load-like-worker.mjs');
 const workerModules = join(root, 'test/package/worker-modules');

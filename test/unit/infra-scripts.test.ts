@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-const root = fileURLToPath(new URL('..', import.meta.url));
+const root = fileURLToPath(new URL('../..', import.meta.url));
 const script = join(root, 'infra/scripts/grant-defender-permissions.mjs');
 
 const PRINCIPAL_ID = '11111111-2222-4333-8444-555555555555';

@@ -3,14 +3,14 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EXPORT_IDS } from '../src/core/catalog.js';
-import type { DeadLetter } from '../src/core/messages.js';
-import type { RequeueReport } from '../src/ops/requeue.js';
-import type { StatusReport } from '../src/ops/status.js';
-import type { VerifyReport } from '../src/ops/verify.js';
-import { createApp, type Stack, startStack, type TestApp, tableRows } from './helpers/stack.js';
+import { EXPORT_IDS } from '../../src/core/catalog.js';
+import type { DeadLetter } from '../../src/core/messages.js';
+import type { RequeueReport } from '../../src/ops/requeue.js';
+import type { StatusReport } from '../../src/ops/status.js';
+import type { VerifyReport } from '../../src/ops/verify.js';
+import { createApp, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
 
-const CLI = new URL('../dist/src/cli/main.js', import.meta.url).pathname;
+const CLI = new URL('../../dist/src/cli/main.js', import.meta.url).pathname;
 let stack: Stack;
 /** Everything every CLI run printed: checked for secrets at the end. */
 const printed: string[] = [];
@@ -269,7 +269,7 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     const app = await appFor('certificates');
     const unknown = await cli(['run', '--exports', 'everything'], app.env);
     expect(unknown.code).toBe(2);
-    expect(unknown.stderr).toMatch(/unknown export type everything/);
+    expect(unknown.stderr).toMatch(/unknown export type 'everything'; expected "all" or/);
 
     const badFlag = await cli(['status', '--colour'], app.env);
     expect(badFlag.code).toBe(2);

@@ -1,9 +1,9 @@
 import { describe, expect, it } from 'vitest';
-import { CallBudget } from '../src/core/callBudget.js';
-import { parseRetryAfter } from '../src/core/defenderClient.js';
-import { classifyStorageError, MdvmError } from '../src/core/errors.js';
-import { encodeMessage, parsePartMessage } from '../src/core/messages.js';
-import { redact } from '../src/core/redact.js';
+import { CallBudget } from '../../src/core/callBudget.js';
+import { parseRetryAfter } from '../../src/core/defenderClient.js';
+import { classifyStorageError, MdvmError } from '../../src/core/errors.js';
+import { encodeMessage, parsePartMessage } from '../../src/core/messages.js';
+import { redact } from '../../src/core/redact.js';
 
 describe('redact', () => {
   it('removes SAS queries, signatures, bearer tokens and account keys', () => {

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EXPORT_IDS } from '../src/core/catalog.js';
-import type { LatestPointer, SnapshotManifest } from '../src/core/completion.js';
-import { encodeKey, partsPartitionKey } from '../src/core/parts.js';
+import { EXPORT_IDS } from '../../src/core/catalog.js';
+import type { LatestPointer, SnapshotManifest } from '../../src/core/completion.js';
+import { encodeKey, partsPartitionKey } from '../../src/core/parts.js';
 import {
   createApp,
   duplicateQueuedMessages,
@@ -10,7 +10,7 @@ import {
   type Stack,
   startStack,
   tableRows,
-} from './helpers/stack.js';
+} from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {

@@ -1,9 +1,9 @@
 import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EXPORT_IDS } from '../src/core/catalog.js';
-import { ConfigError, loadConfig, SETTING_NAMES } from '../src/core/config.js';
-import { MAX_DEQUEUE_COUNT } from '../src/core/landPart.js';
-import { createApp, type Stack, startStack } from './helpers/stack.js';
+import { EXPORT_IDS } from '../../src/core/catalog.js';
+import { ConfigError, loadConfig, SETTING_NAMES } from '../../src/core/config.js';
+import { MAX_DEQUEUE_COUNT } from '../../src/core/landPart.js';
+import { createApp, type Stack, startStack } from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {
@@ -57,7 +57,7 @@ describe('what the app declares for the Functions host', () => {
   });
 
   it('host.json sets the queue trigger deliberately and agrees with the code', () => {
-    const host = JSON.parse(readFileSync(new URL('../host.json', import.meta.url), 'utf8'));
+    const host = JSON.parse(readFileSync(new URL('../../host.json', import.meta.url), 'utf8'));
     expect(host.version).toBe('2.0');
     expect(host.extensions.queues).toMatchObject({
       batchSize: expect.any(Number),
@@ -72,10 +72,10 @@ describe('what the app declares for the Functions host', () => {
   });
 
   it('every setting is in local.settings.sample.json and the README table, and nothing else is', () => {
-    const sample = JSON.parse(readFileSync(new URL('../local.settings.sample.json', import.meta.url), 'utf8'));
+    const sample = JSON.parse(readFileSync(new URL('../../local.settings.sample.json', import.meta.url), 'utf8'));
     const sampleNames = Object.keys(sample.Values).filter((n) => n !== 'FUNCTIONS_WORKER_RUNTIME');
     expect(sampleNames.sort()).toEqual([...SETTING_NAMES].sort());
-    const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
+    const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
     const tableNames = [...readme.matchAll(/^\| `([A-Za-z_]+)` \|/gm)].map((m) => m[1]);
     for (const name of SETTING_NAMES) expect(tableNames, `README settings table lacks ${name}`).toContain(name);
     for (const name of tableNames.filter((n) => n?.startsWith('MDVM_'))) {

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { EXPORT_IDS } from '../src/core/catalog.js';
-import { ConfigError, loadConfig, SETTING_NAMES } from '../src/core/config.js';
+import { EXPORT_IDS } from '../../src/core/catalog.js';
+import { ConfigError, loadConfig, SETTING_NAMES } from '../../src/core/config.js';
 
 const base = {
   AzureWebJobsStorage: 'UseDevelopmentStorage=true',

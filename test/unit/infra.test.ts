@@ -4,9 +4,9 @@ import { join } from 'node:path';
 import ignore from 'ignore';
 import { afterEach, describe, expect, it } from 'vitest';
 import { parse } from 'yaml';
-import { AZURE_REQUIRED_SETTINGS, HOST_SETTING_NAMES, SETTING_NAMES } from '../src/core/config.js';
-import { STAGING_FOLDER } from '../src/deploy/functionPackage.js';
-import { checkBicep } from './infra/bicepCheck.js';
+import { AZURE_REQUIRED_SETTINGS, HOST_SETTING_NAMES, SETTING_NAMES } from '../../src/core/config.js';
+import { STAGING_FOLDER } from '../../src/deploy/functionPackage.js';
+import { checkBicep } from '../infra/bicepCheck.js';
 
 interface HookVariant {
   shell?: string;
@@ -21,7 +21,7 @@ interface AzureYaml {
   services: { api: { hooks: Record<string, Hook> } };
 }
 
-const infra = new URL('../infra', import.meta.url).pathname;
+const infra = new URL('../../infra', import.meta.url).pathname;
 const copies: string[] = [];
 afterEach(() => {
   for (const dir of copies.splice(0)) rmSync(dir, { recursive: true, force: true });
@@ -221,7 +221,7 @@ describe('infrastructure (offline Bicep checks)', () => {
   });
 
   it('azure.yaml follows azd conventions and deploys the package npm run package makes', () => {
-    const azure = parse(readFileSync(new URL('../azure.yaml', import.meta.url), 'utf8'));
+    const azure = parse(readFileSync(new URL('../../azure.yaml', import.meta.url), 'utf8'));
     expect(azure.name).toBe('mdvm-ingest');
     const api = azure.services.api;
     expect(api).toMatchObject({ project: '.', language: 'ts', host: 'function', remoteBuild: false });
@@ -229,7 +229,7 @@ describe('infrastructure (offline Bicep checks)', () => {
     expect(api.dist).toBe(`build/${STAGING_FOLDER}`);
     // azd rejects `remoteBuild: false` when the project's .funcignore excludes node_modules (azure-dev
     // resolveFunctionAppRemoteBuild), and it reads that file with gitignore rules.
-    const funcignore = ignore().add(readFileSync(new URL('../.funcignore', import.meta.url), 'utf8'));
+    const funcignore = ignore().add(readFileSync(new URL('../../.funcignore', import.meta.url), 'utf8'));
     expect(funcignore.ignores('node_modules/')).toBe(false);
     expect(funcignore.ignores('src/')).toBe(true);
     expect(funcignore.ignores('dist/src/functions/index.js')).toBe(false);
@@ -242,24 +242,24 @@ describe('infrastructure (offline Bicep checks)', () => {
     ['service prepackage', (azure: AzureYaml) => azure.services.api.hooks.prepackage],
     ['service predeploy', (azure: AzureYaml) => azure.services.api.hooks.predeploy],
   ])('the %s hook runs on Linux, macOS and Windows', (_name, hookOf) => {
-    const azure = parse(readFileSync(new URL('../azure.yaml', import.meta.url), 'utf8')) as AzureYaml;
+    const azure = parse(readFileSync(new URL('../../azure.yaml', import.meta.url), 'utf8')) as AzureYaml;
     const hook = hookOf(azure) ?? {};
     expect(hook.posix?.run).toBeTruthy();
     expect(hook.windows?.run).toBeTruthy();
     expect(hook.windows?.shell).toBe('pwsh');
     for (const variant of [hook.posix, hook.windows]) {
       const words = variant?.run.split(/\s+/) ?? [];
-      if (words[0] === 'node') expect(existsSync(new URL(`../${words[1]}`, import.meta.url)), words[1]).toBe(true);
+      if (words[0] === 'node') expect(existsSync(new URL(`../../${words[1]}`, import.meta.url)), words[1]).toBe(true);
       else expect(words.slice(0, 2)).toEqual(['npm', 'run']);
       if (words[0] === 'npm') {
-        const scripts = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).scripts;
+        const scripts = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')).scripts;
         expect(scripts[words[2] ?? '']).toBeTruthy();
       }
     }
   });
 
   it('the parameters file fills what azd knows', () => {
-    const parameters = JSON.parse(readFileSync(new URL('../infra/main.parameters.json', import.meta.url), 'utf8'));
+    const parameters = JSON.parse(readFileSync(new URL('../../infra/main.parameters.json', import.meta.url), 'utf8'));
     expect(parameters.parameters).toMatchObject({
       environmentName: { value: '${AZURE_ENV_NAME}' },
       location: { value: '${AZURE_LOCATION}' },

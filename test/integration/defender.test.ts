@@ -1,10 +1,10 @@
 import { ManagedIdentityCredential } from '@azure/identity';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { CallBudget } from '../src/core/callBudget.js';
-import { getExportType } from '../src/core/catalog.js';
-import { DefenderExportClient } from '../src/core/defenderClient.js';
-import { MdvmError } from '../src/core/errors.js';
-import { createApp, type Stack, startStack, tableRows } from './helpers/stack.js';
+import { CallBudget } from '../../src/core/callBudget.js';
+import { getExportType } from '../../src/core/catalog.js';
+import { DefenderExportClient } from '../../src/core/defenderClient.js';
+import { MdvmError } from '../../src/core/errors.js';
+import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {

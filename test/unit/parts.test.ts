@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { EXPORT_TYPES } from '../src/core/catalog.js';
-import { MdvmError } from '../src/core/errors.js';
+import { EXPORT_TYPES } from '../../src/core/catalog.js';
+import { MdvmError } from '../../src/core/errors.js';
 import {
   canonicalGeneratedTime,
   decodeKey,
@@ -8,7 +8,7 @@ import {
   landingPath,
   parseSourceUrl,
   snapshotIdOf,
-} from '../src/core/parts.js';
+} from '../../src/core/parts.js';
 
 const policy = { sourceHostAllowlist: ['*.blob.core.windows.net'], allowLoopback: false };
 const url = (host: string, rest = '', scheme = 'https') =>

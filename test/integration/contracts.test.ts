@@ -1,9 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { completeSnapshotIfReady } from '../src/core/completion.js';
-import { encodeKey, partsPartitionKey } from '../src/core/parts.js';
-import { Telemetry } from '../src/core/telemetry.js';
-import { verifyLanding } from '../src/ops/verify.js';
-import { createApp, type Stack, startStack } from './helpers/stack.js';
+import { completeSnapshotIfReady } from '../../src/core/completion.js';
+import { encodeKey, partsPartitionKey } from '../../src/core/parts.js';
+import { Telemetry } from '../../src/core/telemetry.js';
+import { verifyLanding } from '../../src/ops/verify.js';
+import { createApp, type Stack, startStack } from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {
