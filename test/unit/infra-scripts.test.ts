@@ -142,32 +142,38 @@ interface Run {
   graph: GraphState['requests'];
 }
 
-/** Runs the script as azd runs the hook, `node <script>`; asynchronously, so the fake Graph can answer. */
+/** Runs a hook script as azd does, `node <script>`, asynchronously (so a fake Graph in this process can answer). */
+async function runNode(
+  path: string,
+  args: string[],
+  env: Record<string, string | undefined>,
+): Promise<{ status: number | null; out: string }> {
+  const child = spawn(process.execPath, [path, ...args], { env });
+  let out = '';
+  const collect = (chunk: Buffer) => {
+    out += chunk;
+  };
+  child.stdout.on('data', collect);
+  child.stderr.on('data', collect);
+  const status = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  return { status, out };
+}
+
 async function run(args: string[], env: Record<string, string | undefined> = {}): Promise<Run> {
   writeFileSync(logFile, '');
   const base: Record<string, string | undefined> = { ...process.env };
   delete base.AZURE_MANAGED_IDENTITY_PRINCIPAL_ID;
-  const child = spawn(process.execPath, [script, ...args], {
-    env: {
-      ...base,
-      AZ: fakeAz,
-      AZD: join(dir, 'no-azd-here'),
-      GRAPH_ENDPOINT: graphEndpoint,
-      GRANT_RETRY_DELAY_SECONDS: '0',
-      GRANT_LOOKUP_ATTEMPTS: '2',
-      FAKE_AZ_LOG: logFile,
-      FAKE_TOKEN,
-      ...env,
-    },
+  const { status, out } = await runNode(script, args, {
+    ...base,
+    AZ: fakeAz,
+    AZD: join(dir, 'no-azd-here'),
+    GRAPH_ENDPOINT: graphEndpoint,
+    GRANT_RETRY_DELAY_SECONDS: '0',
+    GRANT_LOOKUP_ATTEMPTS: '2',
+    FAKE_AZ_LOG: logFile,
+    FAKE_TOKEN,
+    ...env,
   });
-  let out = '';
-  child.stdout.on('data', (chunk) => {
-    out += chunk;
-  });
-  child.stderr.on('data', (chunk) => {
-    out += chunk;
-  });
-  const status = await new Promise<number | null>((resolve) => child.on('close', resolve));
   const azCalls = readFileSync(logFile, 'utf8')
     .split('\n')
     .filter((line) => line !== '')
@@ -357,20 +363,13 @@ describe('infra/scripts/wait-for-role-propagation.mjs', () => {
   });
   afterAll(() => rmSync(azDir, { recursive: true, force: true }));
 
-  async function wait(env: Record<string, string>): Promise<{ status: number | null; out: string }> {
-    const child = spawn(process.execPath, [waitScript], {
-      env: { PATH: process.env.PATH ?? '', AZ: roleAz, AZURE_MANAGED_IDENTITY_PRINCIPAL_ID: PRINCIPAL_ID, ...env },
+  const wait = (env: Record<string, string>) =>
+    runNode(waitScript, [], {
+      PATH: process.env.PATH ?? '',
+      AZ: roleAz,
+      AZURE_MANAGED_IDENTITY_PRINCIPAL_ID: PRINCIPAL_ID,
+      ...env,
     });
-    let out = '';
-    child.stdout.on('data', (c) => {
-      out += c;
-    });
-    child.stderr.on('data', (c) => {
-      out += c;
-    });
-    const status = await new Promise<number | null>((resolve) => child.on('close', resolve));
-    return { status, out };
-  }
   const assignmentsCreated = (...agesInSeconds: number[]) =>
     JSON.stringify(agesInSeconds.map((age) => ({ createdOn: new Date(Date.now() - age * 1000).toISOString() })));
 
