@@ -231,10 +231,9 @@ export const SETTING_NAMES = Object.keys(settingsSchema.shape) as SettingName[];
 
 export type StorageEndpoint =
   | { kind: 'connection-string'; connectionString: string }
-  | { kind: 'identity'; url: string; clientId?: string };
+  | { kind: 'identity'; url: string };
 
 export interface AppConfig {
-  readonly settings: Settings;
   readonly exports: readonly ExportId[];
   readonly schedule: string;
   readonly defender: {
@@ -286,13 +285,11 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     );
   }
   const s = parsed.data;
-  const clientId = s.AZURE_CLIENT_ID;
   const runtime = (uri: string | undefined): StorageEndpoint =>
     s.AzureWebJobsStorage !== undefined
       ? { kind: 'connection-string', connectionString: s.AzureWebJobsStorage }
-      : { kind: 'identity', url: uri ?? '', ...(clientId ? { clientId } : {}) };
+      : { kind: 'identity', url: uri ?? '' };
   return {
-    settings: s,
     exports: s.MDVM_EXPORTS,
     schedule: s.MDVM_SCHEDULE,
     defender: {
@@ -311,11 +308,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       blob:
         s.MDVM_LANDING_CONNECTION_STRING !== undefined
           ? { kind: 'connection-string', connectionString: s.MDVM_LANDING_CONNECTION_STRING }
-          : {
-              kind: 'identity',
-              url: s.MDVM_LANDING_BLOB_ENDPOINT ?? '',
-              ...(s.AZURE_CLIENT_ID ? { clientId: s.AZURE_CLIENT_ID } : {}),
-            },
+          : { kind: 'identity', url: s.MDVM_LANDING_BLOB_ENDPOINT ?? '' },
       container: s.MDVM_LANDING_CONTAINER,
     },
     queueName: s.MDVM_PARTS_QUEUE,

@@ -1,4 +1,5 @@
 import { odata, type TableClient, type TableEntityResult, type TransactionAction } from '@azure/data-tables';
+import type { ZodType } from 'zod';
 import { contractProblems, type PartRow, partRowSchema, type SnapshotRow, snapshotRowSchema } from './contracts.js';
 import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
 import { decodeKey, encodeKey, partsPartitionKey } from './parts.js';
@@ -10,79 +11,6 @@ export interface Versioned<T> {
   readonly etag: string;
 }
 
-type Entity = Record<string, unknown> & { partitionKey: string; rowKey: string };
-
-const TRANSACTION_LIMIT = 100;
-
-/** Drop undefined so a merge never writes a null over a value. */
-function defined(entity: Record<string, unknown>): Record<string, unknown> {
-  return Object.fromEntries(Object.entries(entity).filter(([, v]) => v !== undefined));
-}
-
-/** A row is checked against its contract before it is written; what is written is the row as given. */
-function checked<T>(schema: typeof snapshotRowSchema | typeof partRowSchema, row: T, what: string): T {
-  const result = schema.safeParse(row);
-  if (!result.success) {
-    throw new MdvmError(
-      'fatal',
-      `refusing to write a ${what} that breaks its contract: ${contractProblems(result.error)}`,
-    );
-  }
-  return row;
-}
-
-function snapshotEntity(row: SnapshotRow): Entity {
-  const { exportId, generatedTime, ...rest } = checked(
-    snapshotRowSchema,
-    row,
-    `snapshots row ${row.exportId}/${row.generatedTime}`,
-  );
-  return { partitionKey: exportId, rowKey: generatedTime, ...defined(rest) };
-}
-
-function partEntity(row: PartRow): Entity {
-  const { exportId, snapshotId, ...rest } = checked(partRowSchema, row, `parts row ${row.snapshotId}/${row.path}`);
-  return {
-    partitionKey: partsPartitionKey(exportId, snapshotId),
-    rowKey: encodeKey(row.path),
-    exportId,
-    snapshotId,
-    ...defined(rest),
-  };
-}
-
-/** A row read back is parsed with its contract: a corrupted row stops here, with its keys and what is wrong. */
-function fromEntity<T>(
-  schema: { safeParse(value: unknown): { success: true; data: T } | { success: false; error: import('zod').ZodError } },
-  raw: Record<string, unknown>,
-  what: string,
-): T {
-  const result = schema.safeParse(raw);
-  if (!result.success) {
-    throw new MdvmError('fatal', `${what} breaks its contract (docs/contracts.md): ${contractProblems(result.error)}`);
-  }
-  return result.data;
-}
-
-/** The entity without the table's own properties. */
-function properties(e: TableEntityResult<Record<string, unknown>>): Record<string, unknown> {
-  const { partitionKey: _pk, rowKey: _rk, etag: _etag, timestamp: _ts, 'odata.metadata': _m, ...rest } = e;
-  // A cleared error is stored as '' (a merge cannot delete a property).
-  if (rest.lastError === '') delete rest.lastError;
-  return rest;
-}
-
-function toSnapshot(e: TableEntityResult<Record<string, unknown>>): SnapshotRow {
-  const raw = { ...properties(e), exportId: e.partitionKey, generatedTime: e.rowKey };
-  return fromEntity(snapshotRowSchema, raw, `snapshots row ${e.partitionKey}/${e.rowKey}`);
-}
-
-function toPart(e: TableEntityResult<Record<string, unknown>>): PartRow {
-  const rest = properties(e);
-  const raw = { ...rest, path: (rest.path as string | undefined) ?? decodeKey(e.rowKey ?? '') };
-  return fromEntity(partRowSchema, raw, `parts row ${e.partitionKey}/${String(raw.path)}`);
-}
-
 /** Thrown by conditional updates when someone else changed the row first. */
 export class ConcurrentUpdateError extends Error {
   constructor() {
@@ -90,139 +18,247 @@ export class ConcurrentUpdateError extends Error {
   }
 }
 
-export class ManifestStore {
+type Entity = Record<string, unknown> & { partitionKey: string; rowKey: string };
+
+const TRANSACTION_LIMIT = 100;
+
+/** How one kind of row maps to a table entity, and the contract it is checked against both ways. */
+interface RowMapping<T> {
+  /** `snapshots row`, `parts row`: names the row in errors. */
+  readonly what: string;
+  readonly schema: ZodType<T>;
+  readonly keysOf: (row: T) => { partitionKey: string; rowKey: string };
+  /** The row's own properties from an entity's (the table's keys and system properties already removed). */
+  readonly fromProperties: (properties: Record<string, unknown>, partitionKey: string, rowKey: string) => unknown;
+  /** Properties the keys already carry and the entity does not repeat. */
+  readonly keyFields: readonly (keyof T & string)[];
+}
+
+/**
+ * One table of contract-checked rows: read, list, create, insert in transactions, and read-modify-write under the
+ * row's ETag. Every row is parsed with its schema when written and when read.
+ */
+class RowTable<T extends object> {
   constructor(
-    private readonly snapshots: TableClient,
-    private readonly parts: TableClient,
+    private readonly table: TableClient,
+    private readonly mapping: RowMapping<T>,
   ) {}
 
-  async getSnapshot(exportId: string, generatedTime: string): Promise<Versioned<SnapshotRow> | undefined> {
+  async get(partitionKey: string, rowKey: string): Promise<Versioned<T> | undefined> {
     try {
-      const e = await this.snapshots.getEntity<Record<string, unknown>>(exportId, generatedTime);
-      return { value: toSnapshot(e), etag: e.etag };
+      const e = await this.table.getEntity<Record<string, unknown>>(partitionKey, rowKey);
+      return { value: this.toRow(e), etag: e.etag };
     } catch (error) {
       if (isStorageCondition(error, 'not-found')) return undefined;
-      throw classifyStorageError(error, 'read snapshot row');
+      throw classifyStorageError(error, `read ${this.mapping.what}`);
     }
   }
 
-  async listSnapshots(exportId: string): Promise<Versioned<SnapshotRow>[]> {
-    const out: Versioned<SnapshotRow>[] = [];
+  async list(partitionKey: string): Promise<Versioned<T>[]> {
+    const out: Versioned<T>[] = [];
     try {
-      for await (const e of this.snapshots.listEntities<Record<string, unknown>>({
-        queryOptions: { filter: odata`PartitionKey eq ${exportId}` },
+      for await (const e of this.table.listEntities<Record<string, unknown>>({
+        queryOptions: { filter: odata`PartitionKey eq ${partitionKey}` },
       })) {
-        out.push({ value: toSnapshot(e), etag: e.etag });
+        out.push({ value: this.toRow(e), etag: e.etag });
       }
     } catch (error) {
-      throw classifyStorageError(error, 'list snapshot rows');
-    }
-    return out.sort((a, b) => a.value.generatedTime.localeCompare(b.value.generatedTime));
-  }
-
-  /** Insert; if a concurrent caller inserted first, return theirs. */
-  async createSnapshot(row: SnapshotRow): Promise<Versioned<SnapshotRow>> {
-    try {
-      await this.snapshots.createEntity(snapshotEntity(row));
-    } catch (error) {
-      if (!isStorageCondition(error, 'already-exists', 'conflict'))
-        throw classifyStorageError(error, 'create snapshot row');
-    }
-    const created = await this.getSnapshot(row.exportId, row.generatedTime);
-    if (!created) throw classifyStorageError(new Error('snapshot row vanished after insert'), 'create snapshot row');
-    return created;
-  }
-
-  /** Merge `changes` only if the row still has `etag`; ConcurrentUpdateError otherwise. */
-  async updateSnapshot(current: Versioned<SnapshotRow>, changes: Partial<SnapshotRow>): Promise<void> {
-    const entity = snapshotEntity({ ...current.value, ...changes });
-    try {
-      await this.snapshots.updateEntity(entity, 'Merge', { etag: current.etag });
-    } catch (error) {
-      if (isStorageCondition(error, 'precondition-failed')) throw new ConcurrentUpdateError();
-      throw classifyStorageError(error, 'update snapshot row');
-    }
-  }
-
-  /**
-   * Read-modify-write with optimistic concurrency, retried until it sticks.
-   * `change` returns undefined to leave the row alone.
-   */
-  async mutateSnapshot(
-    exportId: string,
-    generatedTime: string,
-    change: (row: SnapshotRow) => Partial<SnapshotRow> | undefined,
-  ): Promise<SnapshotRow | undefined> {
-    const result = await optimistically(
-      () => this.getSnapshot(exportId, generatedTime),
-      (current, changes) => this.updateSnapshot(current, changes),
-      change,
-      'snapshot row',
-    );
-    return result?.value;
-  }
-
-  async getPart(exportId: string, snapshotId: string, path: string): Promise<Versioned<PartRow> | undefined> {
-    try {
-      const e = await this.parts.getEntity<Record<string, unknown>>(
-        partsPartitionKey(exportId, snapshotId),
-        encodeKey(path),
-      );
-      return { value: toPart(e), etag: e.etag };
-    } catch (error) {
-      if (isStorageCondition(error, 'not-found')) return undefined;
-      throw classifyStorageError(error, 'read part row');
-    }
-  }
-
-  async listParts(exportId: string, snapshotId: string): Promise<Versioned<PartRow>[]> {
-    const out: Versioned<PartRow>[] = [];
-    const pk = partsPartitionKey(exportId, snapshotId);
-    try {
-      for await (const e of this.parts.listEntities<Record<string, unknown>>({
-        queryOptions: { filter: odata`PartitionKey eq ${pk}` },
-      })) {
-        out.push({ value: toPart(e), etag: e.etag });
-      }
-    } catch (error) {
-      throw classifyStorageError(error, 'list part rows');
+      throw classifyStorageError(error, `list ${this.mapping.what}s`);
     }
     return out;
   }
 
+  /** Insert; if a concurrent caller inserted first, theirs stands. Returns the row as stored. */
+  async create(row: T): Promise<Versioned<T>> {
+    const entity = this.toEntity(row);
+    try {
+      await this.table.createEntity(entity);
+    } catch (error) {
+      if (!isStorageCondition(error, 'already-exists', 'conflict')) {
+        throw classifyStorageError(error, `create ${this.mapping.what}`);
+      }
+    }
+    const created = await this.get(entity.partitionKey, entity.rowKey);
+    if (!created) throw classifyStorageError(new Error('row vanished after insert'), `create ${this.mapping.what}`);
+    return created;
+  }
+
   /**
-   * Insert part rows that do not exist yet, in transactions of at most 100 (one partition).
+   * Insert rows that do not exist yet, in transactions of at most 100 (callers pass one partition).
    * A transaction that collides with a concurrent insert falls back to row-by-row inserts.
    */
-  async insertParts(rows: readonly PartRow[]): Promise<void> {
+  async insertMany(rows: readonly T[]): Promise<void> {
     for (let i = 0; i < rows.length; i += TRANSACTION_LIMIT) {
-      const chunk = rows.slice(i, i + TRANSACTION_LIMIT);
-      const actions: TransactionAction[] = chunk.map((row) => ['create', partEntity(row)]);
+      const entities = rows.slice(i, i + TRANSACTION_LIMIT).map((row) => this.toEntity(row));
+      const actions: TransactionAction[] = entities.map((entity) => ['create', entity]);
       try {
-        await this.parts.submitTransaction(actions);
+        await this.table.submitTransaction(actions);
       } catch (error) {
-        if (!isStorageCondition(error, 'already-exists', 'conflict'))
-          throw classifyStorageError(error, 'insert part rows');
-        for (const row of chunk) {
+        if (!isStorageCondition(error, 'already-exists', 'conflict')) {
+          throw classifyStorageError(error, `insert ${this.mapping.what}s`);
+        }
+        for (const entity of entities) {
           try {
-            await this.parts.createEntity(partEntity(row));
+            await this.table.createEntity(entity);
           } catch (inner) {
-            if (!isStorageCondition(inner, 'already-exists', 'conflict'))
-              throw classifyStorageError(inner, 'insert part row');
+            if (!isStorageCondition(inner, 'already-exists', 'conflict')) {
+              throw classifyStorageError(inner, `insert ${this.mapping.what}`);
+            }
           }
         }
       }
     }
   }
 
-  async updatePart(current: Versioned<PartRow>, changes: Partial<PartRow>): Promise<void> {
-    const entity = partEntity({ ...current.value, ...changes });
+  /** Merge `changes` only if the row still has `etag`; ConcurrentUpdateError otherwise. */
+  async update(current: Versioned<T>, changes: Partial<T>): Promise<void> {
     try {
-      await this.parts.updateEntity(entity, 'Merge', { etag: current.etag });
+      await this.table.updateEntity(this.toEntity({ ...current.value, ...changes }), 'Merge', { etag: current.etag });
     } catch (error) {
       if (isStorageCondition(error, 'precondition-failed')) throw new ConcurrentUpdateError();
-      throw classifyStorageError(error, 'update part row');
+      throw classifyStorageError(error, `update ${this.mapping.what}`);
     }
+  }
+
+  /**
+   * Read-modify-write with optimistic concurrency (ETag), retried with jitter until it sticks. `change` returns
+   * undefined to leave the row alone. Undefined when the row does not exist.
+   */
+  async mutate(
+    partitionKey: string,
+    rowKey: string,
+    change: (row: T) => Partial<T> | undefined,
+  ): Promise<{ value: T; changed: boolean } | undefined> {
+    for (let attempt = 0; attempt < 50; attempt++) {
+      const current = await this.get(partitionKey, rowKey);
+      if (!current) return undefined;
+      const changes = change(current.value);
+      if (!changes) return { value: current.value, changed: false };
+      try {
+        await this.update(current, changes);
+        return { value: { ...current.value, ...changes }, changed: true };
+      } catch (error) {
+        if (!(error instanceof ConcurrentUpdateError)) throw error;
+        await new Promise((r) => setTimeout(r, Math.random() * 20 * (attempt + 1)));
+      }
+    }
+    const what = this.mapping.what;
+    throw classifyStorageError(new Error(`too much contention on the ${what}`), `update ${what}`);
+  }
+
+  /** The entity for a row, after checking the row against its contract; the row is written as given. */
+  private toEntity(row: T): Entity {
+    const keys = this.mapping.keysOf(row);
+    const result = this.mapping.schema.safeParse(row);
+    if (!result.success) {
+      throw new MdvmError(
+        'fatal',
+        `refusing to write a ${this.mapping.what} ${keys.partitionKey}/${keys.rowKey} that breaks its contract: ${contractProblems(result.error)}`,
+      );
+    }
+    // Undefined is dropped so a merge never writes a null over a value.
+    const properties = Object.entries(row).filter(
+      ([key, value]) => value !== undefined && !(this.mapping.keyFields as readonly string[]).includes(key),
+    );
+    return { ...keys, ...Object.fromEntries(properties) };
+  }
+
+  /** A row read back is parsed with its contract: a corrupted row stops here, with its keys and what is wrong. */
+  private toRow(e: TableEntityResult<Record<string, unknown>>): T {
+    const { partitionKey, rowKey, etag: _etag, timestamp: _ts, 'odata.metadata': _m, ...properties } = e;
+    // A cleared error is stored as '' (a merge cannot delete a property).
+    if (properties.lastError === '') delete properties.lastError;
+    const raw = this.mapping.fromProperties(properties, partitionKey ?? '', rowKey ?? '');
+    const result = this.mapping.schema.safeParse(raw);
+    if (!result.success) {
+      const name = `${partitionKey}/${(raw as { path?: string }).path ?? rowKey}`;
+      throw new MdvmError(
+        'fatal',
+        `${this.mapping.what} ${name} breaks its contract (docs/contracts.md): ${contractProblems(result.error)}`,
+      );
+    }
+    return result.data;
+  }
+}
+
+/** `snapshots`: PartitionKey = export id, RowKey = generatedTime. */
+const SNAPSHOT_ROWS: RowMapping<SnapshotRow> = {
+  what: 'snapshots row',
+  schema: snapshotRowSchema,
+  keysOf: (row) => ({ partitionKey: row.exportId, rowKey: row.generatedTime }),
+  fromProperties: (properties, partitionKey, rowKey) => ({
+    ...properties,
+    exportId: partitionKey,
+    generatedTime: rowKey,
+  }),
+  keyFields: ['exportId', 'generatedTime'],
+};
+
+/** `parts`: PartitionKey = `{export}_{snapshot}`, RowKey = encoded part path (the row also keeps `path`). */
+const PART_ROWS: RowMapping<PartRow> = {
+  what: 'parts row',
+  schema: partRowSchema,
+  keysOf: (row) => ({ partitionKey: partsPartitionKey(row.exportId, row.snapshotId), rowKey: encodeKey(row.path) }),
+  fromProperties: (properties, _partitionKey, rowKey) => ({
+    ...properties,
+    path: (properties.path as string | undefined) ?? decodeKey(rowKey),
+  }),
+  keyFields: [],
+};
+
+/** The manifest tables: what the tick records and the copies update. */
+export class ManifestStore {
+  private readonly snapshots: RowTable<SnapshotRow>;
+  private readonly parts: RowTable<PartRow>;
+
+  constructor(snapshotsTable: TableClient, partsTable: TableClient) {
+    this.snapshots = new RowTable(snapshotsTable, SNAPSHOT_ROWS);
+    this.parts = new RowTable(partsTable, PART_ROWS);
+  }
+
+  getSnapshot(exportId: string, generatedTime: string): Promise<Versioned<SnapshotRow> | undefined> {
+    return this.snapshots.get(exportId, generatedTime);
+  }
+
+  /** Every snapshot of an export, oldest first. */
+  async listSnapshots(exportId: string): Promise<Versioned<SnapshotRow>[]> {
+    const rows = await this.snapshots.list(exportId);
+    return rows.sort((a, b) => a.value.generatedTime.localeCompare(b.value.generatedTime));
+  }
+
+  /** Insert; if a concurrent caller inserted first, return theirs. */
+  createSnapshot(row: SnapshotRow): Promise<Versioned<SnapshotRow>> {
+    return this.snapshots.create(row);
+  }
+
+  updateSnapshot(current: Versioned<SnapshotRow>, changes: Partial<SnapshotRow>): Promise<void> {
+    return this.snapshots.update(current, changes);
+  }
+
+  /** Read-modify-write under the row's ETag until it sticks; `change` returns undefined to leave it alone. */
+  async mutateSnapshot(
+    exportId: string,
+    generatedTime: string,
+    change: (row: SnapshotRow) => Partial<SnapshotRow> | undefined,
+  ): Promise<SnapshotRow | undefined> {
+    return (await this.snapshots.mutate(exportId, generatedTime, change))?.value;
+  }
+
+  getPart(exportId: string, snapshotId: string, path: string): Promise<Versioned<PartRow> | undefined> {
+    return this.parts.get(partsPartitionKey(exportId, snapshotId), encodeKey(path));
+  }
+
+  listParts(exportId: string, snapshotId: string): Promise<Versioned<PartRow>[]> {
+    return this.parts.list(partsPartitionKey(exportId, snapshotId));
+  }
+
+  /** Insert part rows (of one snapshot) that do not exist yet, 100 to a transaction. */
+  insertParts(rows: readonly PartRow[]): Promise<void> {
+    return this.parts.insertMany(rows);
+  }
+
+  updatePart(current: Versioned<PartRow>, changes: Partial<PartRow>): Promise<void> {
+    return this.parts.update(current, changes);
   }
 
   /** Like mutateSnapshot, for a part row. Returns the row as written, or undefined if left alone. */
@@ -232,38 +268,7 @@ export class ManifestStore {
     path: string,
     change: (row: PartRow) => Partial<PartRow> | undefined,
   ): Promise<PartRow | undefined> {
-    const result = await optimistically(
-      () => this.getPart(exportId, snapshotId, path),
-      (current, changes) => this.updatePart(current, changes),
-      change,
-      'part row',
-    );
+    const result = await this.parts.mutate(partsPartitionKey(exportId, snapshotId), encodeKey(path), change);
     return result?.changed ? result.value : undefined;
   }
-}
-
-/**
- * Read-modify-write with optimistic concurrency (ETag), retried with jitter until it sticks.
- * `change` returns undefined to leave the row alone. Undefined when the row does not exist.
- */
-async function optimistically<T>(
-  read: () => Promise<Versioned<T> | undefined>,
-  write: (current: Versioned<T>, changes: Partial<T>) => Promise<void>,
-  change: (row: T) => Partial<T> | undefined,
-  what: string,
-): Promise<{ value: T; changed: boolean } | undefined> {
-  for (let attempt = 0; attempt < 50; attempt++) {
-    const current = await read();
-    if (!current) return undefined;
-    const changes = change(current.value);
-    if (!changes) return { value: current.value, changed: false };
-    try {
-      await write(current, changes);
-      return { value: { ...current.value, ...changes }, changed: true };
-    } catch (error) {
-      if (!(error instanceof ConcurrentUpdateError)) throw error;
-      await new Promise((r) => setTimeout(r, Math.random() * 20 * (attempt + 1)));
-    }
-  }
-  throw classifyStorageError(new Error(`too much contention on the ${what}`), `update ${what}`);
 }

@@ -74,12 +74,10 @@ describe('configuration', () => {
       MDVM_LANDING_BLOB_ENDPOINT: 'https://land.blob.core.windows.net',
       AZURE_CLIENT_ID: '00000000-0000-0000-0000-000000000001',
     });
-    expect(config.runtimeStorage.queue).toEqual({
-      kind: 'identity',
-      url: 'https://acct.queue.core.windows.net',
-      clientId: '00000000-0000-0000-0000-000000000001',
-    });
-    expect(config.landing.blob.kind).toBe('identity');
+    expect(config.runtimeStorage.queue).toEqual({ kind: 'identity', url: 'https://acct.queue.core.windows.net' });
+    expect(config.landing.blob).toEqual({ kind: 'identity', url: 'https://land.blob.core.windows.net' });
+    // One credential for every client: the user-assigned identity's client id goes to DefaultAzureCredential.
+    expect(config.managedIdentityClientId).toBe('00000000-0000-0000-0000-000000000001');
   });
 
   it('lets a loopback Defender URL through only with MDVM_ALLOW_LOOPBACK', () => {
