@@ -1,3 +1,4 @@
+import type { ExportId } from './catalog.js';
 import { completeSnapshotIfReady } from './completion.js';
 import { errorMessage, MdvmError } from './errors.js';
 import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
@@ -56,6 +57,8 @@ export async function landPart(
   }
   if (row.value.status === 'landed') {
     telemetry.track('part', { ...base, outcome: 'duplicate' });
+    // The delivery that landed it may have died before its completion check: check again, it is one read.
+    await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
     return { outcome: 'duplicate' };
   }
   const snapshot = await runtime.store.getSnapshot(exportId, message.generatedTime);
@@ -102,7 +105,7 @@ export async function landPart(
     await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
       r.status === 'landed' ? undefined : { lastError: failure.message, ...(lastAttempt ? { status: 'failed' } : {}) },
     );
-    if (lastAttempt) await markSnapshotFailedIfStuck(runtime, exportId, snapshotId, message.generatedTime);
+    if (lastAttempt) await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
     telemetry.track('part', {
       ...base,
       outcome: lastAttempt ? 'failed' : 'retry',
@@ -132,10 +135,6 @@ export async function landPart(
     telemetry.track('part', { ...base, outcome: 'duplicate' });
     return { outcome: 'duplicate' };
   }
-  // A snapshot completed meanwhile (by a timer's reconcile) already counted this part from the listing.
-  const counted = await runtime.store.mutateSnapshot(exportId, message.generatedTime, (s) =>
-    s.status === 'complete' ? undefined : { partsLanded: s.partsLanded + 1, bytesLanded: s.bytesLanded + copied.bytes },
-  );
   telemetry.track('part', {
     ...base,
     outcome: 'landed',
@@ -144,31 +143,45 @@ export async function landPart(
     durationMs: Date.now() - started,
     method: copied.method,
   });
-  if (counted && counted.partsLanded >= counted.partCount) {
-    await completeSnapshotIfReady(runtime, telemetry, exportId, message.generatedTime);
-  } else if (counted?.lastError) {
-    // Only snapshots that already had trouble pay for the listing: this may have been the last part in flight.
-    await markSnapshotFailedIfStuck(runtime, exportId, snapshotId, message.generatedTime);
-  }
+  // No shared counter to bump (docs/adr/0005): every landing asks the parts table whether anything is left.
+  // The flip above is committed before this read, so of two parts landing at once at least the later one sees
+  // none left; completion itself is safe to run twice.
+  await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
   return { outcome: 'landed' };
 }
 
 /**
- * A snapshot is `failed` when nothing of it is in flight any more and a part failed for good (source gone,
- * corrupt, or out of attempts). The next timer tick still retries those parts with fresh URLs and puts the
- * snapshot back to `copying`; until then `failed` is what status and monitoring should see.
+ * After a part settles: complete the snapshot when no part is left. When nothing is in flight any more but parts
+ * are left (expired, or failed for good: source gone, corrupt, out of attempts), bring the snapshot row's counters
+ * up to the part rows, once per stall, and mark it `failed` if a part failed. The next timer tick retries those
+ * parts with fresh URLs and puts the snapshot back to `copying`; until then the row says where it stopped.
  */
-async function markSnapshotFailedIfStuck(
+async function settleSnapshot(
   runtime: Runtime,
-  exportId: string,
+  telemetry: Telemetry,
+  exportId: ExportId,
   snapshotId: string,
   generatedTime: string,
 ): Promise<void> {
-  const parts = (await runtime.store.listParts(exportId, snapshotId)).map((p) => p.value);
-  if (parts.some((p) => p.status === 'queued') || !parts.some((p) => p.status === 'failed')) return;
-  await runtime.store.mutateSnapshot(exportId, generatedTime, (s) =>
-    s.status === 'copying' || s.status === 'requested' ? { status: 'failed' } : undefined,
-  );
+  const progress = await runtime.store.partProgress(exportId, snapshotId);
+  if (progress.state === 'all-landed') {
+    await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
+  } else if (progress.state === 'stuck') {
+    const landed = (await runtime.store.listParts(exportId, snapshotId))
+      .map((p) => p.value)
+      .filter((p) => p.status === 'landed');
+    await runtime.store.mutateSnapshot(exportId, generatedTime, (s) => {
+      if (s.status !== 'copying' && s.status !== 'requested') return undefined;
+      return {
+        partsLanded: Math.max(s.partsLanded, landed.length),
+        bytesLanded: Math.max(
+          s.bytesLanded,
+          landed.reduce((sum, p) => sum + (p.bytes ?? 0), 0),
+        ),
+        ...(progress.failed ? { status: 'failed' as const } : {}),
+      };
+    });
+  }
 }
 
 async function markUnlandable(
@@ -184,8 +197,7 @@ async function markUnlandable(
   await runtime.store.mutateSnapshot(message.export, message.generatedTime, (s) =>
     s.status === 'complete' ? undefined : { lastError: redact(`${message.part}: ${reason}`) },
   );
-  if (status === 'failed')
-    await markSnapshotFailedIfStuck(runtime, message.export, message.snapshot, message.generatedTime);
+  await settleSnapshot(runtime, telemetry, message.export, message.snapshot, message.generatedTime);
   telemetry.track('part', {
     export: message.export,
     snapshot: message.snapshot,

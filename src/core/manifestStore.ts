@@ -68,6 +68,22 @@ class RowTable<T extends object> {
     return out;
   }
 
+  /**
+   * Only the named properties of the rows of a partition that match `filter` (an odata expression), unparsed:
+   * a projection is not a row, so no contract applies. Follows continuation tokens lazily; stop early by breaking.
+   */
+  async *project(partitionKey: string, filter: string, select: string[]): AsyncIterable<Record<string, unknown>> {
+    try {
+      for await (const e of this.table.listEntities<Record<string, unknown>>({
+        queryOptions: { filter: `${odata`PartitionKey eq ${partitionKey}`} and (${filter})`, select },
+      })) {
+        yield e;
+      }
+    } catch (error) {
+      throw classifyStorageError(error, `query ${this.mapping.what}s`);
+    }
+  }
+
   /** Insert; if a concurrent caller inserted first, theirs stands. Returns the row as stored. */
   async create(row: T): Promise<Versioned<T>> {
     const entity = this.toEntity(row);
@@ -259,6 +275,27 @@ export class ManifestStore {
 
   updatePart(current: Versioned<PartRow>, changes: Partial<PartRow>): Promise<void> {
     return this.parts.update(current, changes);
+  }
+
+  /**
+   * Where a snapshot's parts stand, from the rows that are not landed yet, without reading the landed ones:
+   * `in-flight` as soon as one is queued (usually the first row read), `all-landed` when none is left,
+   * `stuck` when the rest are expired or failed (`failed` says whether any failed for good).
+   */
+  async partProgress(
+    exportId: string,
+    snapshotId: string,
+  ): Promise<{ state: 'in-flight' } | { state: 'all-landed' } | { state: 'stuck'; failed: boolean }> {
+    let failed = false;
+    let remaining = 0;
+    for await (const row of this.parts.project(partsPartitionKey(exportId, snapshotId), odata`status ne ${'landed'}`, [
+      'status',
+    ])) {
+      if (row.status === 'queued') return { state: 'in-flight' };
+      remaining++;
+      if (row.status === 'failed') failed = true;
+    }
+    return remaining === 0 ? { state: 'all-landed' } : { state: 'stuck', failed };
   }
 
   /** Like mutateSnapshot, for a part row. Returns the row as written, or undefined if left alone. */

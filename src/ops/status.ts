@@ -1,4 +1,5 @@
 import type { ExportId } from '../core/catalog.js';
+import type { SnapshotRow } from '../core/contracts.js';
 import type { Runtime } from '../core/runtime.js';
 import { formatBytes, formatColumns } from './summary.js';
 
@@ -32,7 +33,10 @@ export async function exportStatus(runtime: Runtime, exportIds: readonly ExportI
   const now = runtime.now();
   const exports = await Promise.all(
     exportIds.map(async (exportId): Promise<ExportStatus> => {
-      const rows = (await runtime.store.listSnapshots(exportId)).map((r) => r.value);
+      // The snapshot row's counters are exact once it is complete; until then the part rows are the progress.
+      const rows = await Promise.all(
+        (await runtime.store.listSnapshots(exportId)).map((r) => withLiveCounts(runtime, r.value)),
+      );
       const newest = rows.at(-1);
       const lastComplete = [...rows].reverse().find((r) => r.status === 'complete');
       return {
@@ -59,6 +63,18 @@ export async function exportStatus(runtime: Runtime, exportIds: readonly ExportI
     }),
   );
   return { v: 1, generatedAt: now.toISOString(), exports };
+}
+
+async function withLiveCounts(runtime: Runtime, row: SnapshotRow): Promise<SnapshotRow> {
+  if (row.status === 'complete') return row;
+  const landed = (await runtime.store.listParts(row.exportId, row.snapshotId))
+    .map((p) => p.value)
+    .filter((p) => p.status === 'landed');
+  return {
+    ...row,
+    partsLanded: landed.length,
+    bytesLanded: landed.reduce((sum, p) => sum + (p.bytes ?? 0), 0),
+  };
 }
 
 export function renderStatus(report: StatusReport): string {

@@ -245,21 +245,23 @@ describe('bad input and failures', () => {
     expect(crashedRow).toMatchObject({ status: 'landed', attempts: 2 });
   });
 
-  it('heals counters that lag after a crash between landing a part and counting it', async () => {
+  it('completes a snapshot whose last part landed just before a crash, on the redelivery, copying nothing again', async () => {
     let crashes = 0;
     const app = await createApp(
       stack,
       { MDVM_EXPORTS: 'software-inventory-noncpe' },
       {
+        workers: 1,
         wrapRuntime: (real) => {
           const store = Object.create(real.store) as typeof real.store;
-          store.mutateSnapshot = async (exportId, generatedTime, change) => {
-            // The process dies right after the part row says landed, before the snapshot counts it.
-            const probe = change({ partsLanded: 0, bytesLanded: 0 } as never);
-            if (probe && 'partsLanded' in probe && probe.partsLanded === 1 && crashes++ === 0) {
-              throw new Error('simulated crash before counting');
+          store.partProgress = async (exportId, snapshotId) => {
+            const progress = await real.store.partProgress(exportId, snapshotId);
+            // The process dies right after the last part row says landed, before the snapshot is completed.
+            if (progress.state === 'all-landed' && crashes === 0) {
+              crashes++;
+              throw new Error('simulated crash before completion');
             }
-            return real.store.mutateSnapshot(exportId, generatedTime, change);
+            return progress;
           };
           return { ...real, store };
         },
@@ -271,22 +273,16 @@ describe('bad input and failures', () => {
     });
     await app.runner.tick();
     await app.runner.drain();
-    expect(crashes).toBeGreaterThan(0);
-    let [snapshot] = await tableRows(app.runtime.storage.snapshotsTable);
-    expect(snapshot).toMatchObject({ status: 'copying', partsLanded: snap.parts.length - 1 });
-    expect((await tableRows(app.runtime.storage.partsTable)).every((p) => p.status === 'landed')).toBe(true);
-    expect(await listBlobNames(app, 'software-inventory-noncpe/snapshot=2026-11-17T0601Z/_manifest.json')).toEqual([]);
-
-    await app.runner.tick();
-    [snapshot] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(crashes).toBe(1);
+    const [snapshot] = await tableRows(app.runtime.storage.snapshotsTable);
     expect(snapshot).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
     expect(await listBlobNames(app, 'software-inventory-noncpe/snapshot=2026-11-17T0601Z/_manifest.json')).toHaveLength(
       1,
     );
-    expect(app.events.filter((e) => e.event === 'request').at(-1)?.outcome).toBe('completed');
-    // The crashed delivery never reported; its redelivery found the part landed and did not copy again.
-    expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'landed')).toHaveLength(snap.parts.length - 1);
+    // Every part landed once; the crashed delivery's redelivery found its part landed, copied nothing, completed.
+    expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'landed')).toHaveLength(snap.parts.length);
     expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(1);
+    expect(app.events.filter((e) => e.event === 'snapshot' && e.outcome === 'completed')).toHaveLength(1);
   });
 
   it('_latest.json never moves back to an older snapshot', async () => {

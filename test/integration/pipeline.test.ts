@@ -210,6 +210,48 @@ describe('pipeline end to end (Azurite + simulator)', () => {
     expect(app.events.filter((e) => e.event === 'snapshot' && e.outcome === 'completed')).toHaveLength(1);
   });
 
+  it('500 parts, 64 workers: complete at the end of the run, one manifest, no shared counter to fight over', async () => {
+    let snapshotWrites = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        workers: 64,
+        wrapRuntime: (real) => {
+          const store = Object.create(real.store) as typeof real.store;
+          store.mutateSnapshot = (...args) => {
+            snapshotWrites++;
+            return real.store.mutateSnapshot(...args);
+          };
+          return { ...real, store };
+        },
+      },
+    );
+    const snap = await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-21T12:01:00Z',
+      groups: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+      partsPerGroup: 49,
+      recordsPerPart: 2,
+    });
+    expect(snap.parts).toHaveLength(500);
+    await app.runner.tick();
+    snapshotWrites = 0;
+    await app.runner.drain();
+    // Landing a part writes its own row only; the snapshot row is written once, by the completion.
+    expect(snapshotWrites).toBe(1);
+
+    const folder = 'software-inventory-noncpe/snapshot=2026-11-21T1201Z/';
+    const manifest = JSON.parse(
+      (await app.runtime.landing.getBlockBlobClient(`${folder}_manifest.json`).downloadToBuffer()).toString(),
+    ) as SnapshotManifest;
+    expect(manifest.totals.parts).toBe(500);
+    expect((await listBlobNames(app, folder)).filter((n) => n.endsWith('_manifest.json'))).toHaveLength(1);
+    const [snapshot] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(snapshot).toMatchObject({ status: 'complete', partCount: 500, partsLanded: 500 });
+    expect(app.events.filter((e) => e.event === 'snapshot' && e.outcome === 'completed')).toHaveLength(1);
+    expect(app.logs.filter((l) => /contention/.test(l.line))).toEqual([]);
+  });
+
   it('marks an older incomplete snapshot superseded and keeps what landed', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
     await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-20T00:01:00Z', recordsPerPart: 5 });
