@@ -126,6 +126,26 @@ class RowTable<T extends object> {
     }
   }
 
+  /**
+   * Merge the same few properties into existing rows of one partition, unconditionally, 100 to a transaction.
+   * Only for properties that are right whatever state the row is in now (no ETag, no read).
+   */
+  async mergeMany(
+    partitionKey: string,
+    changes: readonly { rowKey: string; properties: Record<string, string | number> }[],
+  ): Promise<void> {
+    for (let i = 0; i < changes.length; i += TRANSACTION_LIMIT) {
+      const actions: TransactionAction[] = changes
+        .slice(i, i + TRANSACTION_LIMIT)
+        .map(({ rowKey, properties }) => ['update', { partitionKey, rowKey, ...properties }, 'Merge']);
+      try {
+        await this.table.submitTransaction(actions);
+      } catch (error) {
+        throw classifyStorageError(error, `update ${this.mapping.what}s`);
+      }
+    }
+  }
+
   /** Merge `changes` only if the row still has `etag`; ConcurrentUpdateError otherwise. */
   async update(current: Versioned<T>, changes: Partial<T>): Promise<void> {
     try {
@@ -296,6 +316,17 @@ export class ManifestStore {
       if (row.status === 'failed') failed = true;
     }
     return remaining === 0 ? { state: 'all-landed' } : { state: 'stuck', failed };
+  }
+
+  /**
+   * Record that these parts' messages are on the queue: their SAS expiry, which tells the next tick the part is
+   * in flight (tickPlan.needsAnotherMessage). Written in transactions after the messages are sent, never before.
+   */
+  markInFlight(exportId: string, snapshotId: string, parts: readonly { path: string; sasExpiresOn: string }[]) {
+    return this.parts.mergeMany(
+      partsPartitionKey(exportId, snapshotId),
+      parts.map((p) => ({ rowKey: encodeKey(p.path), properties: { sasExpiresOn: p.sasExpiresOn } })),
+    );
   }
 
   /** Like mutateSnapshot, for a part row. Returns the row as written, or undefined if left alone. */

@@ -9,6 +9,9 @@ import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
 import { DEAD_ON_ARRIVAL_REASON, type OfferedPart, planTick, statusAfterTick } from './tickPlan.js';
 
+/** Messages sent before their rows are marked in flight: one table transaction's worth. */
+const ENQUEUE_CHUNK = 100;
+
 export type TickOutcome = 'enqueued' | 'resumed' | 'unchanged' | 'completed';
 
 export interface TickResult {
@@ -115,24 +118,31 @@ export async function requestSnapshot(
     ...(plan.expired.length > 0 ? { lastError: `${plan.expired.length} part(s): ${DEAD_ON_ARRIVAL_REASON}` } : {}),
   }));
 
-  await runBounded(plan.enqueue, runtime.config.enqueueConcurrency, async (p) => {
-    await enqueue(runtime, {
-      v: 1,
-      export: exportId,
-      snapshot: snapshotId,
-      generatedTime,
-      part: p.relativePath,
-      sourceUrl: p.url,
-      sasExpiresOn: p.sasExpiresOn?.toISOString() ?? null,
-      enqueuedAt: now.toISOString(),
-    });
-    // Only now is the part in flight; a tick that died before this line leaves it marked as needing a message.
-    if (p.sasExpiresOn) {
-      await runtime.store.mutatePart(exportId, snapshotId, p.relativePath, (row) =>
-        row.status === 'queued' ? { sasExpiresOn: p.sasExpiresOn?.toISOString() } : undefined,
-      );
-    }
-  });
+  // Messages go out as soon as their rows exist, a hundred at a time; then one transaction marks those parts in
+  // flight. A tick that dies in between leaves them marked as needing a message: the next tick sends them again,
+  // and the copy of a part that already landed is a duplicate that copies nothing.
+  for (let i = 0; i < plan.enqueue.length; i += ENQUEUE_CHUNK) {
+    const chunk = plan.enqueue.slice(i, i + ENQUEUE_CHUNK);
+    await runBounded(chunk, runtime.config.enqueueConcurrency, (p) =>
+      enqueue(runtime, {
+        v: 1,
+        export: exportId,
+        snapshot: snapshotId,
+        generatedTime,
+        part: p.relativePath,
+        sourceUrl: p.url,
+        sasExpiresOn: p.sasExpiresOn?.toISOString() ?? null,
+        enqueuedAt: now.toISOString(),
+      }),
+    );
+    await runtime.store.markInFlight(
+      exportId,
+      snapshotId,
+      chunk.flatMap((p) =>
+        p.sasExpiresOn ? [{ path: p.relativePath, sasExpiresOn: p.sasExpiresOn.toISOString() }] : [],
+      ),
+    );
+  }
 
   const latest = (await runtime.store.getSnapshot(exportId, generatedTime))?.value ?? snapshot.value;
   await reconcileCounters(runtime, latest, [...plan.landed]);

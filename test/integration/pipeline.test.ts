@@ -237,8 +237,10 @@ describe('pipeline end to end (Azurite + simulator)', () => {
     await app.runner.tick();
     snapshotWrites = 0;
     await app.runner.drain();
-    // Landing a part writes its own row only; the snapshot row is written once, by the completion.
-    expect(snapshotWrites).toBe(1);
+    // Landing a part writes its own row only; the snapshot row is written by the completion (by each of the few
+    // deliveries that find nothing left at the same moment), not once per part as a shared counter would be.
+    expect(snapshotWrites).toBeGreaterThanOrEqual(1);
+    expect(snapshotWrites).toBeLessThan(snap.parts.length / 20);
 
     const folder = 'software-inventory-noncpe/snapshot=2026-11-21T1201Z/';
     const manifest = JSON.parse(
