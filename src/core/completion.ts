@@ -60,8 +60,9 @@ export async function completeSnapshotIfReady(
 
   let completedNow = false;
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => {
-    if (row.status === 'complete') return undefined;
-    completedNow = true;
+    // The callback runs again after an ETag conflict: only the attempt that sticks may say it completed.
+    completedNow = row.status !== 'complete';
+    if (!completedNow) return undefined;
     return {
       status: 'complete',
       completedAt: manifest.completedAt,

@@ -14,6 +14,11 @@ import {
   type TimerFunctionSpec,
 } from '../functions/specs.js';
 
+/** Azure Queue Storage hands out at most 32 messages per receive. */
+const MAX_RECEIVE_BATCH = 32;
+const MIN_IDLE_IN_MS = 50;
+const MAX_IDLE_IN_MS = 1_000;
+
 export interface InProcessHostOptions {
   /** Concurrent queue workers (the host's batchSize + newBatchThreshold plays this role in Azure). */
   workers?: number;
@@ -90,33 +95,41 @@ export class InProcessHost {
     const copy = this.copy;
     const queue = this.runtime.queue;
     const deadline = Date.now() + (options.timeoutInMs ?? 10 * 60_000);
-    let inFlight = 0;
-    let done = false;
+    const inFlight = new Set<Promise<void>>();
+    let failure: unknown;
+    let idleInMs = MIN_IDLE_IN_MS;
 
-    const worker = async (): Promise<void> => {
-      while (!done && !options.abortSignal?.aborted && Date.now() < deadline) {
-        const received = await queue.receiveMessages({
-          numberOfMessages: 1,
-          visibilityTimeout: this.options.visibilityTimeoutInSeconds ?? 120,
-        });
-        const message = received.receivedMessageItems[0];
-        if (!message) {
-          if (inFlight === 0 && (await queue.getProperties()).approximateMessagesCount === 0) {
-            done = true;
-            return;
-          }
-          await sleep(100);
-          continue;
-        }
-        inFlight++;
-        try {
-          await this.deliver(copy, queue, message);
-        } finally {
-          inFlight--;
-        }
+    // One receiver fills the free worker slots, up to 32 messages a call (the queue's batch limit), the way the
+    // host's batchSize does; it backs off while the queue is empty but messages are still invisible elsewhere.
+    while (failure === undefined && !options.abortSignal?.aborted && Date.now() < deadline) {
+      const free = this.workers - inFlight.size;
+      if (free <= 0) {
+        await Promise.race(inFlight);
+        continue;
       }
-    };
-    await Promise.all(Array.from({ length: this.workers }, worker));
+      const received = await queue.receiveMessages({
+        numberOfMessages: Math.min(MAX_RECEIVE_BATCH, free),
+        visibilityTimeout: this.options.visibilityTimeoutInSeconds ?? 120,
+      });
+      const messages = received.receivedMessageItems;
+      if (messages.length === 0) {
+        if (inFlight.size === 0 && (await queue.getProperties()).approximateMessagesCount === 0) break;
+        await Promise.race([sleep(idleInMs), ...inFlight]);
+        idleInMs = Math.min(idleInMs * 2, MAX_IDLE_IN_MS);
+        continue;
+      }
+      idleInMs = MIN_IDLE_IN_MS;
+      for (const message of messages) {
+        const delivery: Promise<void> = this.deliver(copy, queue, message)
+          .catch((error: unknown) => {
+            failure ??= error;
+          })
+          .finally(() => inFlight.delete(delivery));
+        inFlight.add(delivery);
+      }
+    }
+    await Promise.all(inFlight);
+    if (failure !== undefined) throw failure;
   }
 
   private async deliver(
