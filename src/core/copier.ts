@@ -79,20 +79,13 @@ export class PartCopier {
     const sourceMd5 = md5Of(sourceProps);
     const dest = this.landing.getBlockBlobClient(request.landingPath);
 
-    const existing = await this.destinationProperties(dest, request.abortSignal);
-    if (existing) {
-      if (this.matches(existing, size, sourceMd5, request.metadata)) {
-        return {
-          method: 'already-landed',
-          bytes: size,
-          md5: md5Of(existing) ?? sourceMd5,
-          records: undefined,
-          verification: sourceMd5 !== undefined && md5Of(existing) === sourceMd5 ? 'md5' : 'length',
-        };
-      }
-      // A blob with other bytes under this name is a leftover of an earlier, different attempt.
-      await dest.deleteIfExists({ abortSignal: request.abortSignal });
-    }
+    const alreadyLanded = (existing: BlobGetPropertiesResponse): CopyResult => ({
+      method: 'already-landed',
+      bytes: size,
+      md5: md5Of(existing) ?? sourceMd5,
+      records: undefined,
+      verification: sourceMd5 !== undefined && md5Of(existing) === sourceMd5 ? 'md5' : 'length',
+    });
 
     let method: CopyMethod = 'copy-from-url';
     let streamed: { md5: string; bytes: number; records: number | undefined } | undefined;
@@ -114,17 +107,30 @@ export class PartCopier {
         await this.copyByBlocks(dest, size, sourceProps, request, conditions);
       }
     };
+    // The write is create-only, so the normal case costs no look at the destination first; only a name that is
+    // taken is looked at.
     try {
-      try {
-        await write(true);
-      } catch (error) {
-        if (!isStorageCondition(error, 'already-exists')) throw error;
-        if (await this.destinationProperties(dest, request.abortSignal)) {
-          // A concurrent delivery of the same part landed it first: verify theirs below.
-          method = 'already-landed';
-        } else {
-          // Only uncommitted blocks of a crashed attempt hold the name: nothing committed to protect.
-          await write(false);
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await write(true);
+          break;
+        } catch (error) {
+          if (!isStorageCondition(error, 'already-exists')) throw error;
+          const existing = await this.destinationProperties(dest, request.abortSignal);
+          if (!existing) {
+            // Only uncommitted blocks of a crashed attempt hold the name: nothing committed to protect.
+            await write(false);
+            break;
+          }
+          // Our own earlier or concurrent copy of this very part: it counts as landed.
+          if (this.matches(existing, size, sourceMd5, request.metadata)) return alreadyLanded(existing);
+          // Other bytes under this name are a leftover of an earlier, different attempt: replace them, once.
+          if (attempt > 1) {
+            throw new MdvmError('transient', `${request.landingPath} is taken by a blob that is not this part`, {
+              cause: error,
+            });
+          }
+          await dest.deleteIfExists({ abortSignal: request.abortSignal });
         }
       }
     } catch (error) {
@@ -140,7 +146,7 @@ export class PartCopier {
       (streamed === undefined || streamed.bytes === size) &&
       (expectedMd5 === undefined || landedMd5 === undefined || landedMd5 === expectedMd5);
     if (!ok) {
-      if (method !== 'already-landed') await dest.deleteIfExists();
+      await dest.deleteIfExists();
       throw new MdvmError(
         'transient',
         `verification failed for ${request.landingPath}: landed ${landed?.contentLength ?? 'nothing'} bytes (md5 ${landedMd5 ?? 'n/a'}), source has ${size} bytes (md5 ${expectedMd5 ?? 'n/a'})`,

@@ -1,6 +1,7 @@
 import type { ExportId } from './catalog.js';
 import { completeSnapshotIfReady } from './completion.js';
 import { errorMessage, MdvmError } from './errors.js';
+import { ConcurrentUpdateError } from './manifestStore.js';
 import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
 import { parseSourceUrl, snapshotIdOf } from './parts.js';
 import { redact } from './redact.js';
@@ -78,9 +79,9 @@ export async function landPart(
     );
   }
 
-  await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
-    r.status === 'landed' ? undefined : { attempts: (r.attempts ?? 0) + 1 },
-  );
+  // Copy attempts started, written with the outcome (no write before the copy): a crashed attempt still counts,
+  // because its redelivery's dequeue count is higher.
+  const attempted = (r: { attempts: number }) => Math.max(r.attempts + 1, delivery.dequeueCount);
   const started = Date.now();
   let copied: Awaited<ReturnType<Runtime['copier']['copy']>>;
   try {
@@ -97,13 +98,17 @@ export async function landPart(
   } catch (error) {
     const failure =
       error instanceof MdvmError ? error : new MdvmError('transient', errorMessage(error), { cause: error });
-    if (failure.kind === 'expired') return markUnlandable(runtime, telemetry, message, 'expired', failure.message);
+    if (failure.kind === 'expired') {
+      return markUnlandable(runtime, telemetry, message, 'expired', failure.message, attempted);
+    }
     if (failure.kind === 'not-found' || failure.kind === 'invalid-input') {
-      return markUnlandable(runtime, telemetry, message, 'failed', failure.message);
+      return markUnlandable(runtime, telemetry, message, 'failed', failure.message, attempted);
     }
     const lastAttempt = delivery.dequeueCount >= MAX_DEQUEUE_COUNT;
     await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
-      r.status === 'landed' ? undefined : { lastError: failure.message, ...(lastAttempt ? { status: 'failed' } : {}) },
+      r.status === 'landed'
+        ? undefined
+        : { attempts: attempted(r), lastError: failure.message, ...(lastAttempt ? { status: 'failed' } : {}) },
     );
     if (lastAttempt) await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
     telemetry.track('part', {
@@ -115,22 +120,30 @@ export async function landPart(
     throw failure;
   }
 
-  // Exactly one delivery flips the row to landed; only that one counts the part.
-  const flipped = await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
-    r.status === 'landed'
-      ? undefined
-      : {
-          status: 'landed',
-          bytes: copied.bytes,
-          md5: copied.md5,
-          records: copied.records,
-          copyMethod: copied.method,
-          verification: copied.verification,
-          durationMs: Date.now() - started,
-          landedAt: runtime.now().toISOString(),
-          lastError: '',
-        },
-  );
+  // Exactly one delivery flips the row to landed. The row read before the copy is usually unchanged since, so the
+  // flip is one conditional write with its ETag; only if someone else wrote it meanwhile is it read again.
+  const landedChanges = {
+    status: 'landed' as const,
+    attempts: attempted(row.value),
+    bytes: copied.bytes,
+    md5: copied.md5,
+    records: copied.records,
+    copyMethod: copied.method,
+    verification: copied.verification,
+    durationMs: Date.now() - started,
+    landedAt: runtime.now().toISOString(),
+    lastError: '',
+  };
+  let flipped = true;
+  try {
+    await runtime.store.updatePart(row, landedChanges);
+  } catch (error) {
+    if (!(error instanceof ConcurrentUpdateError)) throw error;
+    flipped =
+      (await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
+        r.status === 'landed' ? undefined : { ...landedChanges, attempts: attempted(r) },
+      )) !== undefined;
+  }
   if (!flipped) {
     telemetry.track('part', { ...base, outcome: 'duplicate' });
     return { outcome: 'duplicate' };
@@ -190,9 +203,12 @@ async function markUnlandable(
   message: PartMessage,
   status: 'expired' | 'failed',
   reason: string,
+  attempted?: (row: { attempts: number }) => number,
 ): Promise<LandResult> {
   await runtime.store.mutatePart(message.export, message.snapshot, message.part, (r) =>
-    r.status === 'landed' ? undefined : { status, lastError: redact(reason) },
+    r.status === 'landed'
+      ? undefined
+      : { status, lastError: redact(reason), ...(attempted ? { attempts: attempted(r) } : {}) },
   );
   await runtime.store.mutateSnapshot(message.export, message.generatedTime, (s) =>
     s.status === 'complete' ? undefined : { lastError: redact(`${message.part}: ${reason}`) },
