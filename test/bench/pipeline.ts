@@ -96,10 +96,14 @@ async function main(): Promise<void> {
 
     for (const workers of [8, 32, 64]) {
       const app = await createApp(stack, { MDVM_EXPORTS: EXPORT }, { workers });
-      const tick = await measure(`tick that records and enqueues, before ${workers} workers`, exportFiles.length, async () => {
-        await app.runner.tick();
-        return null;
-      });
+      const tick = await measure(
+        `tick that records and enqueues, before ${workers} workers`,
+        exportFiles.length,
+        async () => {
+          await app.runner.tick();
+          return null;
+        },
+      );
       if (workers === 8) results.push(tick);
       results.push(
         await measure(`run, ${workers} workers`, exportFiles.length, async () => {
