@@ -17,6 +17,18 @@ const quiet = new Telemetry({ info: () => {}, warn: () => {}, error: () => {} })
 const GENERATED = '2026-11-20T06:01:00.000Z';
 const SNAPSHOT = '2026-11-20T0601Z';
 const PART = 'OrgId=o/_RbacGroupId=1/part-00000.json.gz';
+/** A landed part row without `bytes`: what a corrupting hand or an old bug could leave. */
+const LANDED_WITHOUT_BYTES = {
+  exportId: 'certificates',
+  snapshotId: SNAPSHOT,
+  path: PART,
+  sourcePath: `https://ms.blob.core.windows.net/export/${PART}`,
+  landingPath: `certificates/snapshot=${SNAPSHOT}/${PART}`,
+  status: 'landed' as const,
+  attempts: 1,
+  verification: 'length' as const,
+  landedAt: GENERATED,
+};
 
 describe('every row and blob is read through its contract', () => {
   it('completion refuses a landed part row without bytes, naming it, and writes no manifest', async () => {
@@ -37,15 +49,7 @@ describe('every row and blob is read through its contract', () => {
     await partsTable.createEntity({
       partitionKey: partsPartitionKey('certificates', SNAPSHOT),
       rowKey: encodeKey(PART),
-      exportId: 'certificates',
-      snapshotId: SNAPSHOT,
-      path: PART,
-      sourcePath: `https://ms.blob.core.windows.net/export/${PART}`,
-      landingPath: `certificates/snapshot=${SNAPSHOT}/${PART}`,
-      status: 'landed',
-      attempts: 1,
-      verification: 'length',
-      landedAt: GENERATED,
+      ...LANDED_WITHOUT_BYTES,
     });
 
     const completion = completeSnapshotIfReady(app.runtime, quiet, 'certificates', GENERATED);
@@ -61,17 +65,7 @@ describe('every row and blob is read through its contract', () => {
 
   it('the store refuses to write a row that breaks its contract', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
-    const insert = app.runtime.store.insertParts([
-      {
-        exportId: 'certificates',
-        snapshotId: SNAPSHOT,
-        path: PART,
-        sourcePath: `https://ms.blob.core.windows.net/export/${PART}`,
-        landingPath: `certificates/snapshot=${SNAPSHOT}/${PART}`,
-        status: 'landed',
-        attempts: 1,
-      },
-    ]);
+    const insert = app.runtime.store.insertParts([LANDED_WITHOUT_BYTES]);
     await expect(insert).rejects.toThrow(/refusing to write a parts row .* bytes: required when the part is landed/);
     const rows = [];
     for await (const row of app.runtime.storage.partsTable.listEntities()) rows.push(row);
