@@ -34,6 +34,8 @@ export interface InProcessHostOptions {
 export interface DrainOptions {
   timeoutInMs?: number;
   abortSignal?: AbortSignal;
+  /** Keep listening, even on an empty queue, until this settles (ticks still enqueueing while copies run). */
+  keepListeningUntil?: Promise<unknown>;
 }
 
 export interface TickReport {
@@ -98,6 +100,15 @@ export class InProcessHost {
     const inFlight = new Set<Promise<void>>();
     let failure: unknown;
     let idleInMs = MIN_IDLE_IN_MS;
+    let producing = options.keepListeningUntil !== undefined;
+    options.keepListeningUntil?.then(
+      () => {
+        producing = false;
+      },
+      () => {
+        producing = false;
+      },
+    );
 
     // One receiver fills the free worker slots, up to 32 messages a call (the queue's batch limit), the way the
     // host's batchSize does; it backs off while the queue is empty but messages are still invisible elsewhere.
@@ -113,7 +124,7 @@ export class InProcessHost {
       });
       const messages = received.receivedMessageItems;
       if (messages.length === 0) {
-        if (inFlight.size === 0 && (await queue.getProperties()).approximateMessagesCount === 0) break;
+        if (!producing && inFlight.size === 0 && (await queue.getProperties()).approximateMessagesCount === 0) break;
         await Promise.race([sleep(idleInMs), ...inFlight]);
         idleInMs = Math.min(idleInMs * 2, MAX_IDLE_IN_MS);
         continue;

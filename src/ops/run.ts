@@ -71,7 +71,15 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
     },
   });
 
-  const ticks = await runner.tick(options.exports);
+  // Copies start while the ticks still enqueue: the first drain listens until every tick has returned.
+  const ticking = runner.tick(options.exports);
+  const overlapping = runner.drain({
+    timeoutInMs: Math.max(0, deadline - Date.now()),
+    ...(options.abortSignal ? { abortSignal: options.abortSignal } : {}),
+    keepListeningUntil: ticking,
+  });
+  const ticks = await ticking;
+  await overlapping;
   const tickErrors = new Map(ticks.filter((t) => t.error).map((t) => [t.exportId, t.error ?? '']));
   const watched = options.exports.filter((id) => !tickErrors.has(id));
 

@@ -1,7 +1,10 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EXPORT_IDS } from '../../src/core/catalog.js';
 import type { LatestPointer, SnapshotManifest } from '../../src/core/completion.js';
 import { encodeKey, partsPartitionKey } from '../../src/core/parts.js';
+import type { TelemetryEvent } from '../../src/core/telemetry.js';
+import { runIngestion } from '../../src/ops/run.js';
 import {
   createApp,
   duplicateQueuedMessages,
@@ -252,6 +255,37 @@ describe('pipeline end to end (Azurite + simulator)', () => {
     expect(snapshot).toMatchObject({ status: 'complete', partCount: 500, partsLanded: 500 });
     expect(app.events.filter((e) => e.event === 'snapshot' && e.outcome === 'completed')).toHaveLength(1);
     expect(app.logs.filter((l) => /contention/.test(l.line))).toEqual([]);
+  });
+
+  it("run copies the parts of one export while another export's tick is still waiting on Defender", async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates,hardware-firmware' },
+      {
+        wrapRuntime: (real) => {
+          const defender = Object.create(real.defender) as typeof real.defender;
+          defender.getExportFiles = async (type, options) => {
+            if (type.id === 'hardware-firmware') await sleep(3_000);
+            return real.defender.getExportFiles(type, options);
+          };
+          return { ...real, defender };
+        },
+      },
+    );
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T00:01:00Z', recordsPerPart: 5 });
+    await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-21T00:01:00Z', recordsPerPart: 5 });
+    const events: TelemetryEvent[] = [];
+    const report = await runIngestion(app.runtime, {
+      exports: ['certificates', 'hardware-firmware'],
+      workers: 4,
+      timeoutInMs: 60_000,
+      onEvent: (event) => events.push(event),
+    });
+    expect(report.ok).toBe(true);
+    const firstLanded = events.findIndex((e) => e.event === 'part' && e.outcome === 'landed');
+    const slowTick = events.findIndex((e) => e.event === 'request' && e.export === 'hardware-firmware');
+    expect(firstLanded).toBeGreaterThanOrEqual(0);
+    expect(firstLanded).toBeLessThan(slowTick);
   });
 
   it('marks an older incomplete snapshot superseded and keeps what landed', async () => {
