@@ -89,6 +89,8 @@ export class PartCopier {
 
     let method: CopyMethod = 'copy-from-url';
     let streamed: { md5: string; bytes: number; records: number | undefined } | undefined;
+    /** Set when Copy Blob From URL copied exactly the source version we read (pinned by its ETag). */
+    let pinnedCopy: { md5: string | undefined } | undefined;
     const write = async (createOnly: boolean): Promise<void> => {
       const conditions = createOnly ? { ifNoneMatch: '*' } : {};
       if (this.options.mode === 'stream') {
@@ -96,12 +98,16 @@ export class PartCopier {
         streamed = await streamCopy(source, dest, sourceProps, request, conditions, this.options);
       } else if (size <= Math.min(this.options.singleShotMaxBytes, COPY_FROM_URL_MAX_BYTES)) {
         method = 'copy-from-url';
-        await dest.syncCopyFromURL(request.sourceUrl, {
+        // Pinned to the ETag we read the size and MD5 from: a source replaced since is refused (412), so what lands
+        // is the version we describe, and the copy's response is all the check the landed blob needs.
+        const response = await dest.syncCopyFromURL(request.sourceUrl, {
           metadata: request.metadata,
           conditions,
+          ...(sourceProps.etag ? { sourceConditions: { ifMatch: sourceProps.etag } } : {}),
           ...(sourceProps.contentMD5 ? { sourceContentMD5: sourceProps.contentMD5 } : {}),
           abortSignal: request.abortSignal,
         });
+        pinnedCopy = sourceProps.etag ? { md5: md5Of(response) } : undefined;
       } else {
         method = 'block-from-url';
         await this.copyByBlocks(dest, size, sourceProps, request, conditions);
@@ -137,8 +143,10 @@ export class PartCopier {
       throw await this.classifyCopyFailure(error, source, request.abortSignal);
     }
 
-    const landed = await this.destinationProperties(dest, request.abortSignal);
-    const landedMd5 = landed ? md5Of(landed) : undefined;
+    const landed = pinnedCopy
+      ? { contentLength: size, contentMD5: undefined }
+      : await this.destinationProperties(dest, request.abortSignal);
+    const landedMd5 = pinnedCopy ? pinnedCopy.md5 : landed ? md5Of(landed) : undefined;
     const expectedMd5 = sourceMd5 ?? streamed?.md5;
     const ok =
       landed !== undefined &&
@@ -200,6 +208,17 @@ export class PartCopier {
    * expired or the blob is gone; asking the source directly tells the two apart.
    */
   private async classifyCopyFailure(error: unknown, source: BlobClient, abortSignal?: AbortSignal): Promise<MdvmError> {
+    if (isStorageCondition(error, 'precondition-failed')) {
+      // Only the source carries a precondition on a copy (the landing side is create-only: 409, not 412).
+      return new MdvmError(
+        'transient',
+        'the source changed during the copy (its ETag moved); the retry reads it again',
+        {
+          cause: error,
+          statusCode: 412,
+        },
+      );
+    }
     const classified = classifyStorageError(error, 'copy from source');
     if (classified.kind !== 'expired') return classified;
     try {

@@ -1,4 +1,5 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { BlobClient } from '@azure/storage-blob';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MdvmError } from '../../src/core/errors.js';
 import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
 import { encodeMessage } from '../../src/core/messages.js';
@@ -340,5 +341,48 @@ describe('bad input and failures', () => {
     expect(poison).toHaveLength(1);
     // The host parks the original message; it is still a valid part message for a later requeue.
     expect(JSON.parse(Buffer.from(poison[0] ?? '', 'base64').toString())).toMatchObject({ v: 1, part: row?.path });
+  });
+
+  it('refuses a source replaced between reading it and copying it, and lands the new bytes on the retry', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'browser-extensions' });
+    const snap = await stack.simulator.publish('browser-extensions', {
+      generatedTime: '2026-11-18T07:01:00Z',
+      recordsPerPart: 40,
+    });
+    const target = snap.parts[0];
+    if (!target) throw new Error('expected a part');
+    const sourceBlob = stack.simulator.sourceContainer(snap).getBlockBlobClient(target.blobName);
+    const original = await sourceBlob.downloadToBuffer();
+    // Same length, other bytes.
+    const replacement = Buffer.from(original.map((b, i) => (i === original.length - 1 ? b ^ 0xff : b)));
+    let replaced = false;
+    const realGetProperties = BlobClient.prototype.getProperties;
+    const spy = vi.spyOn(BlobClient.prototype, 'getProperties').mockImplementation(async function (
+      this: BlobClient,
+      options,
+    ) {
+      const props = await realGetProperties.call(this, options);
+      if (!replaced && this.name === target.blobName) {
+        replaced = true;
+        await sourceBlob.uploadData(replacement);
+      }
+      return props;
+    });
+    try {
+      await app.runner.tick();
+      await app.runner.drain();
+    } finally {
+      spy.mockRestore();
+    }
+    expect(replaced).toBe(true);
+    const { parts, snapshots } = await state(app);
+    expect(snapshots[0]).toMatchObject({ status: 'complete' });
+    const row = parts.find((p) => p.path === target.relativePath);
+    expect(row).toMatchObject({ status: 'landed', attempts: 2, bytes: replacement.length });
+    const landed = await app.runtime.landing
+      .getBlockBlobClient(`browser-extensions/snapshot=2026-11-18T0701Z/${target.relativePath}`)
+      .downloadToBuffer();
+    expect(md5(landed)).toBe(md5(replacement));
+    expect(app.events.some((e) => e.outcome === 'retry' && /source changed/.test(String(e.reason)))).toBe(true);
   });
 });
