@@ -22,3 +22,35 @@ export async function runBounded<T, R>(
   if (failed !== undefined) throw failed;
   return results;
 }
+
+/**
+ * Coalesces calls per key: a call made while a run for its key is in progress shares the one run queued after it,
+ * which starts only once the current one ends. So every caller waits for a run that started after it called (it
+ * sees everything the caller wrote before), and at most two runs per key exist at a time, however many callers.
+ */
+export class TrailingRuns {
+  private readonly byKey = new Map<string, { running: Promise<void>; queued?: Promise<void> }>();
+
+  run(key: string, work: () => Promise<void>): Promise<void> {
+    const state = this.byKey.get(key);
+    if (!state) return this.startNow(key, work);
+    if (!state.queued) {
+      state.queued = state.running.then(
+        () => this.startNow(key, work),
+        () => this.startNow(key, work),
+      );
+    }
+    return state.queued;
+  }
+
+  private startNow(key: string, work: () => Promise<void>): Promise<void> {
+    const running = Promise.resolve().then(work);
+    this.byKey.set(key, { running });
+    const finished = (): void => {
+      const state = this.byKey.get(key);
+      if (state?.running === running && !state.queued) this.byKey.delete(key);
+    };
+    running.then(finished, finished);
+    return running;
+  }
+}

@@ -1,5 +1,6 @@
 import type { ExportId } from './catalog.js';
 import { completeSnapshotIfReady } from './completion.js';
+import { TrailingRuns } from './concurrency.js';
 import { errorMessage, MdvmError } from './errors.js';
 import { ConcurrentUpdateError } from './manifestStore.js';
 import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
@@ -62,10 +63,10 @@ export async function landPart(
     await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
     return { outcome: 'duplicate' };
   }
-  const snapshot = await runtime.store.getSnapshot(exportId, message.generatedTime);
-  if (snapshot?.value.status === 'superseded') {
+  const supersededBy = await runtime.store.supersededBy(exportId, message.generatedTime);
+  if (supersededBy !== undefined) {
     telemetry.track('part', { ...base, outcome: 'superseded' });
-    return { outcome: 'superseded', reason: `snapshot superseded by ${snapshot.value.supersededBy}` };
+    return { outcome: 'superseded', reason: `snapshot superseded by ${supersededBy}` };
   }
 
   const now = runtime.now().getTime();
@@ -169,7 +170,28 @@ export async function landPart(
  * up to the part rows, once per stall, and mark it `failed` if a part failed. The next timer tick retries those
  * parts with fresh URLs and puts the snapshot back to `copying`; until then the row says where it stopped.
  */
-async function settleSnapshot(
+function settleSnapshot(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  exportId: ExportId,
+  snapshotId: string,
+  generatedTime: string,
+): Promise<void> {
+  // Parts landing together in this process share one check that starts after their flips, instead of one query
+  // each: exact (every caller waits for a check that sees its own flip), and cheaper the busier it gets.
+  let checks = completionChecks.get(runtime.store);
+  if (!checks) {
+    checks = new TrailingRuns();
+    completionChecks.set(runtime.store, checks);
+  }
+  return checks.run(`${exportId}/${generatedTime}`, () =>
+    checkSnapshot(runtime, telemetry, exportId, snapshotId, generatedTime),
+  );
+}
+
+const completionChecks = new WeakMap<Runtime['store'], TrailingRuns>();
+
+async function checkSnapshot(
   runtime: Runtime,
   telemetry: Telemetry,
   exportId: ExportId,

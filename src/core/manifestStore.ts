@@ -22,6 +22,13 @@ type Entity = Record<string, unknown> & { partitionKey: string; rowKey: string }
 
 const TRANSACTION_LIMIT = 100;
 
+/**
+ * How long a copy trusts a snapshot's "not superseded" answer before asking the table again. Superseding is rare
+ * (a newer snapshot while this one is still copying) and copying a superseded part harms nothing: it never enters
+ * a manifest. Reading the row once per part instead would cost one request in every six.
+ */
+export const SNAPSHOT_STATUS_MAX_AGE_IN_MS = 30_000;
+
 /** How one kind of row maps to a table entity, and the contract it is checked against both ways. */
 interface RowMapping<T> {
   /** `snapshots row`, `parts row`: names the row in errors. */
@@ -246,10 +253,40 @@ const PART_ROWS: RowMapping<PartRow> = {
 export class ManifestStore {
   private readonly snapshots: RowTable<SnapshotRow>;
   private readonly parts: RowTable<PartRow>;
+  /** `supersededBy` (or undefined) of snapshots this process looked at, by `export/generatedTime`. */
+  private readonly supersededMemo = new Map<string, { supersededBy: string | undefined; readAtMs: number }>();
 
-  constructor(snapshotsTable: TableClient, partsTable: TableClient) {
+  constructor(
+    snapshotsTable: TableClient,
+    partsTable: TableClient,
+    private readonly options: { snapshotStatusMaxAgeInMs?: number; nowInMs?: () => number } = {},
+  ) {
     this.snapshots = new RowTable(snapshotsTable, SNAPSHOT_ROWS);
     this.parts = new RowTable(partsTable, PART_ROWS);
+  }
+
+  /**
+   * Which snapshot superseded this one, if any, as seen at most SNAPSHOT_STATUS_MAX_AGE_IN_MS ago by this process
+   * (writes through this store are seen at once). A missing row reads as not superseded: the part row decides.
+   */
+  async supersededBy(exportId: string, generatedTime: string): Promise<string | undefined> {
+    const key = `${exportId}/${generatedTime}`;
+    const now = this.options.nowInMs?.() ?? Date.now();
+    const known = this.supersededMemo.get(key);
+    const maxAge = this.options.snapshotStatusMaxAgeInMs ?? SNAPSHOT_STATUS_MAX_AGE_IN_MS;
+    if (known && (known.supersededBy !== undefined || now - known.readAtMs < maxAge)) return known.supersededBy;
+    const row = await this.getSnapshot(exportId, generatedTime);
+    this.remember(exportId, generatedTime, row?.value, now);
+    return this.supersededMemo.get(key)?.supersededBy;
+  }
+
+  private remember(exportId: string, generatedTime: string, row: SnapshotRow | undefined, nowInMs: number): void {
+    // Bounded: a process sees a handful of live snapshots; old entries go first.
+    if (this.supersededMemo.size >= 1_000) this.supersededMemo.clear();
+    this.supersededMemo.set(`${exportId}/${generatedTime}`, {
+      supersededBy: row?.status === 'superseded' ? (row.supersededBy ?? 'a newer snapshot') : undefined,
+      readAtMs: nowInMs,
+    });
   }
 
   getSnapshot(exportId: string, generatedTime: string): Promise<Versioned<SnapshotRow> | undefined> {
@@ -277,7 +314,9 @@ export class ManifestStore {
     generatedTime: string,
     change: (row: SnapshotRow) => Partial<SnapshotRow> | undefined,
   ): Promise<SnapshotRow | undefined> {
-    return (await this.snapshots.mutate(exportId, generatedTime, change))?.value;
+    const result = (await this.snapshots.mutate(exportId, generatedTime, change))?.value;
+    if (result?.status === 'superseded') this.remember(exportId, generatedTime, result, Date.now());
+    return result;
   }
 
   getPart(exportId: string, snapshotId: string, path: string): Promise<Versioned<PartRow> | undefined> {
