@@ -110,17 +110,43 @@ export class InProcessHost {
       },
     );
 
-    // One receiver fills the free worker slots, up to 32 messages a call (the queue's batch limit), the way the
-    // host's batchSize does; it backs off while the queue is empty but messages are still invisible elsewhere.
+    // One receiver keeps a batch (up to 32, the queue's limit per call, and at most one per worker) ready ahead of the
+    // workers, the way the host's batchSize + newBatchThreshold do: a worker that frees up starts the next message at
+    // once, and a receive costs a fraction of a request per part. It backs off while the queue is empty but messages
+    // are still invisible elsewhere.
+    type Received = Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'];
+    const visibilityInSeconds = this.options.visibilityTimeoutInSeconds ?? 120;
+    const ready: { message: Received[number]; receivedAtMs: number }[] = [];
+    const start = ({ message, receivedAtMs }: (typeof ready)[number]): void => {
+      // Waited too long for a worker: its invisibility may end mid-copy. Hand it back for a fresh delivery.
+      if (Date.now() - receivedAtMs > (visibilityInSeconds * 1000) / 2) {
+        void release(message);
+        return;
+      }
+      const delivery: Promise<void> = this.deliver(copy, queue, message)
+        .catch((error: unknown) => {
+          failure ??= error;
+        })
+        .finally(() => inFlight.delete(delivery));
+      inFlight.add(delivery);
+    };
+    const release = (message: Received[number]): Promise<void> =>
+      settle(queue.updateMessage(message.messageId, message.popReceipt, message.messageText, 0)).catch(() => {
+        // Could not hand it back: it reappears when its visibility timeout ends; nothing is lost.
+      });
     while (failure === undefined && !options.abortSignal?.aborted && Date.now() < deadline) {
-      const free = this.workers - inFlight.size;
-      if (free <= 0) {
+      while (ready.length > 0 && inFlight.size < this.workers) {
+        const next = ready.shift();
+        if (next) start(next);
+      }
+      if (ready.length > 0) {
         await Promise.race(inFlight);
         continue;
       }
+      // At most one worker's worth ahead: a message never waits for more than one copy to finish before it starts.
       const received = await queue.receiveMessages({
-        numberOfMessages: Math.min(MAX_RECEIVE_BATCH, free),
-        visibilityTimeout: this.options.visibilityTimeoutInSeconds ?? 120,
+        numberOfMessages: Math.min(MAX_RECEIVE_BATCH, this.workers),
+        visibilityTimeout: visibilityInSeconds,
       });
       const messages = received.receivedMessageItems;
       if (messages.length === 0) {
@@ -130,16 +156,12 @@ export class InProcessHost {
         continue;
       }
       idleInMs = MIN_IDLE_IN_MS;
-      for (const message of messages) {
-        const delivery: Promise<void> = this.deliver(copy, queue, message)
-          .catch((error: unknown) => {
-            failure ??= error;
-          })
-          .finally(() => inFlight.delete(delivery));
-        inFlight.add(delivery);
-      }
+      const receivedAtMs = Date.now();
+      ready.push(...messages.map((message) => ({ message, receivedAtMs })));
     }
-    await Promise.all(inFlight);
+    // Stopped early (failure, abort, deadline): messages received but never started are made visible again at once,
+    // so the next run (or another instance) does not wait out their visibility timeout.
+    await Promise.all([...inFlight, ...ready.map(({ message }) => release(message))]);
     if (failure !== undefined) throw failure;
   }
 
