@@ -53,30 +53,33 @@ export async function streamCopy(
   const ids: string[] = [];
   const inFlight = new Set<Promise<void>>();
   let firstError: unknown;
-  let pending: Buffer[] = [];
-  let pendingBytes = 0;
   let total = 0;
+  // A fixed pool of block buffers, filled in place and reused once their block is staged: the bytes of a part of
+  // any size pass through `streamBuffers` allocations, not one per block.
+  const pool = new BlockPool(options.streamBuffers, options.streamBufferBytes);
+  let block = pool.take();
+  let filled = 0;
 
-  const stage = (chunk: Buffer): Promise<void> => {
+  const stage = (buffer: Buffer, length: number): void => {
     const id = blockId(ids.length, attempt);
     ids.push(id);
     const p = dest
-      .stageBlock(id, chunk, chunk.length, { abortSignal: request.abortSignal })
+      .stageBlock(id, buffer.subarray(0, length), length, { abortSignal: request.abortSignal })
       .then(() => undefined)
       .catch((error: unknown) => {
         firstError ??= error;
       })
-      .finally(() => inFlight.delete(p));
+      .finally(() => {
+        inFlight.delete(p);
+        pool.give(buffer);
+      });
     inFlight.add(p);
-    return p;
   };
-  const flushBlock = async (): Promise<void> => {
-    if (pendingBytes === 0) return;
-    const block = Buffer.concat(pending, pendingBytes);
-    pending = [];
-    pendingBytes = 0;
-    while (inFlight.size >= options.streamBuffers) await Promise.race(inFlight);
-    void stage(block);
+  const nextBlock = async (): Promise<Buffer> => {
+    for (let free = pool.take(); ; free = pool.take()) {
+      if (free) return free;
+      await Promise.race(inFlight);
+    }
   };
 
   try {
@@ -85,11 +88,19 @@ export async function streamCopy(
       hash.update(piece);
       total += piece.length;
       if (gunzip && !gunzip.destroyed && !gunzip.write(piece)) await onceDrained(gunzip);
-      pending.push(piece);
-      pendingBytes += piece.length;
-      if (pendingBytes >= options.streamBufferBytes) await flushBlock();
+      for (let offset = 0; offset < piece.length; ) {
+        block ??= await nextBlock();
+        const copied = piece.copy(block, filled, offset);
+        filled += copied;
+        offset += copied;
+        if (filled === block.length) {
+          stage(block, filled);
+          block = undefined;
+          filled = 0;
+        }
+      }
     }
-    await flushBlock();
+    if (block && filled > 0) stage(block, filled);
     await Promise.all(inFlight);
     if (firstError) throw classifyStorageError(firstError, 'stage block');
     if (gunzip && gunzipDone) {
@@ -126,6 +137,29 @@ export async function streamCopy(
     throw classifyStorageError(error, 'commit block list');
   }
   return { md5: md5.toString('base64'), bytes: total, records: counter?.records };
+}
+
+/** `count` buffers of `size` bytes, allocated on first use and handed out again once given back. */
+class BlockPool {
+  private readonly free: Buffer[] = [];
+  private allocated = 0;
+
+  constructor(
+    private readonly count: number,
+    private readonly size: number,
+  ) {}
+
+  take(): Buffer | undefined {
+    const reused = this.free.pop();
+    if (reused) return reused;
+    if (this.allocated >= this.count) return undefined;
+    this.allocated++;
+    return Buffer.allocUnsafeSlow(this.size);
+  }
+
+  give(buffer: Buffer): void {
+    this.free.push(buffer);
+  }
 }
 
 /** Resolves on 'drain', and also when the stream errors or closes: a broken gunzip never drains. */
