@@ -1,0 +1,153 @@
+/**
+ * One byte-moving job of `npm run bench`, alone in a fresh Node process, so its peak RSS (getrusage maxrss) is the
+ * job's and nothing else's. The parent passes the job as JSON in argv[2] and reads one JSON line from stdout.
+ * Copy modes go through PartCopier exactly as the app does; the baselines are the least code that does the same
+ * transfer with the storage SDK.
+ */
+import { Writable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { createGunzip } from 'node:zlib';
+import { BlobClient, ContainerClient } from '@azure/storage-blob';
+import { runBounded } from '../../src/core/concurrency.js';
+import { type CopyOptions, PartCopier } from '../../src/core/copier.js';
+import { blockId } from '../../src/core/streamCopy.js';
+
+export type ByteJobKind =
+  | 'copier'
+  | 'bare-block-from-url'
+  | 'download-to-nowhere'
+  | 'upload-from-memory'
+  | 'bare-download-gunzip-count'
+  | 'naive-download-then-upload'
+  | 'idle-sdk';
+
+export interface ByteJob {
+  readonly kind: ByteJobKind;
+  readonly sourceUrl: string;
+  readonly landingUrl: string;
+  readonly landingPath: string;
+  readonly sizeBytes: number;
+  readonly blockSizeBytes: number;
+  readonly blockConcurrency: number;
+  readonly copyOptions?: CopyOptions;
+}
+
+export interface ByteJobResult {
+  readonly ms: number;
+  readonly cpuMs: number;
+  readonly maxRssBytes: number;
+  readonly bytes: number;
+  readonly records?: number;
+  readonly method?: string;
+}
+
+interface JobOutcome {
+  readonly bytes: number;
+  readonly records?: number;
+  readonly method?: string;
+  /** When only part of the job is the measured transfer (upload from memory: not the download that fills it). */
+  readonly timedMs?: number;
+}
+
+async function run(job: ByteJob): Promise<JobOutcome> {
+  const landing = new ContainerClient(job.landingUrl);
+  const source = new BlobClient(job.sourceUrl);
+  switch (job.kind) {
+    case 'idle-sdk':
+      // The floor: a process with the storage SDK loaded that asks one small question.
+      await source.getProperties();
+      return { bytes: 0 };
+    case 'copier': {
+      if (!job.copyOptions) throw new Error('copier job without copyOptions');
+      const result = await new PartCopier(landing, job.copyOptions).copy({
+        sourceUrl: job.sourceUrl,
+        landingPath: job.landingPath,
+        metadata: { bench: 'bytes' },
+      });
+      return {
+        bytes: result.bytes,
+        method: result.method,
+        ...(result.records === undefined ? {} : { records: result.records }),
+      };
+    }
+    case 'bare-block-from-url': {
+      const dest = landing.getBlockBlobClient(job.landingPath);
+      const count = Math.ceil(job.sizeBytes / job.blockSizeBytes);
+      const ids = Array.from({ length: count }, (_, i) => blockId(i));
+      await runBounded(ids, job.blockConcurrency, (id, i) => {
+        const offset = i * job.blockSizeBytes;
+        return dest.stageBlockFromURL(id, job.sourceUrl, offset, Math.min(job.blockSizeBytes, job.sizeBytes - offset));
+      });
+      await dest.commitBlockList(ids);
+      return { bytes: job.sizeBytes };
+    }
+    case 'download-to-nowhere': {
+      const response = await source.download();
+      let bytes = 0;
+      for await (const chunk of response.readableStreamBody as AsyncIterable<Buffer>) bytes += chunk.length;
+      return { bytes };
+    }
+    case 'upload-from-memory': {
+      // The bytes are already here (generated, not downloaded): what uploading them costs, in the stream path's
+      // block shape. This process holds the whole part, so its RSS is not a baseline for memory.
+      const data = await source.downloadToBuffer(Buffer.allocUnsafe(job.sizeBytes));
+      const dest = landing.getBlockBlobClient(job.landingPath);
+      const count = Math.ceil(job.sizeBytes / job.blockSizeBytes);
+      const ids = Array.from({ length: count }, (_, i) => blockId(i));
+      const started = performance.now();
+      await runBounded(ids, job.blockConcurrency, (id, i) => {
+        const offset = i * job.blockSizeBytes;
+        const block = data.subarray(offset, Math.min(offset + job.blockSizeBytes, job.sizeBytes));
+        return dest.stageBlock(id, block, block.length);
+      });
+      await dest.commitBlockList(ids);
+      return { bytes: data.length, timedMs: performance.now() - started };
+    }
+    case 'bare-download-gunzip-count': {
+      const response = await source.download();
+      let records = 0;
+      await pipeline(
+        response.readableStreamBody as NodeJS.ReadableStream,
+        createGunzip({ chunkSize: 256 * 1024 }),
+        new Writable({
+          write(chunk: Buffer, _encoding, callback) {
+            for (let nl = chunk.indexOf(0x0a); nl !== -1; nl = chunk.indexOf(0x0a, nl + 1)) records++;
+            callback();
+          },
+        }),
+      );
+      return { bytes: job.sizeBytes, records };
+    }
+    case 'naive-download-then-upload': {
+      // What most scripts do: the whole part into memory, then one upload.
+      const data = await source.downloadToBuffer();
+      await landing.getBlockBlobClient(job.landingPath).uploadData(data, {
+        blockSize: job.blockSizeBytes,
+        concurrency: job.blockConcurrency,
+      });
+      return { bytes: data.length };
+    }
+  }
+}
+
+const job = JSON.parse(process.argv[2] ?? '{}') as ByteJob;
+const cpu = process.cpuUsage();
+const started = performance.now();
+run(job).then(
+  (result) => {
+    const { timedMs, ...rest } = result;
+    const used = process.cpuUsage(cpu);
+    const out: ByteJobResult = {
+      ...rest,
+      ms: timedMs ?? performance.now() - started,
+      cpuMs: (used.user + used.system) / 1000,
+      // getrusage reports KiB on Linux.
+      maxRssBytes: process.resourceUsage().maxRSS * 1024,
+    };
+    process.stdout.write(`${JSON.stringify(out)}\n`);
+  },
+  (error: unknown) => {
+    process.stderr.write(`${(error as Error).stack ?? String(error)}\n`);
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,550 @@
+/**
+ * `npm run bench`: every performance figure of the app beside its baseline, measured in one run against one
+ * Azurite on this machine. Reports; asserts nothing (a failed byte check still exits 1). Writes bench/results.json
+ * and ends with one line of key figures.
+ *
+ * Sections (`--only pipeline,tick,bytes` to pick):
+ * - pipeline: parts/s, requests per part (by kind) and client CPU per part through the in-process host at 8, 32 and
+ *   64 workers, beside a bare Copy Blob From URL loop over the same SAS URLs at concurrency 32; median of --runs.
+ * - tick: one tick that records and enqueues --tick-parts parts, beside its floor (the same Defender call, the same
+ *   part rows inserted 100 to a transaction, the same messages sent at the same concurrency).
+ * - bytes: one part of --size-mib MiB (valid gzip JSON lines) through each copy mode, each in a fresh child process
+ *   (peak RSS = that process's maxrss), beside bare Put Block From URL, download-to-nowhere, upload from memory,
+ *   bare download+gunzip+count and the naive download-then-upload; every landed copy is checked by MD5.
+ */
+import { execFileSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { availableParallelism, cpus, totalmem } from 'node:os';
+import { dirname, join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { gzipSync } from 'node:zlib';
+import { TableClient } from '@azure/data-tables';
+import {
+  BlobSASPermissions,
+  BlobServiceClient,
+  ContainerSASPermissions,
+  generateBlobSASQueryParameters,
+  StorageSharedKeyCredential,
+} from '@azure/storage-blob';
+import { QueueClient } from '@azure/storage-queue';
+import { getExportType } from '../../src/core/catalog.js';
+import { runBounded } from '../../src/core/concurrency.js';
+import type { CopyOptions } from '../../src/core/copier.js';
+import { blockId } from '../../src/core/streamCopy.js';
+import type { LocalAzurite } from '../../src/local/azurite.js';
+import { generateRecords } from '../../src/simulator/records.js';
+import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
+import type { ByteJob, ByteJobKind, ByteJobResult } from './byteJob.js';
+import { RequestCounter, total } from './requestCounter.js';
+
+const MiB = 1024 * 1024;
+const { values: flags } = parseArgs({
+  options: {
+    parts: { type: 'string', default: '400' },
+    runs: { type: 'string', default: '3' },
+    'tick-parts': { type: 'string', default: '10000' },
+    'size-mib': { type: 'string', default: '1024' },
+    'byte-runs': { type: 'string', default: '1' },
+    only: { type: 'string', default: 'pipeline,tick,bytes' },
+  },
+});
+const sections = new Set(flags.only.split(','));
+const counter = new RequestCounter().install();
+
+interface Figure {
+  readonly section: string;
+  readonly label: string;
+  readonly [key: string]: unknown;
+}
+const figures: Figure[] = [];
+const failures: string[] = [];
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? (sorted[mid] ?? 0) : ((sorted[mid - 1] ?? 0) + (sorted[mid] ?? 0)) / 2;
+}
+
+function printTable(title: string, header: string[], rows: string[][]): void {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) =>
+    cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join(' | ');
+  console.log(`\n${title}`);
+  console.log(line(header));
+  console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
+  for (const row of rows) console.log(line(row));
+}
+
+/** Wall time, client CPU and requests by kind of `work`. */
+async function measured<T>(work: () => Promise<T>) {
+  const requests = counter.mark();
+  const cpu = process.cpuUsage();
+  const started = performance.now();
+  const value = await work();
+  const seconds = (performance.now() - started) / 1000;
+  const used = process.cpuUsage(cpu);
+  const byKind = requests();
+  return { value, seconds, cpuMs: (used.user + used.system) / 1000, byKind, requests: total(byKind) };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// pipeline
+
+const PIPELINE_EXPORT = 'software-inventory-noncpe' as const;
+
+async function pipelineSection(stack: Stack, parts: number, runs: number): Promise<void> {
+  const groups = 10;
+  await stack.simulator.publish(PIPELINE_EXPORT, {
+    generatedTime: '2026-11-21T12:01:00Z',
+    groups: Array.from({ length: groups }, (_, i) => i),
+    partsPerGroup: Math.max(1, Math.round(parts / groups) - 1),
+    recordsPerPart: 2,
+  });
+  type Sample = { partsPerSecond: number; requestsPerPart: number; cpuMsPerPart: number; complete: boolean | null };
+  const samples = new Map<string, Sample[]>();
+  const byKind = new Map<string, Record<string, number>>();
+  const add = (label: string, sample: Sample, kinds: Record<string, number>) => {
+    samples.set(label, [...(samples.get(label) ?? []), sample]);
+    byKind.set(label, kinds);
+  };
+  const BARE = 'bare Copy Blob From URL loop, concurrency 32';
+  let count = 0;
+  for (let run = 0; run < runs; run++) {
+    const bare = await createApp(stack, { MDVM_EXPORTS: PIPELINE_EXPORT });
+    const { exportFiles } = await bare.runtime.defender.getExportFiles(getExportType(PIPELINE_EXPORT), {
+      sasValidHours: 1,
+    });
+    count = exportFiles.length;
+    const landing = bare.runtime.landing;
+    const b = await measured(() =>
+      runBounded(exportFiles, 32, (url, i) => landing.getBlockBlobClient(`bare/${i}.json.gz`).syncCopyFromURL(url)),
+    );
+    add(
+      BARE,
+      {
+        partsPerSecond: count / b.seconds,
+        requestsPerPart: b.requests / count,
+        cpuMsPerPart: b.cpuMs / count,
+        complete: null,
+      },
+      b.byKind,
+    );
+    for (const workers of [8, 32, 64]) {
+      const app = await createApp(stack, { MDVM_EXPORTS: PIPELINE_EXPORT }, { workers });
+      await app.runner.tick();
+      const r = await measured(async () => {
+        await app.runner.drain();
+        const [row] = await tableRows(app.runtime.storage.snapshotsTable);
+        return row?.status === 'complete';
+      });
+      add(
+        `run, ${workers} workers`,
+        {
+          partsPerSecond: count / r.seconds,
+          requestsPerPart: r.requests / count,
+          cpuMsPerPart: r.cpuMs / count,
+          complete: r.value,
+        },
+        r.byKind,
+      );
+    }
+  }
+  const bareRate = median((samples.get(BARE) ?? []).map((s) => s.partsPerSecond));
+  const bareCpu = median((samples.get(BARE) ?? []).map((s) => s.cpuMsPerPart));
+  const rows: string[][] = [];
+  for (const [label, list] of samples) {
+    const rate = median(list.map((s) => s.partsPerSecond));
+    const cpu = median(list.map((s) => s.cpuMsPerPart));
+    const figure = {
+      section: 'pipeline',
+      label,
+      parts: count,
+      runs,
+      partsPerSecond: rate,
+      vsBare: rate / bareRate,
+      requestsPerPart: median(list.map((s) => s.requestsPerPart)),
+      cpuMsPerPart: cpu,
+      cpuVsBare: cpu / bareCpu,
+      completeRuns: list[0]?.complete === null ? null : list.filter((s) => s.complete).length,
+      requestsByKindLastRun: byKind.get(label),
+    };
+    figures.push(figure);
+    rows.push([
+      label,
+      rate.toFixed(1),
+      `${figure.vsBare.toFixed(2)}x`,
+      figure.requestsPerPart.toFixed(2),
+      cpu.toFixed(2),
+      `${figure.cpuVsBare.toFixed(1)}x`,
+      figure.completeRuns === null ? '' : `${figure.completeRuns}/${runs}`,
+    ]);
+  }
+  printTable(
+    `pipeline: ${count} parts of one export, median of ${runs} runs`,
+    ['', 'parts/s', 'vs bare', 'requests/part', 'CPU ms/part', 'CPU vs bare', 'complete'],
+    rows,
+  );
+  for (const [label, kinds] of byKind) console.log(`  ${label}: ${JSON.stringify(kinds)}`);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// tick
+
+const TICK_EXPORT = 'software-vulnerabilities' as const;
+
+async function tickSection(stack: Stack, parts: number): Promise<void> {
+  const groups = Math.max(1, Math.round(parts / 100));
+  const perGroup = Math.max(1, Math.round(parts / groups));
+  await stack.simulator.publish(TICK_EXPORT, {
+    generatedTime: '2026-11-21T13:01:00Z',
+    groups: Array.from({ length: groups }, (_, i) => i),
+    // Task 1 is split in two files: perGroup - 1 tasks give perGroup files.
+    partsPerGroup: perGroup - 1,
+    recordsPerPart: 1,
+  });
+
+  const app = await createApp(stack, { MDVM_EXPORTS: TICK_EXPORT });
+  const tick = await measured(() => app.runner.tick());
+  const offered = (await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0;
+
+  // The floor: the same work with nothing around it, against a scratch table and queue.
+  const floorApp = await createApp(stack, { MDVM_EXPORTS: TICK_EXPORT });
+  const suffix = randomBytes(4).toString('hex');
+  const table = TableClient.fromConnectionString(stack.azurite.customer.connectionString, `benchfloor${suffix}`, {
+    allowInsecureConnection: true,
+  });
+  await table.createTable();
+  const queue = new QueueClient(stack.azurite.customer.connectionString, `benchfloor-${suffix}`);
+  await queue.createIfNotExists();
+  const concurrency = floorApp.runtime.config.enqueueConcurrency;
+  const floor = await measured(async () => {
+    const { exportFiles } = await floorApp.runtime.defender.getExportFiles(getExportType(TICK_EXPORT), {
+      sasValidHours: 6,
+    });
+    const rows = exportFiles.map((url, i) => {
+      const path = new URL(url).pathname;
+      return {
+        partitionKey: 'floor',
+        rowKey: String(i).padStart(6, '0'),
+        path,
+        sourcePath: path,
+        landingPath: path,
+        status: 'queued',
+        attempts: 0,
+        queuedAt: new Date().toISOString(),
+      };
+    });
+    for (let i = 0; i < rows.length; i += 100) {
+      await table.submitTransaction(rows.slice(i, i + 100).map((entity) => ['create', entity]));
+    }
+    await runBounded(exportFiles, concurrency, (url, i) =>
+      queue.sendMessage(
+        Buffer.from(
+          JSON.stringify({ v: 1, part: rows[i]?.path, sourceUrl: url, at: new Date().toISOString() }),
+        ).toString('base64'),
+      ),
+    );
+    return exportFiles.length;
+  });
+  // The Defender call goes through undici, which the counter does not see: one on each side.
+  const tickRequests = tick.requests + 1;
+  const floorRequests = floor.requests + 1;
+  const figure = {
+    section: 'tick',
+    label: `one tick, ${floor.value} parts`,
+    parts: floor.value,
+    enqueued: offered,
+    seconds: tick.seconds,
+    requests: tickRequests,
+    floorSeconds: floor.seconds,
+    floorRequests,
+    timeVsFloor: tick.seconds / floor.seconds,
+    requestsVsFloor: tickRequests / floorRequests,
+    requestsByKind: tick.byKind,
+    floorRequestsByKind: floor.byKind,
+  };
+  figures.push(figure);
+  if (offered !== floor.value) failures.push(`tick enqueued ${offered} messages for ${floor.value} parts`);
+  printTable(
+    `tick: one tick that records and enqueues ${floor.value} parts, beside its floor`,
+    ['', 'seconds', 'requests', 'vs floor (time)', 'vs floor (requests)'],
+    [
+      [
+        'tick',
+        tick.seconds.toFixed(1),
+        String(tickRequests),
+        `${figure.timeVsFloor.toFixed(2)}x`,
+        `${figure.requestsVsFloor.toFixed(3)}x`,
+      ],
+      ['floor: 1 API call + inserts by 100 + sends', floor.seconds.toFixed(1), String(floorRequests), '', ''],
+    ],
+  );
+  console.log(`  tick: ${JSON.stringify(tick.byKind)}`);
+  console.log(`  floor: ${JSON.stringify(floor.byKind)}`);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// bytes
+
+/** ~80 bytes of gzip per software-vulnerabilities record: one member is about 4 MiB compressed. */
+const RECORDS_PER_MEMBER = 52_000;
+
+async function sourcePart(azurite: LocalAzurite, sizeBytes: number) {
+  const member = gzipSync(generateRecords('software-vulnerabilities', 'bench/member', 12, RECORDS_PER_MEMBER));
+  const members = Math.max(1, Math.round(sizeBytes / member.length));
+  const container = BlobServiceClient.fromConnectionString(azurite.source.connectionString).getContainerClient(
+    'bench-export',
+  );
+  await container.createIfNotExists();
+  const blobName = 'OrgId=bench/_RbacGroupId=12/part-00000-bench.c000.json.gz';
+  const blob = container.getBlockBlobClient(blobName);
+  // A gzip file may hold many members and gunzip reads them as one stream: the same member, staged N times.
+  const ids = Array.from({ length: members }, (_, i) => blockId(i));
+  await runBounded(ids, 8, (id) => blob.stageBlock(id, member, member.length));
+  const md5 = createHash('md5');
+  for (let i = 0; i < members; i++) md5.update(member);
+  const digest = md5.digest();
+  await blob.commitBlockList(ids, {
+    blobHTTPHeaders: { blobContentType: 'application/octet-stream', blobContentMD5: digest },
+  });
+  const sas = generateBlobSASQueryParameters(
+    {
+      containerName: container.containerName,
+      blobName,
+      permissions: BlobSASPermissions.parse('r'),
+      startsOn: new Date(Date.now() - 5 * 60_000),
+      expiresOn: new Date(Date.now() + 6 * 3_600_000),
+    },
+    new StorageSharedKeyCredential(azurite.source.name, azurite.source.key),
+  ).toString();
+  return {
+    url: `${blob.url}?${sas}`,
+    bytes: member.length * members,
+    records: RECORDS_PER_MEMBER * members,
+    md5: digest.toString('base64'),
+  };
+}
+
+async function landingContainer(azurite: LocalAzurite) {
+  const service = BlobServiceClient.fromConnectionString(azurite.customer.connectionString);
+  const container = service.getContainerClient('bench-landing');
+  await container.createIfNotExists();
+  const sas = generateBlobSASQueryParameters(
+    {
+      containerName: container.containerName,
+      permissions: ContainerSASPermissions.parse('racwd'),
+      startsOn: new Date(Date.now() - 5 * 60_000),
+      expiresOn: new Date(Date.now() + 6 * 3_600_000),
+    },
+    new StorageSharedKeyCredential(azurite.customer.name, azurite.customer.key),
+  ).toString();
+  return { container, url: `${container.url}?${sas}` };
+}
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+
+function runJob(job: ByteJob): ByteJobResult {
+  const out = execFileSync(process.execPath, [join(HERE, 'byteJob.js'), JSON.stringify(job)], {
+    encoding: 'utf8',
+    maxBuffer: 1024 * 1024,
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  return JSON.parse(out.trim().split('\n').at(-1) ?? '{}') as ByteJobResult;
+}
+
+async function bytesSection(azurite: LocalAzurite, sizeMiB: number, runs: number): Promise<void> {
+  process.stdout.write(`\npreparing a ${sizeMiB} MiB part… `);
+  const source = await sourcePart(azurite, sizeMiB * MiB);
+  const landing = await landingContainer(azurite);
+  console.log(`${(source.bytes / MiB).toFixed(0)} MiB gzip, ${source.records} records`);
+  // The app's defaults (MDVM_COPY_BLOCK_SIZE_MIB 8, MDVM_COPY_BLOCK_CONCURRENCY 8, MDVM_STREAM_BUFFER_MIB 4,
+  // MDVM_STREAM_BUFFERS 4); the baselines move their bytes in the same blocks at the same concurrency.
+  const copy: CopyOptions = {
+    mode: 'server',
+    singleShotMaxBytes: 256 * MiB,
+    blockSizeBytes: 8 * MiB,
+    blockConcurrency: 8,
+    streamBufferBytes: 4 * MiB,
+    streamBuffers: 4,
+    countRecords: false,
+  };
+  const jobs: { label: string; kind: ByteJobKind; options?: CopyOptions; checkMd5: boolean; baselineOf?: string }[] = [
+    { label: 'process with the storage SDK, one HEAD', kind: 'idle-sdk', checkMd5: false },
+    {
+      label: 'block path (Put Block From URL)',
+      kind: 'copier',
+      options: { ...copy, singleShotMaxBytes: 1 },
+      checkMd5: true,
+    },
+    { label: 'bare Put Block From URL, same blocks', kind: 'bare-block-from-url', checkMd5: true },
+    { label: 'stream', kind: 'copier', options: { ...copy, mode: 'stream' }, checkMd5: true },
+    {
+      label: 'stream + count records',
+      kind: 'copier',
+      options: { ...copy, mode: 'stream', countRecords: true },
+      checkMd5: true,
+    },
+    { label: 'upload from memory, same blocks', kind: 'upload-from-memory', checkMd5: true },
+    { label: 'download to nowhere', kind: 'download-to-nowhere', checkMd5: false },
+    { label: 'bare download + gunzip + count', kind: 'bare-download-gunzip-count', checkMd5: false },
+    { label: 'naive: download whole, then upload', kind: 'naive-download-then-upload', checkMd5: true },
+  ];
+  const results = new Map<string, ByteJobResult[]>();
+  for (let run = 0; run < runs; run++) {
+    for (const job of jobs) {
+      const landingPath = `bench/${job.kind}/${run}-${randomBytes(4).toString('hex')}.json.gz`;
+      process.stdout.write(`  ${job.label}… `);
+      const result = runJob({
+        kind: job.kind,
+        sourceUrl: source.url,
+        landingUrl: landing.url,
+        landingPath,
+        sizeBytes: source.bytes,
+        ...(job.kind === 'upload-from-memory'
+          ? { blockSizeBytes: copy.streamBufferBytes, blockConcurrency: copy.streamBuffers }
+          : { blockSizeBytes: copy.blockSizeBytes, blockConcurrency: copy.blockConcurrency }),
+        ...(job.options ? { copyOptions: job.options } : {}),
+      });
+      console.log(`${(result.ms / 1000).toFixed(1)} s, ${(result.maxRssBytes / MiB).toFixed(0)} MiB peak RSS`);
+      if (job.kind !== 'idle-sdk' && result.bytes !== source.bytes) {
+        failures.push(`${job.label}: moved ${result.bytes} bytes, the part has ${source.bytes}`);
+      }
+      if (job.options?.countRecords && result.records !== source.records) {
+        failures.push(`${job.label}: counted ${result.records} records, the part has ${source.records}`);
+      }
+      if (job.checkMd5) {
+        const blob = landing.container.getBlobClient(landingPath);
+        const hash = createHash('md5');
+        for await (const chunk of (await blob.download()).readableStreamBody as AsyncIterable<Buffer>)
+          hash.update(chunk);
+        const md5 = hash.digest('base64');
+        if (md5 !== source.md5) failures.push(`${job.label}: landed md5 ${md5}, source ${source.md5}`);
+        await blob.delete();
+      }
+      results.set(job.label, [...(results.get(job.label) ?? []), result]);
+    }
+  }
+  const mibps = (r: ByteJobResult) => source.bytes / MiB / (r.ms / 1000);
+  const rate = (label: string) => median((results.get(label) ?? []).map(mibps));
+  const cpuPerGiB = (label: string) =>
+    median((results.get(label) ?? []).map((r) => r.cpuMs / (source.bytes / 1024 / MiB)));
+  const peak = (label: string) => Math.max(...(results.get(label) ?? []).map((r) => r.maxRssBytes)) / MiB;
+  const versus: Record<string, string> = {
+    'block path (Put Block From URL)': 'bare Put Block From URL, same blocks',
+    stream: 'upload from memory, same blocks',
+    'stream + count records': 'bare download + gunzip + count',
+  };
+  const rows: string[][] = [];
+  for (const job of jobs) {
+    const label = job.label;
+    const baseline = versus[label];
+    const figure = {
+      section: 'bytes',
+      label,
+      sizeBytes: source.bytes,
+      runs,
+      mibPerSecond: job.kind === 'idle-sdk' ? null : rate(label),
+      cpuSecondsPerGiB: job.kind === 'idle-sdk' ? null : cpuPerGiB(label) / 1000,
+      peakRssMiB: peak(label),
+      method: results.get(label)?.[0]?.method ?? null,
+      baseline: baseline ?? null,
+      speedVsBaseline: baseline ? rate(label) / rate(baseline) : null,
+      cpuVsBaseline: baseline ? cpuPerGiB(label) / cpuPerGiB(baseline) : null,
+    };
+    figures.push(figure);
+    rows.push([
+      label,
+      figure.mibPerSecond === null ? '' : figure.mibPerSecond.toFixed(1),
+      figure.speedVsBaseline === null ? '' : `${figure.speedVsBaseline.toFixed(2)}x`,
+      figure.cpuSecondsPerGiB === null ? '' : figure.cpuSecondsPerGiB.toFixed(1),
+      figure.cpuVsBaseline === null ? '' : `${figure.cpuVsBaseline.toFixed(2)}x`,
+      figure.peakRssMiB.toFixed(0),
+    ]);
+  }
+  printTable(
+    `bytes: one ${(source.bytes / MiB).toFixed(0)} MiB part, each job in a fresh process, median of ${runs} run(s); ` +
+      '"vs" compares with the baseline below it',
+    ['', 'MiB/s', 'vs baseline', 'CPU s/GiB', 'CPU vs baseline', 'peak RSS MiB'],
+    rows,
+  );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+function keyFigures(): string {
+  const get = (label: string) => figures.find((f) => f.label === label) as Record<string, number> | undefined;
+  const parts: string[] = [];
+  const runs = [8, 32, 64].map((w) => get(`run, ${w} workers`)).filter((f) => f !== undefined);
+  if (runs.length > 0) {
+    parts.push(`run vs bare ${runs.map((f) => f.vsBare?.toFixed(2)).join('/')}`);
+    parts.push(`requests/part ${runs.map((f) => f.requestsPerPart?.toFixed(1)).join('/')}`);
+    parts.push(`CPU vs bare ${runs.map((f) => f.cpuVsBare?.toFixed(1)).join('/')}`);
+  }
+  const tick = figures.find((f) => f.section === 'tick') as Record<string, number> | undefined;
+  if (tick)
+    parts.push(
+      `tick ${tick.parts}: ${tick.timeVsFloor?.toFixed(2)}x time, ${tick.requestsVsFloor?.toFixed(3)}x requests`,
+    );
+  const block = get('block path (Put Block From URL)');
+  const stream = get('stream');
+  const count = get('stream + count records');
+  if (block && stream && count) {
+    parts.push(
+      `block ${block.speedVsBaseline?.toFixed(2)}x, stream ${stream.speedVsBaseline?.toFixed(2)}x, count CPU ${count.cpuVsBaseline?.toFixed(2)}x`,
+    );
+    const copierPeaks = figures.filter((f) => f.section === 'bytes' && (f as Record<string, unknown>).method);
+    parts.push(
+      `peak RSS ${Math.round(Math.max(...copierPeaks.map((f) => Number((f as Record<string, unknown>).peakRssMiB))))} MiB`,
+    );
+  }
+  return `key figures: ${parts.join('; ')}`;
+}
+
+async function main(): Promise<number> {
+  const started = performance.now();
+  console.log(
+    `mdvm-ingest bench on ${availableParallelism()} CPU (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 1024 ** 3).toFixed(0)} GiB, Node ${process.version}; Azurite in memory`,
+  );
+  const stack = await startStack();
+  try {
+    if (sections.has('pipeline')) await pipelineSection(stack, Number(flags.parts), Number(flags.runs));
+    if (sections.has('tick')) await tickSection(stack, Number(flags['tick-parts']));
+    if (sections.has('bytes')) await bytesSection(stack.azurite, Number(flags['size-mib']), Number(flags['byte-runs']));
+  } finally {
+    await stack.stop();
+  }
+  mkdirSync('bench', { recursive: true });
+  const results = {
+    at: new Date().toISOString(),
+    machine: { cpus: availableParallelism(), memoryGiB: totalmem() / 1024 ** 3, node: process.version },
+    flags,
+    seconds: (performance.now() - started) / 1000,
+    figures,
+    failures,
+  };
+  writeFileSync('bench/results.json', `${JSON.stringify(results, null, 2)}\n`);
+  console.log(
+    '\nNote: Azurite copies server-side inside its own process; these figures compare code on one machine and',
+  );
+  console.log('say nothing about Azure throughput (docs/scaling.md has the Azure limits).');
+  console.log(`bench took ${results.seconds.toFixed(0)} s; full results in bench/results.json`);
+  if (failures.length > 0) {
+    console.error('\nCHECKS FAILED:');
+    for (const f of failures) console.error(`  ${f}`);
+  }
+  console.log(keyFigures());
+  return failures.length > 0 ? 1 : 0;
+}
+
+main().then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (error: unknown) => {
+    console.error(error);
+    process.exitCode = 1;
+  },
+);
