@@ -10,7 +10,7 @@ import {
   type SnapshotRow,
 } from './contracts.js';
 import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
-import { latestPath, manifestPath } from './parts.js';
+import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from './parts.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
 
@@ -38,6 +38,13 @@ export async function completeSnapshotIfReady(
   const landed = rows.filter((r) => r.status === 'landed');
   if (landed.length < snapshot.value.partCount || landed.length < rows.length) {
     await reconcileCounters(runtime, snapshot.value, landed);
+    return false;
+  }
+
+  // The rows say every part landed; the manifest may only say so if the blobs agree. One listing of the folder.
+  const missing = await partsNotInLanding(runtime, exportId, snapshot.value.snapshotId, landed);
+  if (missing.length > 0) {
+    await reopenMissingParts(runtime, telemetry, snapshot.value, missing);
     return false;
   }
 
@@ -84,6 +91,65 @@ export async function completeSnapshotIfReady(
     });
   }
   return true;
+}
+
+/** Landed rows whose blob is not in the landing container with the recorded length. */
+async function partsNotInLanding(
+  runtime: Runtime,
+  exportId: string,
+  snapshotId: string,
+  landed: PartRow[],
+): Promise<{ row: PartRow; problem: string }[]> {
+  const lengths = new Map<string, number | undefined>();
+  try {
+    for await (const blob of runtime.landing.listBlobsFlat({ prefix: `${snapshotFolder(exportId, snapshotId)}/` })) {
+      lengths.set(blob.name, blob.properties.contentLength);
+    }
+  } catch (error) {
+    if (!isStorageCondition(error, 'not-found')) throw classifyStorageError(error, 'list the landed snapshot');
+    // The landing container itself is gone: every part is missing.
+  }
+  const out: { row: PartRow; problem: string }[] = [];
+  for (const row of landed) {
+    const length = lengths.get(row.landingPath);
+    if (length === undefined) out.push({ row, problem: 'its landed blob is missing' });
+    else if (length !== row.bytes) out.push({ row, problem: `its landed blob has ${length} bytes, not ${row.bytes}` });
+  }
+  return out;
+}
+
+/**
+ * A part the rows call landed but the landing container does not hold (container deleted, blob deleted or
+ * overwritten) is copied again: its row goes back to `failed` with the reason, so the snapshot shows it and the next
+ * tick sends it with a fresh URL.
+ */
+async function reopenMissingParts(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  snapshot: SnapshotRow,
+  missing: { row: PartRow; problem: string }[],
+): Promise<void> {
+  for (const { row, problem } of missing) {
+    const reason = `found at the completion check: ${problem}; the next tick copies it again`;
+    await runtime.store.mutatePart(snapshot.exportId, snapshot.snapshotId, row.path, (current) =>
+      current.status === 'landed' ? { status: 'failed', lastError: reason } : undefined,
+    );
+    telemetry.track('part', {
+      export: snapshot.exportId,
+      snapshot: snapshot.snapshotId,
+      part: row.path,
+      outcome: 'failed',
+      reason,
+    });
+  }
+  await runtime.store.mutateSnapshot(snapshot.exportId, snapshot.generatedTime, (current) =>
+    current.status === 'complete'
+      ? undefined
+      : {
+          status: 'failed',
+          lastError: `${missing.length} part(s) recorded as landed are not in the landing container; the next tick copies them again`,
+        },
+  );
 }
 
 function buildManifest(snapshot: SnapshotRow, landed: PartRow[], now: Date): SnapshotManifest {
@@ -144,7 +210,7 @@ async function advanceLatest(
       const body = response.readableStreamBody ? await streamToString(response.readableStreamBody) : '';
       // A pointer that is not JSON or breaks its contract is replaced (still under its ETag).
       const pointer = latestSchema.safeParse(parseJson(body));
-      if (pointer.success && pointer.data.generatedTime >= snapshot.generatedTime) return;
+      if (pointer.success && compareGeneratedTime(pointer.data.generatedTime, snapshot.generatedTime) >= 0) return;
     } catch (error) {
       if (!isStorageCondition(error, 'not-found')) throw classifyStorageError(error, 'read _latest.json');
     }

@@ -6,7 +6,7 @@ import {
 } from '@azure/storage-blob';
 import { runBounded } from './concurrency.js';
 import type { AppConfig } from './config.js';
-import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
+import { classifyStorageError, isStorageCondition, landingContainerMissing, MdvmError } from './errors.js';
 import { blockId, streamCopy } from './streamCopy.js';
 
 export type CopyMethod = 'copy-from-url' | 'block-from-url' | 'stream' | 'already-landed';
@@ -219,6 +219,8 @@ export class PartCopier {
         },
       );
     }
+    const landingGone = landingContainerMissing(error, this.landing.containerName);
+    if (landingGone) return landingGone;
     const classified = classifyStorageError(error, 'copy from source');
     if (classified.kind !== 'expired') return classified;
     try {

@@ -96,6 +96,20 @@ export function classifyStorageError(error: unknown, what: string): MdvmError {
 }
 
 /**
+ * A write to the landing container answered ContainerNotFound: the container was deleted. That is the operator's to
+ * fix, never a lost source (a copy reports an unreadable source as CannotVerifyCopySource), so the part is not
+ * written off: it is retried, and parked on the poison queue for `requeue` once the container is back.
+ */
+export function landingContainerMissing(error: unknown, container: string): MdvmError | undefined {
+  if ((error as RestLikeError | undefined)?.code !== 'ContainerNotFound') return undefined;
+  return new MdvmError(
+    'fatal',
+    `the landing container ${container} does not exist (deleted?): recreate it (azd provision), then \`mdvm-ingest requeue\` what reached the poison queue`,
+    { cause: error, statusCode: 404 },
+  );
+}
+
+/**
  * Conditions of a storage response that callers expect and handle (a row that is not there, a create-only write
  * that lost the race, an ETag that moved), named once here so no caller tests status codes or error codes itself.
  */

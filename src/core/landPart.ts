@@ -4,7 +4,7 @@ import { TrailingRuns } from './concurrency.js';
 import { errorMessage, MdvmError } from './errors.js';
 import { ConcurrentUpdateError } from './manifestStore.js';
 import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
-import { parseSourceUrl, snapshotIdOf } from './parts.js';
+import { canonicalGeneratedTime, parseSourceUrl, snapshotIdOf } from './parts.js';
 import { redact } from './redact.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
@@ -37,11 +37,20 @@ export async function landPart(
   delivery: Delivery,
 ): Promise<LandResult> {
   let message: PartMessage;
+  let sourcePath: string;
   try {
     message = parsePartMessage(rawMessage);
     const source = parseSourceUrl(message.sourceUrl, runtime.config);
+    sourcePath = source.sourcePath;
     if (source.relativePath !== message.part) {
       throw new MdvmError('invalid-input', `part '${message.part}' does not match the source URL's path`);
+    }
+    // One spelling per instant: the table key, the folder and the superseded check all use the canonical one.
+    if (canonicalGeneratedTime(message.generatedTime) !== message.generatedTime) {
+      throw new MdvmError(
+        'invalid-input',
+        `generatedTime '${message.generatedTime}' is not canonical ('${canonicalGeneratedTime(message.generatedTime)}')`,
+      );
     }
     if (snapshotIdOf(message.generatedTime) !== message.snapshot) {
       throw new MdvmError('invalid-input', `snapshot '${message.snapshot}' does not match generatedTime`);
@@ -56,6 +65,16 @@ export async function landPart(
   if (!row) {
     // Only parts the timer recorded are ever copied: a well-formed but unknown message is refused.
     return deadLetter(runtime, telemetry, rawMessage, `no part row for ${exportId} ${snapshotId} ${part}`);
+  }
+  if (sourcePath !== row.value.sourcePath) {
+    // The message is bound to what the timer recorded from Defender: a message cannot choose its own source, even
+    // another account with the same part path that the host allowlist admits.
+    return deadLetter(
+      runtime,
+      telemetry,
+      rawMessage,
+      `the message's source (${sourcePath}) is not the source recorded for ${exportId} ${snapshotId} ${part} (${row.value.sourcePath})`,
+    );
   }
   if (row.value.status === 'landed') {
     telemetry.track('part', { ...base, outcome: 'duplicate' });

@@ -2,7 +2,7 @@ import { odata, type TableClient, type TableEntityResult, type TransactionAction
 import type { ZodType } from 'zod';
 import { contractProblems, type PartRow, partRowSchema, type SnapshotRow, snapshotRowSchema } from './contracts.js';
 import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
-import { decodeKey, encodeKey, partsPartitionKey } from './parts.js';
+import { compareGeneratedTime, decodeKey, encodeKey, partsPartitionKey } from './parts.js';
 
 export type { PartRow, PartStatus, SnapshotRow, SnapshotStatus } from './contracts.js';
 
@@ -79,13 +79,19 @@ class RowTable<T extends object> {
    * Only the named properties of the rows of a partition that match `filter` (an odata expression), unparsed:
    * a projection is not a row, so no contract applies. Follows continuation tokens lazily; stop early by breaking.
    */
-  async *project(partitionKey: string, filter: string, select: string[]): AsyncIterable<Record<string, unknown>> {
+  async *project(
+    partitionKey: string,
+    filter: string,
+    select: string[],
+    options: { pageSize?: number } = {},
+  ): AsyncIterable<Record<string, unknown>> {
     try {
-      for await (const e of this.table.listEntities<Record<string, unknown>>({
-        queryOptions: { filter: `${odata`PartitionKey eq ${partitionKey}`} and (${filter})`, select },
-      })) {
-        yield e;
-      }
+      const pages = this.table
+        .listEntities<Record<string, unknown>>({
+          queryOptions: { filter: `${odata`PartitionKey eq ${partitionKey}`} and (${filter})`, select },
+        })
+        .byPage(options.pageSize ? { maxPageSize: options.pageSize } : {});
+      for await (const page of pages) yield* page;
     } catch (error) {
       throw classifyStorageError(error, `query ${this.mapping.what}s`);
     }
@@ -296,7 +302,7 @@ export class ManifestStore {
   /** Every snapshot of an export, oldest first. */
   async listSnapshots(exportId: string): Promise<Versioned<SnapshotRow>[]> {
     const rows = await this.snapshots.list(exportId);
-    return rows.sort((a, b) => a.value.generatedTime.localeCompare(b.value.generatedTime));
+    return rows.sort((a, b) => compareGeneratedTime(a.value.generatedTime, b.value.generatedTime));
   }
 
   /** Insert; if a concurrent caller inserted first, return theirs. */
@@ -345,11 +351,17 @@ export class ManifestStore {
     exportId: string,
     snapshotId: string,
   ): Promise<{ state: 'in-flight' } | { state: 'all-landed' } | { state: 'stuck'; failed: boolean }> {
+    const partitionKey = partsPartitionKey(exportId, snapshotId);
+    // While a snapshot copies, the answer is "one is still queued": asked for one row, so the response is one row,
+    // not a page of a thousand.
+    for await (const _queued of this.parts.project(partitionKey, odata`status eq ${'queued'}`, ['status'], {
+      pageSize: 1,
+    })) {
+      return { state: 'in-flight' };
+    }
     let failed = false;
     let remaining = 0;
-    for await (const row of this.parts.project(partsPartitionKey(exportId, snapshotId), odata`status ne ${'landed'}`, [
-      'status',
-    ])) {
+    for await (const row of this.parts.project(partitionKey, odata`status ne ${'landed'}`, ['status'])) {
       if (row.status === 'queued') return { state: 'in-flight' };
       remaining++;
       if (row.status === 'failed') failed = true;

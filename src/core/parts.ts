@@ -102,19 +102,37 @@ export function validateRelativePath(encoded: string): string {
   return decoded.join('/');
 }
 
-/** `2026-11-22T18:01:00Z` → `2026-11-22T1801Z` (seconds kept only when not zero). */
+/**
+ * `2026-11-22T18:01:00Z` → `2026-11-22T1801Z`; seconds are kept when not zero, milliseconds when not zero
+ * (`2026-11-22T18:01:00.500Z` → `2026-11-22T180100.500Z`): two different instants never share a snapshot id, so
+ * they never share a folder.
+ */
 export function snapshotIdOf(generatedTime: string): string {
   const d = new Date(generatedTime);
   if (Number.isNaN(d.getTime()))
     throw new MdvmError('invalid-input', `generatedTime is not a date: '${generatedTime}'`);
   const iso = d.toISOString(); // yyyy-MM-ddTHH:mm:ss.sssZ
   const seconds = iso.slice(17, 19);
-  return `${iso.slice(0, 10)}T${iso.slice(11, 13)}${iso.slice(14, 16)}${seconds === '00' ? '' : seconds}Z`;
+  const millis = iso.slice(20, 23);
+  const tail = millis !== '000' ? `${seconds}.${millis}` : seconds !== '00' ? seconds : '';
+  return `${iso.slice(0, 10)}T${iso.slice(11, 13)}${iso.slice(14, 16)}${tail}Z`;
 }
 
-/** Canonical form of generatedTime: the sortable RowKey of the snapshots table. */
+/**
+ * Canonical form of generatedTime, the snapshots table's RowKey: ISO 8601 UTC, milliseconds only when not zero.
+ * Every spelling of one instant maps to it. Order snapshots with compareGeneratedTime, never as strings
+ * (`…00.500Z` sorts before `…00Z` as text).
+ */
 export function canonicalGeneratedTime(generatedTime: string): string {
-  return new Date(generatedTime).toISOString().replace('.000Z', 'Z');
+  const d = new Date(generatedTime);
+  if (Number.isNaN(d.getTime()))
+    throw new MdvmError('invalid-input', `generatedTime is not a date: '${generatedTime}'`);
+  return d.toISOString().replace('.000Z', 'Z');
+}
+
+/** Orders two generatedTimes by the instant they name. */
+export function compareGeneratedTime(a: string, b: string): number {
+  return Date.parse(a) - Date.parse(b);
 }
 
 export function snapshotFolder(exportId: string, snapshotId: string): string {

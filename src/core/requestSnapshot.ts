@@ -92,13 +92,16 @@ export async function requestSnapshot(
   if (!snapshot) throw new MdvmError('fatal', `snapshot ${exportId}/${snapshotId} vanished during the tick`);
   await runtime.store.insertParts(plan.newParts);
   const expiredPaths = new Map(plan.markExpired.map((p) => [p.path, p]));
+  const offeredSource = new Map(offered.map((p) => [p.relativePath, p.sourcePath]));
   await runBounded([...plan.requeue, ...expiredPaths.keys()], runtime.config.enqueueConcurrency, (path) =>
     runtime.store.mutatePart(exportId, snapshotId, path, (row) => {
       if (row.status === 'landed') return undefined;
       const expired = expiredPaths.get(path);
+      // A part not landed yet is bound to where Defender says it is now (the copy checks its message against it).
+      const sourcePath = offeredSource.get(path) ?? row.sourcePath;
       return expired
-        ? { status: 'expired', sasExpiresOn: expired.sasExpiresOn, lastError: DEAD_ON_ARRIVAL_REASON }
-        : { status: 'queued', queuedAt: now.toISOString() };
+        ? { status: 'expired', sasExpiresOn: expired.sasExpiresOn, lastError: DEAD_ON_ARRIVAL_REASON, sourcePath }
+        : { status: 'queued', queuedAt: now.toISOString(), sourcePath };
     }),
   );
   for (const p of plan.expired) {

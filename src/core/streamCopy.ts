@@ -4,7 +4,7 @@ import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import type { BlobClient, BlobGetPropertiesResponse, BlockBlobClient } from '@azure/storage-blob';
 import type { CopyOptions, CopyRequest } from './copier.js';
-import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
+import { classifyStorageError, isStorageCondition, landingContainerMissing, MdvmError } from './errors.js';
 
 /**
  * The stream copy path (MDVM_COPY_MODE=stream): the bytes pass through this process, for sources the storage
@@ -102,7 +102,9 @@ export async function streamCopy(
     }
     if (block && filled > 0) stage(block, filled);
     await Promise.all(inFlight);
-    if (firstError) throw classifyStorageError(firstError, 'stage block');
+    if (firstError) {
+      throw landingContainerMissing(firstError, dest.containerName) ?? classifyStorageError(firstError, 'stage block');
+    }
     if (gunzip && gunzipDone) {
       gunzip.end();
       try {
@@ -134,7 +136,7 @@ export async function streamCopy(
     });
   } catch (error) {
     if (isStorageCondition(error, 'already-exists')) throw error;
-    throw classifyStorageError(error, 'commit block list');
+    throw landingContainerMissing(error, dest.containerName) ?? classifyStorageError(error, 'commit block list');
   }
   return { md5: md5.toString('base64'), bytes: total, records: counter?.records };
 }

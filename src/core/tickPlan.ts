@@ -1,6 +1,6 @@
 import type { ExportId } from './catalog.js';
 import type { PartRow, SnapshotRow, SnapshotStatus } from './manifestStore.js';
-import { landingPath, type SourcePart } from './parts.js';
+import { compareGeneratedTime, landingPath, type SourcePart } from './parts.js';
 
 /**
  * The timer tick's decisions, with no I/O: from what Defender offers, what the tables hold and the clock, which
@@ -64,7 +64,10 @@ export function planTick(inputs: TickInputs): TickPlan {
   const { exportId, generatedTime, snapshotId, now } = inputs;
   const offered = distinctParts(inputs.offered);
   const supersede = inputs.snapshots.filter(
-    (row) => row.generatedTime < generatedTime && row.status !== 'complete' && row.status !== 'superseded',
+    (row) =>
+      compareGeneratedTime(row.generatedTime, generatedTime) < 0 &&
+      row.status !== 'complete' &&
+      row.status !== 'superseded',
   );
   const landed = inputs.parts.filter((row) => row.status === 'landed');
   const nothing = { newParts: [], requeue: [], markExpired: [], enqueue: [], expired: [] };

@@ -1,4 +1,4 @@
-import { BlobClient } from '@azure/storage-blob';
+import { BlobClient, BlobSASPermissions, BlobServiceClient } from '@azure/storage-blob';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MdvmError } from '../../src/core/errors.js';
 import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
@@ -68,12 +68,15 @@ describe('bad input and failures', () => {
       sourceUrl: sample.sourceUrl.replace(/_RbacGroupId(=|%3D)0\//, '_RbacGroupId$1777/'),
     };
     const mismatched = { ...sample, part: sample.part.replace('c000', 'c009') };
+    // The same instant spelled another way: it must not dodge the table key (and the superseded check).
+    const respelled = { ...sample, generatedTime: sample.generatedTime.replace(/Z$/, '.000Z') };
     const sent = [
       b64('this is not json'),
       b64(JSON.stringify({ v: 2, hello: 'world' })),
       encodeMessage(forgedHost as PartMessage),
       encodeMessage(unknownPart as PartMessage),
       encodeMessage(mismatched as PartMessage),
+      encodeMessage(respelled as PartMessage),
     ];
     for (const text of sent) await app.runtime.queue.sendMessage(text);
     await app.runner.drain();
@@ -89,6 +92,7 @@ describe('bad input and failures', () => {
         expect.stringMatching(/host exfil\.example\.com is not in MDVM_SOURCE_HOST_ALLOWLIST/),
         expect.stringMatching(/no part row/),
         expect.stringMatching(/does not match the source URL/),
+        expect.stringMatching(/generatedTime '2026-11-19T00:01:00\.000Z' is not canonical/),
       ]),
     );
     for (const letter of letters) {
@@ -97,6 +101,113 @@ describe('bad input and failures', () => {
     }
     expect(await state(app)).toEqual(baseline);
     expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(0);
+  });
+
+  it('dead-letters a message that names another account as the source of a recorded part (binding to the tick)', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'information-gathering' });
+    const snap = await stack.simulator.publish('information-gathering', {
+      generatedTime: '2026-11-19T02:01:00Z',
+      recordsPerPart: 5,
+    });
+    await app.runner.tick();
+    const [genuine] = await takeQueuedMessages(app);
+    if (!genuine) throw new Error('no message');
+    const target = snap.parts.find((p) => p.relativePath === genuine.part);
+    if (!target) throw new Error('unknown part');
+    // The attacker's copy of the same part path, in another account the host allowlist also admits.
+    const attacker = BlobServiceClient.fromConnectionString(stack.azurite.customer.connectionString).getContainerClient(
+      snap.container,
+    );
+    await attacker.createIfNotExists();
+    const planted = attacker.getBlockBlobClient(target.blobName);
+    await planted.uploadData(Buffer.from('attacker bytes'));
+    const plantedUrl = await planted.generateSasUrl({
+      permissions: BlobSASPermissions.parse('r'),
+      expiresOn: new Date(Date.now() + 3_600_000),
+    });
+    await app.runtime.queue.sendMessage(encodeMessage({ ...genuine, sourceUrl: plantedUrl }));
+    await app.runner.drain();
+
+    const letters = (await queueTexts(app, 'poison')).map(
+      (t) => JSON.parse(Buffer.from(t, 'base64').toString()) as DeadLetter,
+    );
+    expect(letters).toHaveLength(1);
+    expect(letters[0]?.reason).toMatch(/is not the source recorded for information-gathering/);
+    expect(letters[0]?.original).not.toMatch(/sig=[^<]/);
+    const row = (await state(app)).parts.find((p) => p.path === genuine.part);
+    expect(row?.status).not.toBe('landed');
+
+    // The genuine message still lands the genuine bytes.
+    await app.runtime.queue.sendMessage(encodeMessage(genuine));
+    await app.runner.drain();
+    const landed = await app.runtime.landing
+      .getBlockBlobClient(`information-gathering/snapshot=2026-11-19T0201Z/${genuine.part}`)
+      .downloadToBuffer();
+    expect(md5(landed)).toBe(target.md5);
+  });
+
+  it('a landing container deleted mid-run: no part is written off as a lost source, no manifest lists a missing blob, and the snapshot lands once it is back', async () => {
+    let landedBeforeDeletion = 0;
+    let deleted = false;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware' },
+      {
+        workers: 1,
+        wrapCopier: (real) => ({
+          copy: async (request) => {
+            if (!deleted && landedBeforeDeletion === 3) {
+              deleted = true;
+              await app.runtime.landing.delete();
+            }
+            const result = await real.copy(request);
+            landedBeforeDeletion++;
+            return result;
+          },
+        }),
+      },
+    );
+    const snap = await stack.simulator.publish('hardware-firmware', {
+      generatedTime: '2026-11-19T04:01:00Z',
+      recordsPerPart: 5,
+    });
+    await app.runner.tick();
+    await app.runner.drain();
+    expect(deleted).toBe(true);
+    const afterOutage = await tableRows(app.runtime.storage.partsTable);
+    // Nothing blamed on the source: the parts that could not land say why, and go to the poison queue for requeue.
+    for (const row of afterOutage.filter((p) => p.status !== 'landed')) {
+      expect(String(row.lastError)).toMatch(/landing container .* does not exist/);
+      expect(String(row.lastError)).not.toMatch(/source/);
+    }
+    expect(await app.runtime.landing.exists()).toBe(false);
+
+    // The operator recreates the container (azd provision) and runs again: the three parts whose blobs went with
+    // the container are found out at the completion check and copied again; the manifest lists only what is there.
+    await app.runtime.landing.createIfNotExists();
+    for (let tick = 0; tick < 3; tick++) {
+      stack.simulator.resetRateLimits();
+      await app.runner.tick();
+      await app.runner.drain();
+    }
+    const { snapshots, blobs } = await state(app);
+    expect(snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    const manifest = JSON.parse(
+      (
+        await app.runtime.landing
+          .getBlobClient('hardware-firmware/snapshot=2026-11-19T0401Z/_manifest.json')
+          .downloadToBuffer()
+      ).toString(),
+    ) as { parts: { path: string; bytes: number }[] };
+    expect(manifest.parts).toHaveLength(snap.parts.length);
+    for (const p of manifest.parts) expect(blobs).toContain(p.path);
+    for (const p of snap.parts) {
+      const landed = await app.runtime.landing
+        .getBlockBlobClient(`hardware-firmware/snapshot=2026-11-19T0401Z/${p.relativePath}`)
+        .downloadToBuffer();
+      expect(md5(landed)).toBe(p.md5);
+    }
+    expect(app.events.some((e) => /completion check: its landed blob is missing/.test(String(e.reason)))).toBe(true);
   });
 
   it('marks a part whose source blob is gone failed, and leaves the snapshot visibly incomplete', async () => {

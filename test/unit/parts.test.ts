@@ -3,6 +3,7 @@ import { EXPORT_TYPES } from '../../src/core/catalog.js';
 import { MdvmError } from '../../src/core/errors.js';
 import {
   canonicalGeneratedTime,
+  compareGeneratedTime,
   decodeKey,
   encodeKey,
   landingPath,
@@ -91,6 +92,20 @@ describe('snapshot ids and landing paths', () => {
     expect(snapshotIdOf('2026-11-22T19:01:00+01:00')).toBe('2026-11-22T1801Z');
     expect(canonicalGeneratedTime('2026-11-22T18:01:00.000Z')).toBe('2026-11-22T18:01:00Z');
     expect(() => snapshotIdOf('yesterday')).toThrow(MdvmError);
+  });
+
+  it('gives two different instants two different snapshot ids and orders them as instants, not as text', () => {
+    const whole = '2026-11-22T18:01:00Z';
+    const half = '2026-11-22T18:01:00.500Z';
+    expect(snapshotIdOf(whole)).toBe('2026-11-22T1801Z');
+    expect(snapshotIdOf(half)).toBe('2026-11-22T180100.500Z');
+    expect(snapshotIdOf('2026-11-22T18:01:00.000Z')).toBe(snapshotIdOf(whole));
+    expect(canonicalGeneratedTime(half)).toBe(half);
+    // As text the later instant sorts first ('.' < 'Z'); as instants it does not.
+    expect(half < whole).toBe(true);
+    expect(compareGeneratedTime(half, whole)).toBeGreaterThan(0);
+    expect([half, whole].sort(compareGeneratedTime)).toEqual([whole, half]);
+    expect(() => canonicalGeneratedTime('not a time')).toThrow(MdvmError);
   });
 
   it('builds the contract landing path and reversible table keys', () => {

@@ -159,6 +159,15 @@ describe('planTick: the timer tick rules', () => {
     expect(p.supersede.map((s) => s.generatedTime)).toEqual([older[0], older[2], '2026-11-22T18:01:00.000Z']);
   });
 
+  it('orders snapshots by instant: one half a second later is newer, whatever the text says', () => {
+    const whole = '2026-11-23T06:01:00Z';
+    const half = '2026-11-23T06:01:00.500Z';
+    const fromWhole = plan({ generatedTime: whole, snapshots: [snapshotRow(half, 'copying')] });
+    expect(fromWhole.supersede).toEqual([]);
+    const fromHalf = plan({ generatedTime: half, snapshots: [snapshotRow(whole, 'copying')] });
+    expect(fromHalf.supersede.map((s) => s.generatedTime)).toEqual([whole]);
+  });
+
   it('supersedes older snapshots even when this one is unchanged', () => {
     const p = plan({
       snapshot: snapshotRow(GENERATED, 'complete'),
