@@ -57,6 +57,13 @@ function classifySourceError(error: unknown): MdvmError {
   return classified;
 }
 
+function sourceChanged(cause?: unknown): MdvmError {
+  return new MdvmError('transient', 'the source changed during the copy (its ETag moved); the retry reads it again', {
+    ...(cause === undefined ? {} : { cause }),
+    statusCode: 412,
+  });
+}
+
 function md5Of(props: { contentMD5?: Uint8Array | undefined }): string | undefined {
   return props.contentMD5 && props.contentMD5.length > 0 ? Buffer.from(props.contentMD5).toString('base64') : undefined;
 }
@@ -110,7 +117,7 @@ export class PartCopier {
         pinnedCopy = sourceProps.etag ? { md5: md5Of(response) } : undefined;
       } else {
         method = 'block-from-url';
-        await this.copyByBlocks(dest, size, sourceProps, request, conditions);
+        await this.copyByBlocks(source, dest, size, sourceProps, request, conditions);
       }
     };
     // The write is create-only, so the normal case costs no look at the destination first; only a name that is
@@ -210,14 +217,7 @@ export class PartCopier {
   private async classifyCopyFailure(error: unknown, source: BlobClient, abortSignal?: AbortSignal): Promise<MdvmError> {
     if (isStorageCondition(error, 'precondition-failed')) {
       // Only the source carries a precondition on a copy (the landing side is create-only: 409, not 412).
-      return new MdvmError(
-        'transient',
-        'the source changed during the copy (its ETag moved); the retry reads it again',
-        {
-          cause: error,
-          statusCode: 412,
-        },
-      );
+      return sourceChanged(error);
     }
     const landingGone = landingContainerMissing(error, this.landing.containerName);
     if (landingGone) return landingGone;
@@ -238,6 +238,7 @@ export class PartCopier {
 
   /** Put Block From URL in parallel, then Put Block List: the service moves the bytes. */
   private async copyByBlocks(
+    source: BlobClient,
     dest: BlockBlobClient,
     size: number,
     sourceProps: BlobGetPropertiesResponse,
@@ -253,6 +254,11 @@ export class PartCopier {
         abortSignal: request.abortSignal,
       });
     });
+    // Put Block From URL cannot be pinned to the source's ETag through the SDK: check it once all blocks are read.
+    // The same ETag before and after means no write in between (every write moves it), so the blocks are one
+    // version's; a moved ETag may mean a splice of two, and nothing is committed.
+    const after = await this.sourceProperties(source, request.abortSignal);
+    if (after.etag !== sourceProps.etag) throw sourceChanged();
     await dest.commitBlockList(ids, {
       metadata: request.metadata,
       blobHTTPHeaders: {

@@ -35,8 +35,13 @@ export async function streamCopy(
 ): Promise<{ md5: string; bytes: number; records: number | undefined }> {
   let download: Awaited<ReturnType<BlobClient['download']>>;
   try {
-    download = await source.download(0, undefined, { abortSignal: request.abortSignal });
+    // Pinned to the version whose size and MD5 we read: a source replaced since answers 412 instead of other bytes.
+    download = await source.download(0, undefined, {
+      abortSignal: request.abortSignal,
+      ...(sourceProps.etag ? { conditions: { ifMatch: sourceProps.etag } } : {}),
+    });
   } catch (error) {
+    if (isStorageCondition(error, 'precondition-failed')) throw error;
     throw classifyStorageError(error, 'download source');
   }
   const body = download.readableStreamBody;

@@ -1,4 +1,4 @@
-import { BlobClient, BlobSASPermissions, BlobServiceClient } from '@azure/storage-blob';
+import { BlobClient, BlobSASPermissions, BlobServiceClient, BlockBlobClient } from '@azure/storage-blob';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MdvmError } from '../../src/core/errors.js';
 import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
@@ -496,4 +496,69 @@ describe('bad input and failures', () => {
     expect(md5(landed)).toBe(md5(replacement));
     expect(app.events.some((e) => e.outcome === 'retry' && /source changed/.test(String(e.reason)))).toBe(true);
   });
+
+  it.each([
+    [
+      'block path (Put Block From URL)',
+      { MDVM_COPY_SINGLE_SHOT_MAX_MIB: '0.0625', MDVM_COPY_BLOCK_SIZE_MIB: '0.0625' },
+    ],
+    ['stream path', { MDVM_COPY_MODE: 'stream', MDVM_STREAM_BUFFER_MIB: '1' }],
+  ] as [string, Record<string, string>][])(
+    'never lands a splice of two versions when the source is replaced during a %s copy',
+    async (_path, settings) => {
+      const app = await createApp(stack, { MDVM_EXPORTS: 'secure-configuration', ...settings }, { workers: 1 });
+      const snap = await stack.simulator.publish('secure-configuration', {
+        generatedTime: '2026-11-18T08:01:00Z',
+        groups: [0],
+        partsPerGroup: 1,
+        recordsPerPart: 4_000,
+      });
+      const target = snap.parts[0];
+      if (!target) throw new Error('expected a part');
+      const sourceBlob = stack.simulator.sourceContainer(snap).getBlockBlobClient(target.blobName);
+      const original = await sourceBlob.downloadToBuffer();
+      expect(original.length).toBeGreaterThan(3 * 64 * 1024);
+      const replacement = Buffer.from(original.map((b) => b ^ 0x5a));
+      let replaced = false;
+      const replaceOnce = async () => {
+        if (replaced) return;
+        replaced = true;
+        await sourceBlob.uploadData(replacement);
+      };
+      // Replace the source after the first block of the first attempt has been read.
+      const realStageFromUrl = BlockBlobClient.prototype.stageBlockFromURL;
+      const realGetProperties = BlobClient.prototype.getProperties;
+      const spies = [
+        vi.spyOn(BlockBlobClient.prototype, 'stageBlockFromURL').mockImplementation(async function (
+          this: BlockBlobClient,
+          ...args: Parameters<BlockBlobClient['stageBlockFromURL']>
+        ) {
+          const response = await realStageFromUrl.apply(this, args);
+          await replaceOnce();
+          return response;
+        }),
+        vi.spyOn(BlobClient.prototype, 'getProperties').mockImplementation(async function (this: BlobClient, options) {
+          const props = await realGetProperties.call(this, options);
+          // Stream path: between reading the source's properties and downloading it.
+          if (settings.MDVM_COPY_MODE === 'stream' && this.name === target.blobName) await replaceOnce();
+          return props;
+        }),
+      ];
+      try {
+        await app.runner.tick();
+        await app.runner.drain();
+      } finally {
+        for (const spy of spies) spy.mockRestore();
+      }
+      expect(replaced).toBe(true);
+      const { parts, snapshots } = await state(app);
+      expect(snapshots[0]).toMatchObject({ status: 'complete' });
+      expect(parts[0]).toMatchObject({ status: 'landed', attempts: 2, bytes: replacement.length });
+      const landed = await app.runtime.landing
+        .getBlockBlobClient(`secure-configuration/snapshot=2026-11-18T0801Z/${target.relativePath}`)
+        .downloadToBuffer();
+      expect(md5(landed)).toBe(md5(replacement));
+      expect(app.events.some((e) => e.outcome === 'retry' && /source changed/.test(String(e.reason)))).toBe(true);
+    },
+  );
 });
