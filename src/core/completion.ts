@@ -38,6 +38,12 @@ export async function completeSnapshotIfReady(
   const landed = rows.filter((r) => r.status === 'landed');
   if (landed.length < snapshot.value.partCount || landed.length < rows.length) {
     await reconcileCounters(runtime, snapshot.value, landed);
+    if (landed.length === rows.length && (snapshot.value.partsRefused ?? 0) > 0) {
+      // Every recorded part is in, but Defender listed files the tick refused: say so, do not wait forever.
+      await runtime.store.mutateSnapshot(exportId, generatedTime, (row) =>
+        row.status === 'copying' || row.status === 'requested' ? { status: 'failed' } : undefined,
+      );
+    }
     return false;
   }
 
@@ -52,17 +58,7 @@ export async function completeSnapshotIfReady(
   const path = manifestPath(exportId, snapshot.value.snapshotId);
   const manifestBlob = runtime.landing.getBlockBlobClient(path);
   const body = `${JSON.stringify(manifest, null, 2)}\n`;
-  try {
-    await manifestBlob.upload(body, Buffer.byteLength(body), {
-      blobHTTPHeaders: JSON_HEADERS,
-      conditions: { ifNoneMatch: '*' },
-    });
-  } catch (error) {
-    // Someone else completed it first: their manifest lists the same parts.
-    if (!isStorageCondition(error, 'already-exists')) {
-      throw classifyStorageError(error, 'write _manifest.json');
-    }
-  }
+  await writeManifest(manifestBlob, manifest, body);
   await advanceLatest(runtime, exportId, snapshot.value, path);
 
   let completedNow = false;
@@ -152,6 +148,43 @@ async function reopenMissingParts(
   );
 }
 
+/**
+ * Create-only, so concurrent completions write one manifest. One that is already there and lists the same parts is
+ * someone else's identical completion; one that lists other parts is from before Defender's file list for this
+ * snapshot grew, and is replaced under its ETag by the manifest of every part.
+ */
+async function writeManifest(
+  blob: ReturnType<Runtime['landing']['getBlockBlobClient']>,
+  manifest: SnapshotManifest,
+  body: string,
+): Promise<void> {
+  for (let attempt = 0; attempt < 5; attempt++) {
+    let conditions: { ifNoneMatch: string } | { ifMatch: string } = { ifNoneMatch: '*' };
+    if (attempt > 0) {
+      const existing = await blob.download().catch((error: unknown) => {
+        if (isStorageCondition(error, 'not-found')) return undefined;
+        throw classifyStorageError(error, 'read _manifest.json');
+      });
+      if (existing?.etag) {
+        const text = existing.readableStreamBody ? await streamToString(existing.readableStreamBody) : '';
+        const listed = manifestSchema.safeParse(parseJson(text));
+        const paths = (m: SnapshotManifest) => m.parts.map((p) => p.path).join('\n');
+        if (listed.success && paths(listed.data) === paths(manifest)) return;
+        conditions = { ifMatch: existing.etag };
+      }
+    }
+    try {
+      await blob.upload(body, Buffer.byteLength(body), { blobHTTPHeaders: JSON_HEADERS, conditions });
+      return;
+    } catch (error) {
+      if (!isStorageCondition(error, 'already-exists', 'precondition-failed', 'conflict')) {
+        throw classifyStorageError(error, 'write _manifest.json');
+      }
+    }
+  }
+  throw new MdvmError('transient', `_manifest.json for ${manifest.export}/${manifest.snapshot} kept changing under us`);
+}
+
 function buildManifest(snapshot: SnapshotRow, landed: PartRow[], now: Date): SnapshotManifest {
   const parts = [...landed]
     .sort((a, b) => a.path.localeCompare(b.path))
@@ -164,7 +197,8 @@ function buildManifest(snapshot: SnapshotRow, landed: PartRow[], now: Date): Sna
       records: r.records ?? null,
       verification: r.verification ?? null,
     }));
-  const counted = parts.every((p) => p.records !== null);
+  // No parts counted nothing: null, never 0 (the contract says null when not counted).
+  const counted = parts.length > 0 && parts.every((p) => p.records !== null);
   return {
     v: 1,
     export: snapshot.exportId,

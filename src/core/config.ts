@@ -137,6 +137,7 @@ export const settingsSchema = z
     MDVM_SNAPSHOTS_TABLE: tableName.default('snapshots'),
     MDVM_PARTS_TABLE: tableName.default('parts'),
     MDVM_ENQUEUE_CONCURRENCY: intSetting(16, 1, 64),
+    MDVM_MAX_PARTS_PER_SNAPSHOT: intSetting(20_000, 1, 100_000),
     // Security
     MDVM_SOURCE_HOST_ALLOWLIST: hostPatterns.default(['*.blob.core.windows.net']),
     MDVM_ALLOW_LOOPBACK: booleanSetting(false),
@@ -251,6 +252,8 @@ export interface AppConfig {
   readonly snapshotsTable: string;
   readonly partsTable: string;
   readonly enqueueConcurrency: number;
+  /** A snapshot offering more files than this is refused whole (a runaway list, not an export). */
+  readonly maxPartsPerSnapshot: number;
   readonly sourceHostAllowlist: readonly string[];
   readonly allowLoopback: boolean;
   readonly sasSafetyMarginInMs: number;
@@ -316,6 +319,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
     snapshotsTable: s.MDVM_SNAPSHOTS_TABLE,
     partsTable: s.MDVM_PARTS_TABLE,
     enqueueConcurrency: s.MDVM_ENQUEUE_CONCURRENCY,
+    maxPartsPerSnapshot: s.MDVM_MAX_PARTS_PER_SNAPSHOT,
     sourceHostAllowlist: s.MDVM_SOURCE_HOST_ALLOWLIST,
     allowLoopback: s.MDVM_ALLOW_LOOPBACK,
     sasSafetyMarginInMs: s.MDVM_SAS_SAFETY_MARGIN_SECONDS * 1000,

@@ -25,6 +25,8 @@ export const snapshotRowSchema = z
     status: z.enum(SNAPSHOT_STATUSES),
     partCount: count,
     partsLanded: count,
+    /** Files Defender listed that the tick refused (wrong export, names too long): the snapshot cannot complete. */
+    partsRefused: count.optional(),
     bytesLanded: count,
     recordsLanded: count.optional(),
     requestedAt: isoTime,

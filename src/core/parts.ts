@@ -14,6 +14,8 @@ export interface SourcePart {
   /** The source URL without its query: safe to log and store. */
   readonly sourcePath: string;
   readonly blobExportName: string;
+  /** The URL's `<yyyy-MM-dd>/<HHmm>` segments, which Defender derives from generatedTime. */
+  readonly exportFolder: string;
   /** SAS expiry (`se`), when the URL carries one. */
   readonly sasExpiresOn: Date | undefined;
 }
@@ -77,6 +79,7 @@ export function parseSourceUrl(rawUrl: string, policy: SourcePolicy): SourcePart
     relativePath,
     sourcePath: `${url.origin}${url.pathname}`,
     blobExportName: match[3] ?? '',
+    exportFolder: `${match[1]}/${match[2]}`,
     sasExpiresOn: sasExpiresOn && !Number.isNaN(sasExpiresOn.getTime()) ? sasExpiresOn : undefined,
   };
 }
@@ -133,6 +136,29 @@ export function canonicalGeneratedTime(generatedTime: string): string {
 /** Orders two generatedTimes by the instant they name. */
 export function compareGeneratedTime(a: string, b: string): number {
   return Date.parse(a) - Date.parse(b);
+}
+
+/** The `<yyyy-MM-dd>/<HHmm>` folder Defender files a snapshot's parts under, from its generatedTime. */
+export function exportFolderOf(generatedTime: string): string {
+  const iso = new Date(generatedTime).toISOString();
+  return `${iso.slice(0, 10)}/${iso.slice(11, 13)}${iso.slice(14, 16)}`;
+}
+
+/** Azure's limits that a part's names must fit: a blob name, and a table key (1 KiB of UTF-16). */
+export const MAX_BLOB_NAME_LENGTH = 1_024;
+export const MAX_TABLE_KEY_LENGTH = 512;
+
+/** Why a part cannot be recorded and landed under these names, or undefined when it can. */
+export function namesTooLong(exportId: string, snapshotId: string, relativePath: string): string | undefined {
+  const blobName = landingPath(exportId, snapshotId, relativePath);
+  if (blobName.length > MAX_BLOB_NAME_LENGTH) {
+    return `its landing blob name would be ${blobName.length} characters (Azure allows ${MAX_BLOB_NAME_LENGTH})`;
+  }
+  const rowKey = encodeKey(relativePath);
+  if (rowKey.length > MAX_TABLE_KEY_LENGTH) {
+    return `its table key would be ${rowKey.length} characters (Azure allows ${MAX_TABLE_KEY_LENGTH})`;
+  }
+  return undefined;
 }
 
 export function snapshotFolder(exportId: string, snapshotId: string): string {

@@ -1,18 +1,29 @@
 import { type ExportId, getExportType } from './catalog.js';
 import { completeSnapshotIfReady, reconcileCounters } from './completion.js';
 import { runBounded } from './concurrency.js';
-import { classifyStorageError, MdvmError } from './errors.js';
+import { classifyStorageError, errorMessage, MdvmError } from './errors.js';
 import type { SnapshotRow } from './manifestStore.js';
 import { encodeMessage, messageTimeToLiveInSeconds, type PartMessage } from './messages.js';
-import { canonicalGeneratedTime, parseSourceUrl, snapshotIdOf } from './parts.js';
+import {
+  canonicalGeneratedTime,
+  exportFolderOf,
+  namesTooLong,
+  parseSourceUrl,
+  type SourcePart,
+  snapshotIdOf,
+} from './parts.js';
+import { stripQuery } from './redact.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
 import { DEAD_ON_ARRIVAL_REASON, type OfferedPart, planTick, statusAfterTick } from './tickPlan.js';
 
+/** How far ahead of this clock a generatedTime may be (clock skew between Defender and us), and no further. */
+export const MAX_CLOCK_SKEW_IN_MS = 10 * 60_000;
+
 /** Messages sent before their rows are marked in flight: one table transaction's worth. */
 const ENQUEUE_CHUNK = 100;
 
-export type TickOutcome = 'enqueued' | 'resumed' | 'unchanged' | 'completed';
+export type TickOutcome = 'enqueued' | 'resumed' | 'unchanged' | 'completed' | 'empty';
 
 export interface TickResult {
   readonly exportId: ExportId;
@@ -51,17 +62,62 @@ export async function requestSnapshot(
   });
   const generatedTime = canonicalGeneratedTime(response.generatedTime);
   const snapshotId = snapshotIdOf(generatedTime);
-  const offered = response.exportFiles.map((url): OfferedPart => {
-    try {
-      return { ...parseSourceUrl(url, runtime.config), url };
-    } catch (error) {
-      throw new MdvmError(
-        'invalid-input',
-        `Defender returned a part URL the app refuses: ${(error as Error).message}`,
-        { cause: error },
-      );
-    }
-  });
+  const aheadInMs = Date.parse(generatedTime) - runtime.now().getTime();
+  if (aheadInMs > MAX_CLOCK_SKEW_IN_MS) {
+    // A snapshot from the future would sort after every real one and pin _latest.json for good.
+    throw new MdvmError(
+      'invalid-input',
+      `Defender's generatedTime ${generatedTime} is ${Math.round(aheadInMs / 60_000)} minutes ahead of this clock (${runtime.now().toISOString()}); nothing recorded`,
+    );
+  }
+  if (response.exportFiles.length > runtime.config.maxPartsPerSnapshot) {
+    throw new MdvmError(
+      'invalid-input',
+      `Defender listed ${response.exportFiles.length} files for ${exportId} ${snapshotId}, more than MDVM_MAX_PARTS_PER_SNAPSHOT (${runtime.config.maxPartsPerSnapshot}); nothing recorded`,
+    );
+  }
+  if (response.exportFiles.length === 0) {
+    // Nothing to land is not a snapshot: recording it would complete it empty and move _latest.json to it.
+    telemetry.track('request', {
+      export: exportId,
+      snapshot: snapshotId,
+      outcome: 'empty',
+      durationMs: Date.now() - started,
+      reason: 'Defender listed no files; nothing recorded, the next tick asks again',
+    });
+    return {
+      exportId,
+      snapshotId,
+      generatedTime,
+      outcome: 'empty',
+      partCount: 0,
+      partsEnqueued: 0,
+      partsLanded: 0,
+      superseded: [],
+    };
+  }
+  const { offered, refused, warnings } = screenFiles(
+    runtime,
+    exportId,
+    generatedTime,
+    snapshotId,
+    response.exportFiles,
+  );
+  for (const r of refused) {
+    telemetry.track('part', {
+      export: exportId,
+      snapshot: snapshotId,
+      part: r.part,
+      outcome: 'refused',
+      reason: r.reason,
+    });
+  }
+  const refusedNote =
+    refused.length > 0
+      ? `${refused.length} of ${response.exportFiles.length} file(s) refused, so the snapshot cannot complete: ${refused[0]?.reason}`
+      : warnings.length > 0
+        ? `${warnings.length} file(s) ${warnings[0]?.reason}`
+        : undefined;
 
   const now = runtime.now();
   const current = await runtime.store.getSnapshot(exportId, generatedTime);
@@ -88,7 +144,14 @@ export async function requestSnapshot(
     });
     return result('unchanged', current.value, 0, superseded);
   }
-  const snapshot = plan.createSnapshot ? await runtime.store.createSnapshot(plan.createSnapshot) : current;
+  const snapshot = plan.createSnapshot
+    ? await runtime.store.createSnapshot({
+        ...plan.createSnapshot,
+        partCount: plan.createSnapshot.partCount + refused.length,
+        ...(refused.length > 0 ? { partsRefused: refused.length } : {}),
+        ...(refusedNote ? { lastError: refusedNote } : {}),
+      })
+    : current;
   if (!snapshot) throw new MdvmError('fatal', `snapshot ${exportId}/${snapshotId} vanished during the tick`);
   await runtime.store.insertParts(plan.newParts);
   const expiredPaths = new Map(plan.markExpired.map((p) => [p.path, p]));
@@ -116,9 +179,11 @@ export async function requestSnapshot(
 
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
     status: statusAfterTick(row.status, plan.enqueue.length),
-    partCount: Math.max(row.partCount, plan.offered.length),
+    partCount: Math.max(row.partCount, plan.offered.length + refused.length),
+    partsRefused: refused.length,
     lastRequestedAt: now.toISOString(),
     ...(plan.expired.length > 0 ? { lastError: `${plan.expired.length} part(s): ${DEAD_ON_ARRIVAL_REASON}` } : {}),
+    ...(refusedNote ? { lastError: refusedNote } : {}),
   }));
 
   // Messages go out as soon as their rows exist, a hundred at a time; then one transaction marks those parts in
@@ -213,4 +278,57 @@ function result(outcome: TickOutcome, row: SnapshotRow, enqueued: number, supers
     partsLanded: row.partsLanded,
     superseded,
   };
+}
+
+/**
+ * Sort Defender's file list into parts to record and files to refuse, each refusal with its reason: a file that
+ * breaks the URL policy, belongs to another export type, or whose names do not fit Azure's limits. One bad file
+ * never stops the good ones; the snapshot it belongs to cannot complete while it is refused. A URL whose date
+ * folder disagrees with generatedTime is recorded and reported (Defender's own docs show one such example).
+ */
+function screenFiles(
+  runtime: Runtime,
+  exportId: ExportId,
+  generatedTime: string,
+  snapshotId: string,
+  urls: readonly string[],
+): {
+  offered: OfferedPart[];
+  refused: { part: string; reason: string }[];
+  warnings: { part: string; reason: string }[];
+} {
+  const type = getExportType(exportId);
+  const folder = exportFolderOf(generatedTime);
+  const offered: OfferedPart[] = [];
+  const refused: { part: string; reason: string }[] = [];
+  const warnings: { part: string; reason: string }[] = [];
+  for (const url of urls) {
+    let part: SourcePart;
+    try {
+      part = parseSourceUrl(url, runtime.config);
+    } catch (error) {
+      refused.push({ part: stripQuery(url).slice(-200), reason: `refused: ${errorMessage(error)}` });
+      continue;
+    }
+    if (part.blobExportName !== type.blobExportName) {
+      refused.push({
+        part: part.relativePath,
+        reason: `refused: the file belongs to export ${part.blobExportName}, not ${type.blobExportName} (${exportId})`,
+      });
+      continue;
+    }
+    const tooLong = namesTooLong(exportId, snapshotId, part.relativePath);
+    if (tooLong) {
+      refused.push({ part: part.relativePath.slice(0, 200), reason: `refused: ${tooLong}` });
+      continue;
+    }
+    if (part.exportFolder !== folder) {
+      warnings.push({
+        part: part.relativePath,
+        reason: `recorded, but its URL's folder ${part.exportFolder} disagrees with generatedTime ${generatedTime} (${folder})`,
+      });
+    }
+    offered.push({ ...part, url });
+  }
+  return { offered, refused, warnings };
 }

@@ -10,6 +10,8 @@ export interface Logger {
 export type Outcome =
   | 'enqueued'
   | 'unchanged'
+  | 'empty'
+  | 'refused'
   | 'resumed'
   | 'landed'
   | 'duplicate'

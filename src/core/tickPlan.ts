@@ -71,7 +71,10 @@ export function planTick(inputs: TickInputs): TickPlan {
   );
   const landed = inputs.parts.filter((row) => row.status === 'landed');
   const nothing = { newParts: [], requeue: [], markExpired: [], enqueue: [], expired: [] };
-  if (inputs.snapshot?.status === 'complete') {
+  const recorded = new Set(inputs.parts.map((row) => row.path));
+  // A complete snapshot is unchanged only while Defender lists no file it has not recorded; a grown list is copied
+  // (nothing landed is rewritten) and the snapshot completes again with a manifest that lists every part.
+  if (inputs.snapshot?.status === 'complete' && offered.every((p) => recorded.has(p.relativePath))) {
     return { unchanged: true, supersede, createSnapshot: undefined, ...nothing, offered, landed };
   }
 
@@ -150,12 +153,12 @@ export function needsAnotherMessage(row: PartRow, now: Date, marginInMs: number)
 }
 
 /**
- * The snapshot's status after the tick: a new snapshot starts copying; a failed one copies again only when the
- * tick sends messages; complete and superseded stay as they are.
+ * The snapshot's status after the tick: a new snapshot starts copying; a failed one, or a complete one whose file
+ * list grew, copies again when the tick sends messages; otherwise complete and superseded stay as they are.
  */
 export function statusAfterTick(current: SnapshotStatus, messagesSent: number): SnapshotStatus {
   if (current === 'requested') return 'copying';
-  if (current === 'failed' && messagesSent > 0) return 'copying';
+  if ((current === 'failed' || current === 'complete') && messagesSent > 0) return 'copying';
   return current;
 }
 

@@ -61,7 +61,18 @@ export type Fault =
   /** SAS URLs that have already expired, for the first `parts` parts (default all). */
   | { kind: 'expired-sas'; parts?: number }
   /** One extra URL pointing at a part blob that does not exist. */
-  | { kind: 'missing-blob' };
+  | { kind: 'missing-blob' }
+  /**
+   * Hostile or broken responses: the body as the simulator would send it, changed by `rewrite` (an empty or
+   * partial list, a time in the future, URLs of another export). `signUrl` signs any blob name of the snapshot.
+   */
+  | {
+      kind: 'rewrite';
+      rewrite: (
+        body: { exportFiles: string[]; generatedTime: string },
+        signUrl: (blobName: string) => string,
+      ) => { exportFiles: string[]; generatedTime: string };
+    };
 
 export interface SimulatorOptions {
   source: SourceAccount;
@@ -308,10 +319,13 @@ export class DefenderSimulator {
         ),
       );
     }
+    let body = { exportFiles: urls, generatedTime: snapshot.generatedTime };
+    if (fault?.kind === 'rewrite') {
+      body = fault.rewrite(body, (blobName) => this.sasUrl(snapshot, blobName, new Date(now + hours * 3_600_000)));
+    }
     return send(200, {
       '@odata.context': `${this.baseUrl}/api/$metadata#microsoft.windowsDefenderATP.api.ExportFilesResponse`,
-      exportFiles: urls,
-      generatedTime: snapshot.generatedTime,
+      ...body,
     });
   }
 

@@ -22,6 +22,7 @@ function offered(name: string, sasExpiresInMinutes: number | undefined = 360): O
     relativePath,
     sourcePath: `https://ms.blob.core.windows.net/export/${relativePath}`,
     blobExportName: 'SoftwareVulnerabilitiesExport',
+    exportFolder: '2026-11-23/0601',
     sasExpiresOn: sasExpiresInMinutes === undefined ? undefined : minutesFromNow(sasExpiresInMinutes),
     url: `https://ms.blob.core.windows.net/export/${relativePath}?se=x&sig=not-a-real-signature`,
   };
@@ -76,10 +77,22 @@ const enqueued = (p: ReturnType<typeof plan>) => names(p.enqueue.map((x) => x.re
 
 describe('planTick: the timer tick rules', () => {
   it('a complete snapshot is unchanged: no row, no message, nothing expired', () => {
-    const p = plan({ snapshot: snapshotRow(GENERATED, 'complete'), parts: [partRow('a', 'landed')] });
+    const p = plan({
+      snapshot: snapshotRow(GENERATED, 'complete'),
+      parts: [partRow('a', 'landed'), partRow('b', 'landed')],
+    });
     expect(p.unchanged).toBe(true);
     expect(p.createSnapshot).toBeUndefined();
     expect([p.newParts, p.enqueue, p.requeue, p.markExpired, p.expired]).toEqual([[], [], [], [], []]);
+  });
+
+  it('a complete snapshot whose file list grew copies the new files and rewrites nothing landed', () => {
+    const p = plan({ snapshot: snapshotRow(GENERATED, 'complete'), parts: [partRow('a', 'landed')] });
+    expect(p.unchanged).toBe(false);
+    expect(p.newParts.map((r) => r.path)).toEqual([pathOf('b')]);
+    expect(enqueued(p)).toEqual(['b']);
+    expect(p.requeue).toEqual([]);
+    expect(p.landed.map((r) => r.path)).toEqual([pathOf('a')]);
   });
 
   it('a new snapshot gets its row (status requested, one part per distinct file) and every part a message', () => {
@@ -171,6 +184,7 @@ describe('planTick: the timer tick rules', () => {
   it('supersedes older snapshots even when this one is unchanged', () => {
     const p = plan({
       snapshot: snapshotRow(GENERATED, 'complete'),
+      parts: [partRow('a', 'landed'), partRow('b', 'landed')],
       snapshots: [snapshotRow('2026-11-22T00:01:00.000Z', 'copying'), snapshotRow(GENERATED, 'complete')],
     });
     expect(p.unchanged).toBe(true);
@@ -183,7 +197,8 @@ describe('planTick: the timer tick rules', () => {
     ['failed', 1, 'copying'],
     ['failed', 0, 'failed'],
     ['copying', 0, 'copying'],
-    ['complete', 3, 'complete'],
+    ['complete', 0, 'complete'],
+    ['complete', 3, 'copying'],
     ['superseded', 3, 'superseded'],
   ] as const)('a %s snapshot with %i message(s) sent is %s afterwards', (status, sent, after) => {
     expect(statusAfterTick(status, sent)).toBe(after);

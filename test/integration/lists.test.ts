@@ -1,0 +1,141 @@
+import { gzipSync } from 'node:zlib';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { SnapshotManifest } from '../../src/core/completion.js';
+import { createApp, listBlobNames, md5, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
+
+/** Hostile or broken file lists from the Defender API: what the tick records, refuses and completes. */
+
+let stack: Stack;
+beforeAll(async () => {
+  stack = await startStack();
+});
+afterAll(async () => {
+  await stack?.stop();
+});
+
+async function tick(app: TestApp) {
+  stack.simulator.resetRateLimits();
+  const [report] = await app.runner.tick();
+  await app.runner.drain();
+  return report;
+}
+
+async function manifestOf(app: TestApp, folder: string): Promise<SnapshotManifest> {
+  const body = await app.runtime.landing.getBlobClient(`${folder}/_manifest.json`).downloadToBuffer();
+  return JSON.parse(body.toString()) as SnapshotManifest;
+}
+
+describe('file lists the tick must not trust blindly', () => {
+  it('an empty list records nothing and completes nothing; the files listed later land as usual', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    const snap = await stack.simulator.publish('certificates', { generatedTime: '2026-11-17T00:01:00Z' });
+    stack.simulator.injectFault('certificates', { kind: 'rewrite', rewrite: (body) => ({ ...body, exportFiles: [] }) });
+    const first = await tick(app);
+    expect(first?.error).toBeUndefined();
+    expect(app.events.find((e) => e.event === 'request')).toMatchObject({ outcome: 'empty' });
+    expect(await tableRows(app.runtime.storage.snapshotsTable)).toEqual([]);
+    expect(await listBlobNames(app)).toEqual([]);
+
+    await tick(app);
+    const [row] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(row).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    const manifest = await manifestOf(app, 'certificates/snapshot=2026-11-17T0001Z');
+    expect(manifest.totals.parts).toBe(snap.parts.length);
+  });
+
+  it('a list that grows after completion: the new files land, nothing landed is rewritten, the manifest lists all', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'browser-extensions' });
+    const snap = await stack.simulator.publish('browser-extensions', { generatedTime: '2026-11-17T01:01:00Z' });
+    stack.simulator.injectFault('browser-extensions', {
+      kind: 'rewrite',
+      rewrite: (body) => ({ ...body, exportFiles: body.exportFiles.slice(0, 1) }),
+    });
+    await tick(app);
+    const folder = 'browser-extensions/snapshot=2026-11-17T0101Z';
+    const partial = await manifestOf(app, folder);
+    expect(partial.totals).toEqual({ parts: 1, bytes: expect.any(Number), records: null });
+    const firstBlob = app.runtime.landing.getBlobClient(`${folder}/${partial.parts[0]?.part}`);
+    const firstEtag = (await firstBlob.getProperties()).etag;
+
+    await tick(app);
+    const [row] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(row).toMatchObject({ status: 'complete', partCount: snap.parts.length, partsLanded: snap.parts.length });
+    const full = await manifestOf(app, folder);
+    expect(full.totals.parts).toBe(snap.parts.length);
+    expect(full.parts.map((p) => p.part).sort()).toEqual(snap.parts.map((p) => p.relativePath).sort());
+    expect((await firstBlob.getProperties()).etag).toBe(firstEtag);
+    for (const p of snap.parts) {
+      const landed = await app.runtime.landing.getBlobClient(`${folder}/${p.relativePath}`).downloadToBuffer();
+      expect(md5(landed)).toBe(p.md5);
+    }
+    // A third tick with the same list changes nothing.
+    await tick(app);
+    expect(app.events.filter((e) => e.event === 'request').at(-1)).toMatchObject({ outcome: 'unchanged' });
+  });
+
+  it('a generatedTime far in the future is refused whole: no row, no blob, _latest.json untouched', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
+    await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-17T02:01:00Z' });
+    stack.simulator.injectFault('hardware-firmware', {
+      kind: 'rewrite',
+      rewrite: (body) => ({ ...body, generatedTime: '9999-12-31T23:59:00Z' }),
+    });
+    const report = await tick(app);
+    expect(report?.error).toMatch(/generatedTime 9999-12-31T23:59:00Z is \d+ minutes ahead of this clock/);
+    expect(await tableRows(app.runtime.storage.snapshotsTable)).toEqual([]);
+    expect(await listBlobNames(app)).toEqual([]);
+  });
+
+  it('a list longer than MDVM_MAX_PARTS_PER_SNAPSHOT is refused whole with the count', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'security-baselines', MDVM_MAX_PARTS_PER_SNAPSHOT: '3' });
+    await stack.simulator.publish('security-baselines', { generatedTime: '2026-11-17T03:01:00Z' });
+    const report = await tick(app);
+    expect(report?.error).toMatch(/listed 9 files .* more than MDVM_MAX_PARTS_PER_SNAPSHOT \(3\); nothing recorded/);
+    expect(await tableRows(app.runtime.storage.snapshotsTable)).toEqual([]);
+  });
+
+  it('refuses a file of another export and a file whose names exceed Azure limits, lands the good ones, and never completes quietly', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'software-inventory' });
+    const snap = await stack.simulator.publish('software-inventory', {
+      generatedTime: '2026-11-17T04:01:00Z',
+      recordsPerPart: 5,
+    });
+    const source = stack.simulator.sourceContainer(snap);
+    const org = snap.parts[0]?.relativePath.split('/')[0] ?? '';
+    const otherExport = `${snap.prefix.replace('/SoftwareInventory/', '/ScaExport/')}/${org}/_RbacGroupId=0/part-00000-x.c000.json.gz`;
+    const longPath = `${snap.prefix}/${org}/_RbacGroupId=0/${'a'.repeat(190)}/${'b'.repeat(190)}/${'c'.repeat(190)}/part-00000-y.c000.json.gz`;
+    // Listed under another date folder: recorded, landed and reported.
+    const otherFolder = `${snap.prefix.replace('/0401/', '/0402/')}/${org}/_RbacGroupId=5/part-00000-z.c000.json.gz`;
+    await source.getBlockBlobClient(otherFolder).uploadData(gzipSync('{"a":1}\n'));
+    stack.simulator.injectFault('software-inventory', {
+      kind: 'rewrite',
+      rewrite: (body, sign) => ({
+        ...body,
+        exportFiles: [...body.exportFiles, sign(otherExport), sign(longPath), sign(otherFolder)],
+      }),
+    });
+    await tick(app);
+    const [row] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(row).toMatchObject({
+      status: 'failed',
+      partCount: snap.parts.length + 3,
+      partsRefused: 2,
+      partsLanded: snap.parts.length + 1,
+    });
+    expect(String(row?.lastError)).toMatch(/2 of \d+ file\(s\) refused, so the snapshot cannot complete/);
+    const refusals = app.events.filter((e) => e.outcome === 'refused').map((e) => String(e.reason));
+    expect(refusals).toEqual(
+      expect.arrayContaining([
+        expect.stringMatching(/belongs to export ScaExport, not SoftwareInventory/),
+        expect.stringMatching(/table key would be \d+ characters \(Azure allows 512\)/),
+      ]),
+    );
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts).toHaveLength(snap.parts.length + 1);
+    expect(parts.every((p) => p.status === 'landed')).toBe(true);
+    expect((await listBlobNames(app)).some((n) => n.endsWith('_manifest.json'))).toBe(false);
+    // Every later tick says the same and still lands nothing wrong; it does not wedge the export.
+    const again = await tick(app);
+    expect(again?.error).toBeUndefined();
+  });
+});
