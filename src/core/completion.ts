@@ -9,7 +9,7 @@ import {
   type SnapshotManifest,
   type SnapshotRow,
 } from './contracts.js';
-import { classifyStorageError, isStorageCondition, MdvmError } from './errors.js';
+import { classifyStorageError, errorMessage, isStorageCondition, MdvmError } from './errors.js';
 import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from './parts.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
@@ -59,7 +59,18 @@ export async function completeSnapshotIfReady(
   const manifestBlob = runtime.landing.getBlockBlobClient(path);
   const body = `${JSON.stringify(manifest, null, 2)}\n`;
   await writeManifest(manifestBlob, manifest, body);
-  await advanceLatest(runtime, exportId, snapshot.value, path);
+  try {
+    await advanceLatest(runtime, exportId, snapshot.value, path);
+  } catch (error) {
+    // The snapshot stays incomplete until the pointer moves: status shows why, run exits non-zero, and every
+    // redelivery or later tick tries again.
+    const reason = `_latest.json was not moved to this snapshot: ${errorMessage(error)}`;
+    await runtime.store.mutateSnapshot(exportId, generatedTime, (row) =>
+      row.status === 'complete' ? undefined : { lastError: reason },
+    );
+    telemetry.track('snapshot', { export: exportId, snapshot: snapshot.value.snapshotId, outcome: 'error', reason });
+    throw error;
+  }
 
   let completedNow = false;
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => {
@@ -227,7 +238,12 @@ function checkedManifest(manifest: SnapshotManifest): SnapshotManifest {
   return manifest;
 }
 
-/** `_latest.json` only ever moves to a newer generatedTime, under ETag guard. */
+const LATEST_ATTEMPTS = 20;
+
+/**
+ * `_latest.json` only ever moves to a newer generatedTime, under ETag guard. Throws when it cannot be moved (a lease
+ * on it, a pointer that keeps changing): the caller leaves the snapshot incomplete and says why.
+ */
 async function advanceLatest(
   runtime: Runtime,
   exportId: string,
@@ -235,7 +251,7 @@ async function advanceLatest(
   manifest: string,
 ): Promise<void> {
   const blob = runtime.landing.getBlockBlobClient(latestPath(exportId));
-  for (let attempt = 0; attempt < 20; attempt++) {
+  for (let attempt = 0; attempt < LATEST_ATTEMPTS; attempt++) {
     let etag: string | undefined;
     try {
       // Body and ETag from one response: a pointer read with another write's ETag could move backwards.
@@ -264,12 +280,23 @@ async function advanceLatest(
       });
       return;
     } catch (error) {
+      // A lease (or any other lock) is not a lost race: reading again cannot help.
+      if (/^Lease/.test((error as { code?: string }).code ?? '')) {
+        throw new MdvmError(
+          'fatal',
+          `${classifyStorageError(error, 'write _latest.json').message} (a lease holds it)`,
+          {
+            cause: error,
+          },
+        );
+      }
       // Another writer moved it (ETag) or created it first: read again.
       if (!isStorageCondition(error, 'precondition-failed', 'already-exists', 'conflict')) {
         throw classifyStorageError(error, 'write _latest.json');
       }
     }
   }
+  throw new MdvmError('transient', `_latest.json kept changing under us (${LATEST_ATTEMPTS} attempts)`);
 }
 
 /**

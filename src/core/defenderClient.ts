@@ -98,7 +98,15 @@ export class DefenderExportClient {
         failure = classifyDefenderResponse(response.statusCode, text, response.headers, exportType);
       } catch (error) {
         if (error instanceof MdvmError) throw error;
-        if (options.abortSignal?.aborted) throw error;
+        if (options.abortSignal?.aborted) {
+          throw new MdvmError(
+            'transient',
+            `${exportType.apiPath}: stopped waiting for Defender (interrupted or out of time)`,
+            {
+              cause: error,
+            },
+          );
+        }
         if (!isNetworkError(error)) {
           throw new MdvmError('transient', `${exportType.apiPath}: request failed: ${errorMessage(error)}`, {
             cause: error,

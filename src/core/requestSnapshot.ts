@@ -190,6 +190,13 @@ export async function requestSnapshot(
   // flight. A tick that dies in between leaves them marked as needing a message: the next tick sends them again,
   // and the copy of a part that already landed is a duplicate that copies nothing.
   for (let i = 0; i < plan.enqueue.length; i += ENQUEUE_CHUNK) {
+    if (options.abortSignal?.aborted) {
+      // Everything sent so far is recorded as sent; the rest is still marked as needing a message.
+      throw new MdvmError(
+        'transient',
+        `tick stopped after enqueuing ${i} of ${plan.enqueue.length} parts (interrupted or out of time); the next tick enqueues the rest`,
+      );
+    }
     const chunk = plan.enqueue.slice(i, i + ENQUEUE_CHUNK);
     await runBounded(chunk, runtime.config.enqueueConcurrency, (p) =>
       enqueue(runtime, {

@@ -38,6 +38,8 @@ export const timerFunctionName = (exportId: ExportId): string => `export-${expor
 export interface FunctionSpecOptions {
   /** Extra sink for telemetry events (tests and the CLI's progress display). */
   onTelemetry?: (event: TelemetryEvent) => void;
+  /** Stops the timers' ticks (the in-process host: Ctrl-C or `run --timeout-s`); copies in flight are not cut. */
+  tickAbortSignal?: AbortSignal;
 }
 
 export function functionSpecs(config: AppConfig, runtime: Runtime, options: FunctionSpecOptions = {}): FunctionSpec[] {
@@ -50,7 +52,12 @@ export function functionSpecs(config: AppConfig, runtime: Runtime, options: Func
       handler: async (_timer, context) => {
         const telemetry = telemetryFor(context, options);
         try {
-          const result = await requestSnapshot(runtime, telemetry, exportId);
+          const result = await requestSnapshot(
+            runtime,
+            telemetry,
+            exportId,
+            options.tickAbortSignal ? { abortSignal: options.tickAbortSignal } : {},
+          );
           context.log(
             `${exportId}: snapshot ${result.snapshotId} ${result.outcome}; ${result.partsEnqueued}/${result.partCount} parts enqueued`,
           );

@@ -29,6 +29,8 @@ export interface InProcessHostOptions {
   /** Every log line the handlers write, already redacted. */
   onLog?: (level: string, line: string) => void;
   onTelemetry?: (event: TelemetryEvent) => void;
+  /** Stops ticks part-way (Ctrl-C, a deadline): what was enqueued stays, the next tick resumes the rest. */
+  tickAbortSignal?: AbortSignal;
 }
 
 export interface DrainOptions {
@@ -66,6 +68,7 @@ export class InProcessHost {
     this.workers = options.workers ?? 8;
     this.functions = functionSpecs(runtime.config, runtime, {
       ...(options.onTelemetry ? { onTelemetry: options.onTelemetry } : {}),
+      ...(options.tickAbortSignal ? { tickAbortSignal: options.tickAbortSignal } : {}),
     });
     this.timers = new Map(
       this.functions.filter((f): f is TimerFunctionSpec => f.kind === 'timer').map((f) => [f.exportId, f]),

@@ -51,9 +51,17 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
   let bytesCopied = 0;
   const tickOutcome = new Map<string, string>();
   const tickReason = new Map<string, string>();
+  // The snapshot each tick asked for: the report is about it, not about whichever row is newest.
+  const tickSnapshot = new Map<string, string>();
   const throughput = new Map<string, number>();
+  // The ticks stop at Ctrl-C and at the deadline too: a stalled Defender call or a long list cannot hold the run.
+  const tickAbortSignal = AbortSignal.any([
+    AbortSignal.timeout(Math.max(1, options.timeoutInMs)),
+    ...(options.abortSignal ? [options.abortSignal] : []),
+  ]);
   const runner = new InProcessHost(runtime, {
     workers: options.workers,
+    tickAbortSignal,
     ...(options.onLog ? { onLog: options.onLog } : {}),
     onTelemetry: (event) => {
       if (event.event === 'part' && event.outcome === 'landed') {
@@ -62,6 +70,7 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
       }
       if (event.event === 'request' && event.export && event.outcome !== 'superseded') {
         tickOutcome.set(event.export, event.outcome);
+        if (event.snapshot) tickSnapshot.set(event.export, event.snapshot);
         if (event.reason) tickReason.set(event.export, event.reason);
       }
       if (event.event === 'snapshot' && event.outcome === 'completed' && event.export && event.durationMs) {
@@ -94,13 +103,13 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
       timeoutInMs: remaining,
       ...(options.abortSignal ? { abortSignal: options.abortSignal } : {}),
     });
-    const summaries = await summarize(runtime, watched);
+    const summaries = await summarize(runtime, watched, tickSnapshot);
     if (!summaries.some((s) => s.status !== 'complete' && s.queued > 0)) break;
     // Parts are still queued but our queue view is empty: another consumer holds them.
     await sleep(options.pollIntervalInMs ?? 2_000, undefined, { signal: options.abortSignal }).catch(() => {});
   }
 
-  const summaries = await summarize(runtime, options.exports);
+  const summaries = await summarize(runtime, options.exports, tickSnapshot);
   const rows = summaries.map((s): RunRow => {
     const tick = tickErrors.has(s.exportId) ? 'error' : (tickOutcome.get(s.exportId) ?? 'none');
     const ok = s.status === 'complete' && !tickErrors.has(s.exportId);
@@ -121,6 +130,7 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
 function noteFor(s: ExportSummary, tick: string, error: string | undefined, reason: string | undefined): string {
   if (error) return firstLine(error);
   if (tick === 'unchanged') return 'unchanged — nothing copied';
+  if (tick === 'empty') return 'Defender listed no files — nothing recorded, the next run asks again';
   if (tick === 'rate-limited') return `rate limited — ${firstLine(reason ?? 'next run retries')}`;
   if (s.status === 'complete') return tick === 'resumed' ? 'resumed and completed' : 'complete';
   const parts = [`${s.partsLanded}/${s.partCount} parts`];

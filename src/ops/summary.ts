@@ -17,11 +17,20 @@ export interface ExportSummary {
   readonly lastError: string | undefined;
 }
 
-/** Newest snapshot of each export, read back from the manifest tables. */
-export async function summarize(runtime: Runtime, exportIds: readonly ExportId[]): Promise<ExportSummary[]> {
+/**
+ * One snapshot of each export, read back from the manifest tables: the one named in `snapshots` (what a run asked
+ * for), else the newest.
+ */
+export async function summarize(
+  runtime: Runtime,
+  exportIds: readonly ExportId[],
+  snapshots: ReadonlyMap<string, string> = new Map(),
+): Promise<ExportSummary[]> {
   return Promise.all(
     exportIds.map(async (exportId) => {
-      const newest = (await runtime.store.listSnapshots(exportId)).at(-1)?.value;
+      const rows = (await runtime.store.listSnapshots(exportId)).map((r) => r.value);
+      const asked = snapshots.get(exportId);
+      const newest = rows.find((r) => r.snapshotId === asked) ?? rows.at(-1);
       if (!newest) {
         return {
           exportId,

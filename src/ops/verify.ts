@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { ExportId } from '../core/catalog.js';
-import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
-import { manifestPath, snapshotFolder } from '../core/parts.js';
+import { contractProblems, latestSchema, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
+import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from '../core/parts.js';
 import type { Runtime } from '../core/runtime.js';
 
 export type FindingKind =
@@ -11,7 +11,8 @@ export type FindingKind =
   | 'md5-mismatch'
   | 'manifest-table-mismatch'
   | 'no-manifest'
-  | 'unknown-snapshot';
+  | 'unknown-snapshot'
+  | 'latest-behind';
 
 export interface Finding {
   export: string;
@@ -46,9 +47,23 @@ export async function verifyLanding(runtime: Runtime, options: VerifyOptions): P
   const findings: Finding[] = [];
   const checked = { snapshots: 0, blobs: 0, bytesHashed: 0 };
   for (const exportId of options.exports) {
-    const snapshots = (await runtime.store.listSnapshots(exportId))
-      .map((r) => r.value)
-      .filter((s) => (options.snapshot ? s.snapshotId === options.snapshot : s.status === 'complete'));
+    const all = (await runtime.store.listSnapshots(exportId)).map((r) => r.value);
+    const newestComplete = all.filter((s) => s.status === 'complete').at(-1);
+    if (newestComplete && !options.snapshot) {
+      const problem = await latestProblem(runtime, exportId, newestComplete.generatedTime);
+      if (problem) {
+        findings.push({
+          export: exportId,
+          snapshot: newestComplete.snapshotId,
+          kind: 'latest-behind',
+          path: latestPath(exportId),
+          detail: problem,
+        });
+      }
+    }
+    const snapshots = all.filter((s) =>
+      options.snapshot ? s.snapshotId === options.snapshot : s.status === 'complete',
+    );
     if (options.snapshot && snapshots.length === 0 && options.exports.length === 1) {
       findings.push({
         export: exportId,
@@ -146,4 +161,20 @@ export async function verifyLanding(runtime: Runtime, options: VerifyOptions): P
     }
   }
   return { v: 1, ok: findings.length === 0, deep: options.deep ?? false, checked, findings };
+}
+
+/** Why `_latest.json` does not point at the newest complete snapshot (or a newer one), if it does not. */
+async function latestProblem(runtime: Runtime, exportId: string, newest: string): Promise<string | undefined> {
+  let text: string;
+  try {
+    text = (await runtime.landing.getBlockBlobClient(latestPath(exportId)).downloadToBuffer()).toString('utf8');
+  } catch {
+    return `missing or unreadable; the newest complete snapshot is ${newest}`;
+  }
+  const pointer = latestSchema.safeParse(parseJson(text));
+  if (!pointer.success) return `breaks its contract: ${contractProblems(pointer.error)}`;
+  if (compareGeneratedTime(pointer.data.generatedTime, newest) < 0) {
+    return `points at ${pointer.data.generatedTime}, but ${newest} is complete`;
+  }
+  return undefined;
 }

@@ -62,6 +62,8 @@ export type Fault =
   | { kind: 'expired-sas'; parts?: number }
   /** One extra URL pointing at a part blob that does not exist. */
   | { kind: 'missing-blob' }
+  /** Answer normally, after `ms` of silence (a stalled API). */
+  | { kind: 'stall'; ms: number }
   /**
    * Hostile or broken responses: the body as the simulator would send it, changed by `rewrite` (an empty or
    * partial list, a time in the future, URLs of another export). `signUrl` signs any blob name of the snapshot.
@@ -298,6 +300,7 @@ export class DefenderSimulator {
       );
     }
     if (fault?.kind === 'malformed') return send(200, '{"exportFiles": "not-a-list", ');
+    if (fault?.kind === 'stall') await new Promise((resolve) => setTimeout(resolve, fault.ms));
 
     const snapshot = this.snapshots.get(type.id);
     if (!snapshot) return error(404, 'ResourceNotFound', 'no export has been generated yet');

@@ -1,6 +1,7 @@
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SnapshotManifest } from '../../src/core/completion.js';
+import { verifyLanding } from '../../src/ops/verify.js';
 import { createApp, listBlobNames, md5, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
 
 /** Hostile or broken file lists from the Defender API: what the tick records, refuses and completes. */
@@ -137,5 +138,43 @@ describe('file lists the tick must not trust blindly', () => {
     // Every later tick says the same and still lands nothing wrong; it does not wedge the export.
     const again = await tick(app);
     expect(again?.error).toBeUndefined();
+  });
+
+  it('a _latest.json that cannot move (a lease on it) leaves the newer snapshot visibly incomplete until it can', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'secure-configuration' });
+    await stack.simulator.publish('secure-configuration', { generatedTime: '2026-11-17T05:01:00Z' });
+    await tick(app);
+    const pointer = app.runtime.landing.getBlobClient('secure-configuration/_latest.json');
+    const lease = pointer.getBlobLeaseClient();
+    await lease.acquireLease(-1);
+
+    await stack.simulator.publish('secure-configuration', { generatedTime: '2026-11-17T06:01:00Z' });
+    await tick(app);
+    const rows = await tableRows(app.runtime.storage.snapshotsTable);
+    const newer = rows.find((r) => r.rowKey === '2026-11-17T06:01:00Z');
+    expect(newer?.status).not.toBe('complete');
+    expect(String(newer?.lastError)).toMatch(/_latest\.json was not moved to this snapshot: .*lease/);
+    expect(app.events.some((e) => e.event === 'snapshot' && e.outcome === 'error')).toBe(true);
+    expect(JSON.parse((await pointer.downloadToBuffer()).toString())).toMatchObject({
+      generatedTime: '2026-11-17T05:01:00Z',
+    });
+    // verify names the pointer that lags behind what is complete: here nothing newer is complete yet, so it is fine…
+    expect((await verifyLanding(app.runtime, { exports: ['secure-configuration'] })).findings).toEqual([]);
+
+    // …and once the lease is gone the next tick moves it and completes the snapshot.
+    await lease.releaseLease();
+    await tick(app);
+    const after = (await tableRows(app.runtime.storage.snapshotsTable)).find(
+      (r) => r.rowKey === '2026-11-17T06:01:00Z',
+    );
+    expect(after).toMatchObject({ status: 'complete' });
+    expect(JSON.parse((await pointer.downloadToBuffer()).toString())).toMatchObject({
+      generatedTime: '2026-11-17T06:01:00Z',
+    });
+
+    // A pointer moved back by hand is a verify finding.
+    await pointer.getBlockBlobClient().upload('{"v":1}', 7);
+    const report = await verifyLanding(app.runtime, { exports: ['secure-configuration'] });
+    expect(report.findings.map((f) => f.kind)).toEqual(['latest-behind']);
   });
 });

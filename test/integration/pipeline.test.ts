@@ -288,6 +288,100 @@ describe('pipeline end to end (Azurite + simulator)', () => {
     expect(firstLanded).toBeLessThan(slowTick);
   });
 
+  it('run --timeout-s bounds a tick stalled on Defender', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'security-baselines' });
+    await stack.simulator.publish('security-baselines', { generatedTime: '2026-11-21T01:01:00Z', recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
+    stack.simulator.injectFault('security-baselines', { kind: 'stall', ms: 30_000 });
+    const started = Date.now();
+    const report = await runIngestion(app.runtime, { exports: ['security-baselines'], workers: 2, timeoutInMs: 1_500 });
+    expect(Date.now() - started).toBeLessThan(10_000);
+    expect(report.ok).toBe(false);
+    expect(report.rows[0]).toMatchObject({
+      tick: 'error',
+      note: expect.stringMatching(/stopped waiting for Defender/),
+    });
+  });
+
+  it('Ctrl-C stops a tick part-way through a long list; the next run enqueues the rest and completes', async () => {
+    const interrupt = new AbortController();
+    let sends = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        wrapRuntime: (real) => {
+          const queue = Object.create(real.queue) as typeof real.queue;
+          // Ctrl-C once 150 messages are out, while the tick is still enqueuing.
+          queue.sendMessage = (...args) => {
+            if (++sends === 150) interrupt.abort();
+            return real.queue.sendMessage(...args);
+          };
+          return { ...real, queue };
+        },
+      },
+    );
+    const snap = await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-21T02:01:00Z',
+      groups: [0, 1, 2, 3, 4, 5],
+      partsPerGroup: 49,
+      recordsPerPart: 1,
+    });
+    stack.simulator.resetRateLimits();
+    const first = await runIngestion(app.runtime, {
+      exports: ['software-inventory-noncpe'],
+      workers: 4,
+      timeoutInMs: 60_000,
+      abortSignal: interrupt.signal,
+    });
+    expect(sends).toBeLessThan(snap.parts.length);
+    expect(first.interrupted).toBe(true);
+    expect(first.rows[0]?.note).toMatch(/tick stopped after enqueuing \d+ of 300 parts/);
+    const rowsAfterFirst = await tableRows(app.runtime.storage.partsTable);
+    expect(rowsAfterFirst.filter((r) => r.status === 'landed').length).toBeLessThan(snap.parts.length);
+
+    stack.simulator.resetRateLimits();
+    const second = await runIngestion(app.runtime, {
+      exports: ['software-inventory-noncpe'],
+      workers: 16,
+      timeoutInMs: 120_000,
+    });
+    expect(second.ok).toBe(true);
+    expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({
+      status: 'complete',
+      partsLanded: snap.parts.length,
+    });
+  });
+
+  it('run reports the snapshot it asked for, not the newest row', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'information-gathering' });
+    await stack.simulator.publish('information-gathering', {
+      generatedTime: '2026-11-21T06:01:00Z',
+      recordsPerPart: 5,
+    });
+    stack.simulator.resetRateLimits();
+    const newer = await runIngestion(app.runtime, {
+      exports: ['information-gathering'],
+      workers: 4,
+      timeoutInMs: 60_000,
+    });
+    expect(newer.ok).toBe(true);
+    // Defender now serves an older snapshot, one of whose files is gone.
+    await stack.simulator.publish('information-gathering', {
+      generatedTime: '2026-11-21T05:01:00Z',
+      recordsPerPart: 5,
+    });
+    stack.simulator.injectFault('information-gathering', { kind: 'missing-blob' });
+    stack.simulator.resetRateLimits();
+    const older = await runIngestion(app.runtime, {
+      exports: ['information-gathering'],
+      workers: 4,
+      timeoutInMs: 60_000,
+    });
+    expect(older.rows[0]).toMatchObject({ snapshot: '2026-11-21T0501Z', status: 'failed', ok: false });
+    expect(older.ok).toBe(false);
+  });
+
   it('marks an older incomplete snapshot superseded and keeps what landed', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
     await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-20T00:01:00Z', recordsPerPart: 5 });
