@@ -50,10 +50,15 @@ const urlSetting = z.url({ error: 'expected an absolute URL' });
 // Azure queue names: 3-63 lower-case letters, digits and single hyphens.
 const queueName = z
   .string()
-  .regex(/^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$/, { error: 'expected 3-63 lower-case letters, digits or hyphens' });
+  .regex(/^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$/, { error: 'expected 3-63 lower-case letters, digits or hyphens' })
+  // The host parks failed messages on `<name>-poison`, which must be a valid queue name too.
+  .refine((name) => name.length <= 63 - '-poison'.length, {
+    error: 'at most 56 characters: the poison queue <name>-poison must fit in 63',
+  });
 const tableName = z
   .string()
-  .regex(/^[A-Za-z][A-Za-z0-9]{2,62}$/, { error: 'expected 3-63 letters or digits, starting with a letter' });
+  .regex(/^[A-Za-z][A-Za-z0-9]{2,62}$/, { error: 'expected 3-63 letters or digits, starting with a letter' })
+  .refine((name) => name.toLowerCase() !== 'tables', { error: '"tables" is reserved by Table Storage' });
 const containerName = z
   .string()
   .regex(/^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$/, { error: 'expected 3-63 lower-case letters, digits or hyphens' });
@@ -64,7 +69,45 @@ const schedule = z
   .trim()
   .refine((s) => s.split(/\s+/).length === 6, {
     error: 'expected a six-field NCRONTAB expression, e.g. "0 17 * * * *" (hourly at :17)',
+  })
+  .superRefine((s, ctx) => {
+    const problem = ncrontabProblem(s);
+    if (problem) ctx.addIssue({ code: 'custom', message: problem });
   });
+
+/** Seconds, minutes, hours, day of month, month, day of week: the ranges each NCRONTAB field accepts. */
+const NCRONTAB_FIELDS = [
+  { name: 'second', min: 0, max: 59 },
+  { name: 'minute', min: 0, max: 59 },
+  { name: 'hour', min: 0, max: 23 },
+  { name: 'day of month', min: 1, max: 31 },
+  { name: 'month', min: 1, max: 12, names: 'jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec' },
+  { name: 'day of week', min: 0, max: 6, names: 'sun|mon|tue|wed|thu|fri|sat' },
+] as const;
+
+/** Why a six-field NCRONTAB expression cannot run (a field out of range or not a number), if it cannot. */
+function ncrontabProblem(expression: string): string | undefined {
+  const fields = expression.split(/\s+/);
+  if (fields.length !== 6) return undefined;
+  for (const [i, field] of fields.entries()) {
+    const spec = NCRONTAB_FIELDS[i];
+    if (!spec) continue;
+    for (const item of field.split(',')) {
+      const [range = '', step] = item.split('/');
+      if (step !== undefined && !/^[1-9]\d*$/.test(step))
+        return `${spec.name} field '${field}': step '${step}' is not a number`;
+      if (range === '*') continue;
+      for (const bound of range.split('-')) {
+        const named = 'names' in spec && new RegExp(`^(${spec.names})$`, 'i').test(bound);
+        const n = /^\d+$/.test(bound) ? Number(bound) : Number.NaN;
+        if (!named && (Number.isNaN(n) || n < spec.min || n > spec.max)) {
+          return `${spec.name} field '${field}' is outside ${spec.min}-${spec.max}`;
+        }
+      }
+    }
+  }
+  return undefined;
+}
 
 const hostPatterns = z
   .string()
@@ -92,7 +135,7 @@ export function parseExportList(text: string): { exports: ExportId[] } | { probl
   const unknown = items.filter((x) => !isExportId(x));
   if (unknown.length > 0 || items.length === 0) {
     return {
-      problem: `unknown export type ${unknown.map((u) => `'${u}'`).join(', ') || '(empty)'}; expected "all" or a comma-separated list of: ${EXPORT_IDS.join(', ')}`,
+      problem: `unknown export type ${unknown.map(shownValue).join(', ') || '(empty)'}; expected "all" or a comma-separated list of: ${EXPORT_IDS.join(', ')}`,
     };
   }
   return { exports: [...new Set(items)] as ExportId[] };
@@ -182,7 +225,36 @@ export const settingsSchema = z
             : 'set only one of MDVM_LANDING_BLOB_ENDPOINT and MDVM_LANDING_CONNECTION_STRING',
       });
     }
+    for (const key of [
+      'MDVM_LANDING_BLOB_ENDPOINT',
+      'AzureWebJobsStorage__queueServiceUri',
+      'AzureWebJobsStorage__tableServiceUri',
+    ] as const) {
+      const endpoint = s[key] === undefined ? undefined : safeUrl(s[key]);
+      if (endpoint && endpoint.protocol !== 'https:' && !(s.MDVM_ALLOW_LOOPBACK && isLoopbackHost(endpoint.hostname))) {
+        ctx.addIssue({
+          code: 'custom',
+          path: [key],
+          message: `must be https (got ${endpoint.protocol.replace(':', '')}; http only for a loopback host with MDVM_ALLOW_LOOPBACK=true)`,
+        });
+      }
+      if (endpoint && (endpoint.search || endpoint.username || endpoint.password)) {
+        ctx.addIssue({ code: 'custom', path: [key], message: 'must carry no query string or credentials' });
+      }
+    }
+    for (const key of ['AzureWebJobsStorage', 'MDVM_LANDING_CONNECTION_STRING'] as const) {
+      const value = s[key];
+      const problem = value === undefined ? undefined : connectionStringProblem(value);
+      if (problem) ctx.addIssue({ code: 'custom', path: [key], message: problem });
+    }
     const base = safeUrl(s.MDVM_DEFENDER_API_BASE_URL);
+    if (base && (base.search || base.hash || base.username || base.password)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['MDVM_DEFENDER_API_BASE_URL'],
+        message: 'must be a plain base URL, with no query string, fragment or credentials',
+      });
+    }
     if (base && !(base.protocol === 'https:' || (s.MDVM_ALLOW_LOOPBACK && isLoopbackHost(base.hostname)))) {
       ctx.addIssue({
         code: 'custom',
@@ -336,10 +408,60 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   };
 }
 
+/**
+ * Whether a value could be a credential: a connection string or SAS, a JWT, or a long run of base64 / hex (an
+ * account key is 88 characters of base64). Such a value is never echoed, whichever setting it landed in.
+ */
+export function looksLikeSecret(value: string): boolean {
+  return (
+    /AccountKey=|SharedAccessSignature=|sig=|AccessKey|password=/i.test(value) ||
+    /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}/.test(value) ||
+    // Random key material mixes character classes; a long plain name (a 60-letter queue name) does not.
+    (value.match(/[A-Za-z0-9+/_-]{32,}={0,2}/g) ?? []).some(
+      (run) => /[0-9]/.test(run) && /[A-Za-z]/.test(run) && (/[A-Z]/.test(run) || /^[0-9a-f]+$/i.test(run)),
+    ) ||
+    /[A-Za-z0-9+/]{20,}==?$/.test(value)
+  );
+}
+
+/** A value as it may appear in an error: shortened, or withheld when it could be a credential. */
+export function shownValue(value: string): string {
+  if (looksLikeSecret(value)) return '<withheld: it looks like a key or token>';
+  return `'${value.length > 60 ? `${value.slice(0, 60)}…` : value}'`;
+}
+
 function describeIssue(issue: z.core.$ZodIssue, value: string | undefined): string {
-  const got = value === undefined ? '' : ` (got '${value.length > 60 ? `${value.slice(0, 60)}…` : value}')`;
-  const looksSecret = value !== undefined && /AccountKey=|SharedAccessSignature=|sig=/i.test(value);
-  return `${issue.message}${looksSecret ? '' : got}`;
+  return value === undefined ? issue.message : `${issue.message} (got ${shownValue(value)})`;
+}
+
+/**
+ * Why a storage connection string cannot work, if it cannot: `UseDevelopmentStorage=true`, or `Key=Value` pairs
+ * with an account (or endpoints) the SDK can build URLs from. Never quotes the value.
+ */
+function connectionStringProblem(value: string): string | undefined {
+  if (/^UseDevelopmentStorage=true;?$/i.test(value.trim())) return undefined;
+  const pairs = value
+    .split(';')
+    .filter((part) => part.trim().length > 0)
+    .map((part) => {
+      const at = part.indexOf('=');
+      return at > 0 ? [part.slice(0, at).trim().toLowerCase(), part.slice(at + 1).trim()] : undefined;
+    });
+  if (pairs.length === 0 || pairs.some((p) => p === undefined)) {
+    return 'is not a storage connection string (expected Key=Value pairs separated by ";", or UseDevelopmentStorage=true)';
+  }
+  const map = new Map(pairs as [string, string][]);
+  for (const key of ['blobendpoint', 'queueendpoint', 'tableendpoint']) {
+    const endpoint = map.get(key);
+    if (endpoint !== undefined && !safeUrl(endpoint)?.protocol.startsWith('http')) {
+      return `its ${key.replace('endpoint', 'Endpoint').replace(/^./, (c) => c.toUpperCase())} is not an http(s) URL`;
+    }
+  }
+  const hasEndpoints = ['blobendpoint', 'queueendpoint', 'tableendpoint'].some((k) => map.has(k));
+  if (!map.has('accountname') && !hasEndpoints) {
+    return 'names no AccountName and no endpoints (expected AccountName=…;AccountKey=… or …Endpoint=…)';
+  }
+  return undefined;
 }
 
 function safeUrl(text: string): URL | undefined {

@@ -17,12 +17,16 @@ import {
 /** Azure Queue Storage hands out at most 32 messages per receive. */
 const MAX_RECEIVE_BATCH = 32;
 const MIN_IDLE_IN_MS = 50;
+const DEFAULT_LEASE_IN_SECONDS = 30;
 const MAX_IDLE_IN_MS = 1_000;
 
 export interface InProcessHostOptions {
   /** Concurrent queue workers (the host's batchSize + newBatchThreshold plays this role in Azure). */
   workers?: number;
-  /** Seconds a received message stays invisible while a worker handles it. */
+  /**
+   * Seconds a received message stays invisible while a worker handles it (default 30), renewed every third of it
+   * while the copy runs: short, so a run that is killed leaves its messages hidden for at most this long.
+   */
   visibilityTimeoutInSeconds?: number;
   /** Seconds before a failed message is retried (host.json visibilityTimeout; shorter locally). */
   retryDelayInSeconds?: number;
@@ -118,7 +122,7 @@ export class InProcessHost {
     // once, and a receive costs a fraction of a request per part. It backs off while the queue is empty but messages
     // are still invisible elsewhere.
     type Received = Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'];
-    const visibilityInSeconds = this.options.visibilityTimeoutInSeconds ?? 120;
+    const visibilityInSeconds = this.options.visibilityTimeoutInSeconds ?? DEFAULT_LEASE_IN_SECONDS;
     const ready: { message: Received[number]; receivedAtMs: number }[] = [];
     const start = ({ message, receivedAtMs }: (typeof ready)[number]): void => {
       // Waited too long for a worker: its invisibility may end mid-copy. Hand it back for a fresh delivery.
@@ -188,7 +192,7 @@ export class InProcessHost {
       // The host passes non-JSON text through as a string.
     }
     // Like the host, keep the message hidden while the copy runs, however long it takes.
-    const visibility = this.options.visibilityTimeoutInSeconds ?? 120;
+    const visibility = this.options.visibilityTimeoutInSeconds ?? DEFAULT_LEASE_IN_SECONDS;
     let popReceipt = message.popReceipt;
     const renew = setInterval(
       () => {
@@ -201,7 +205,7 @@ export class InProcessHost {
             // Lost the message (expired or taken over): the delete below will say so harmlessly.
           });
       },
-      (visibility * 1000) / 2,
+      (visibility * 1000) / 3,
     );
     let failure: unknown;
     try {

@@ -35,7 +35,7 @@ interface CliResult {
 function cli(
   args: string[],
   env: Record<string, string>,
-  options: { onSpawn?: (kill: () => void) => void } = {},
+  options: { onSpawn?: (kill: (signal?: NodeJS.Signals) => void) => void } = {},
 ): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [CLI, ...args], {
@@ -55,7 +55,7 @@ function cli(
       printed.push(stdout, stderr);
       resolve({ code, stdout, stderr });
     });
-    options.onSpawn?.(() => child.kill('SIGINT'));
+    options.onSpawn?.((signal = 'SIGINT') => child.kill(signal));
   });
 }
 
@@ -263,6 +263,42 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'complete' });
     const parts = await tableRows(app.runtime.storage.partsTable);
     expect(parts.every((p) => p.status === 'landed')).toBe(true);
+  });
+
+  it('kill -9 mid-copy: the next run resumes within its timeout (the dead run held its messages only briefly)', async () => {
+    const app = await appFor('security-baselines');
+    await stack.simulator.publish('security-baselines', {
+      generatedTime: '2026-11-14T20:01:00Z',
+      groups: [0, 12, 31, 44],
+      partsPerGroup: 3,
+      recordsPerPart: 400,
+    });
+    stack.simulator.resetRateLimits();
+    let killed = false;
+    const first = await cli(
+      ['run', '--workers', '2'],
+      { ...app.env, MDVM_COPY_MODE: 'stream' },
+      {
+        onSpawn: (kill) => {
+          const poll = setInterval(async () => {
+            const landed = (await tableRows(app.runtime.storage.partsTable)).filter(
+              (p) => p.status === 'landed',
+            ).length;
+            if (landed >= 2 && !killed) {
+              killed = true;
+              clearInterval(poll);
+              kill('SIGKILL');
+            }
+          }, 20);
+        },
+      },
+    );
+    expect(killed).toBe(true);
+    expect(first.code).toBeNull();
+    // With the old two-minute lease the parts the dead run held stayed hidden past this run's timeout.
+    const second = await cli(['run', '--timeout-s', '75'], app.env);
+    expect(second.code).toBe(0);
+    expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'complete' });
   });
 
   it('bad input: one line naming what is wrong, non-zero exit, no stack trace unless --verbose', async () => {

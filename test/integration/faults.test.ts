@@ -210,6 +210,21 @@ describe('bad input and failures', () => {
     expect(app.events.some((e) => /completion check: its landed blob is missing/.test(String(e.reason)))).toBe(true);
   });
 
+  it('dead-letters a message padded to blow up when escaped: the letter fits a queue message, keeps its reason and no SAS', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    // Raw control characters: not JSON, 44 KB as sent, six times that once escaped into a letter.
+    const padded = `{"v":1,"sourceUrl":"https://evil.blob.core.windows.net/c/2026-11-19/0001/x/json/a.json.gz?sv=2024&sig=LIVESIGNATURE123","padding":"${'\u0001'.repeat(44_000)}"}`;
+    await app.runtime.queue.sendMessage(Buffer.from(padded).toString('base64'));
+    await app.runner.drain();
+    const [text, ...more] = await queueTexts(app, 'poison');
+    expect(more).toEqual([]);
+    expect(text?.length).toBeLessThanOrEqual(48 * 1024);
+    const letter = JSON.parse(Buffer.from(text ?? '', 'base64').toString()) as DeadLetter;
+    expect(letter.reason).toMatch(/not JSON.*\(original cut to \d+ of \d+ characters\)/);
+    expect(letter.original).not.toMatch(/LIVESIGNATURE123/);
+    expect(JSON.stringify(letter)).not.toMatch(/LIVESIGNATURE123/);
+  });
+
   it('marks a part whose source blob is gone failed, and leaves the snapshot visibly incomplete', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
     const snap = await stack.simulator.publish('certificates', {

@@ -96,6 +96,83 @@ describe('configuration', () => {
     expect(JSON.stringify(problems)).not.toContain('c2VjcmV0');
   });
 
+  it.each([
+    ['AzureWebJobsStorage', 'garbage', /not a storage connection string/],
+    ['MDVM_LANDING_CONNECTION_STRING', 'BlobEndpoint=not a url;AccountName=x', /BlobEndpoint is not an http\(s\) URL/],
+    [
+      'MDVM_LANDING_CONNECTION_STRING',
+      'DefaultEndpointsProtocol=https;EndpointSuffix=core.windows.net',
+      /names no AccountName/,
+    ],
+    ['AzureWebJobsStorage__queueServiceUri', 'ftp://acct.queue.core.windows.net', /must be https \(got ftp/],
+    ['MDVM_LANDING_BLOB_ENDPOINT', 'http://acct.blob.core.windows.net', /must be https \(got http/],
+    ['MDVM_SCHEDULE', 'x x x x x x', /second field 'x' is outside 0-59/],
+    ['MDVM_SCHEDULE', '0 99 * * * *', /minute field '99' is outside 0-59/],
+    ['MDVM_SCHEDULE', '0 17 25 * * *', /hour field '25' is outside 0-23/],
+    ['MDVM_SCHEDULE', '0 */0 * * * *', /step '0' is not a number/],
+    ['MDVM_PARTS_QUEUE', `q${'x'.repeat(57)}`, /the poison queue <name>-poison must fit in 63/],
+    ['MDVM_SNAPSHOTS_TABLE', 'tables', /"tables" is reserved/],
+    ['MDVM_PARTS_TABLE', 'Tables', /"tables" is reserved/],
+    ['MDVM_DEFENDER_API_BASE_URL', 'https://api.security.microsoft.com/?x=1', /no query string/],
+  ])('refuses at startup what would fail later: %s=%s', (setting, value, problem) => {
+    const env: Record<string, string> = { ...base, [setting]: value };
+    if (setting === 'AzureWebJobsStorage__queueServiceUri') {
+      delete env.AzureWebJobsStorage;
+      env.AzureWebJobsStorage__tableServiceUri = 'https://acct.table.core.windows.net';
+    }
+    if (setting === 'MDVM_LANDING_BLOB_ENDPOINT') delete env.MDVM_LANDING_CONNECTION_STRING;
+    expect(problemsOf(env)).toEqual(expect.arrayContaining([{ setting, problem: expect.stringMatching(problem) }]));
+  });
+
+  it('accepts the schedules and names it should', () => {
+    for (const schedule of ['0 17 * * * *', '0 */5 * * * *', '0 0 6,18 * * mon-fri', '0 30 9 1 jan *']) {
+      expect(loadConfig({ ...base, MDVM_SCHEDULE: schedule }).schedule).toBe(schedule);
+    }
+    expect(loadConfig({ ...base, MDVM_PARTS_QUEUE: `q${'x'.repeat(55)}` }).poisonQueueName).toHaveLength(63);
+  });
+
+  it('never echoes a value that looks like a key or token, in whichever setting it lands', () => {
+    const accountKey = 'q3Vx9ZkT2mPp8WnR4sLc7YbH1dJfG6aE0uKiO5tQyXwMvNzB3rCe2hSgD8lA7oUjIk1nF4pVbT6yRz9WqE0xYs==';
+    const jwt = 'eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJhdWQiOiJhcGkiLCJpc3MiOiJ4In0.c2lnbmF0dXJl';
+    const hex = 'a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4';
+    const cases: [string, string[]][] = [
+      [
+        accountKey,
+        [
+          'MDVM_EXPORTS',
+          'MDVM_SCHEDULE',
+          'MDVM_LANDING_CONTAINER',
+          'MDVM_DEFENDER_API_BASE_URL',
+          'AzureWebJobsStorage',
+        ],
+      ],
+      [
+        jwt,
+        [
+          'MDVM_EXPORTS',
+          'MDVM_SCHEDULE',
+          'MDVM_LANDING_CONTAINER',
+          'MDVM_DEFENDER_API_BASE_URL',
+          'AzureWebJobsStorage',
+        ],
+      ],
+      // A hex secret is a valid container name; it is still never echoed where it is wrong.
+      [hex, ['MDVM_EXPORTS', 'MDVM_SCHEDULE', 'MDVM_DEFENDER_API_BASE_URL']],
+    ];
+    for (const [secret, settings] of cases) {
+      for (const setting of settings) {
+        let message = '';
+        try {
+          loadConfig({ ...base, [setting]: secret });
+        } catch (error) {
+          message = (error as Error).message;
+        }
+        expect(message).toMatch(new RegExp(setting));
+        expect(message).not.toContain(secret.slice(0, 24));
+      }
+    }
+  });
+
   it('knows every setting name it reads', () => {
     expect(SETTING_NAMES).toContain('MDVM_COPY_MODE');
     expect(SETTING_NAMES).toContain('AzureWebJobsStorage__tableServiceUri');
