@@ -104,6 +104,7 @@ export class DefenderSimulator {
   private roles: Set<string>;
   private readonly snapshots = new Map<ExportId, SimulatedSnapshot>();
   private readonly faults = new Map<ExportId, Fault[]>();
+  private readonly history = new Map<string, SimulatedSnapshot>();
   private readonly tokens = new Map<string, number>();
   private readonly calls = new Map<string, number[]>();
   private readonly blobService: BlobServiceClient;
@@ -156,6 +157,11 @@ export class DefenderSimulator {
 
   snapshotOf(exportId: ExportId): SimulatedSnapshot | undefined {
     return this.snapshots.get(exportId);
+  }
+
+  /** Every snapshot published for an export and generatedTime (the fault suite's source of truth). */
+  published(exportId: ExportId, generatedTime: string): SimulatedSnapshot | undefined {
+    return this.history.get(`${exportId}/${generatedTime}`);
   }
 
   sourceContainer(snapshot: SimulatedSnapshot): ContainerClient {
@@ -226,6 +232,7 @@ export class DefenderSimulator {
     });
     const snapshot: SimulatedSnapshot = { exportId, generatedTime, container, prefix, parts };
     this.snapshots.set(exportId, snapshot);
+    this.history.set(`${exportId}/${generatedTime}`, snapshot);
     return snapshot;
   }
 
