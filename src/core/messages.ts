@@ -9,7 +9,7 @@ import { MdvmError } from './errors.js';
 export const partMessageSchema = z.object({
   v: z.literal(1),
   export: z.enum(EXPORT_IDS as [ExportId, ...ExportId[]]),
-  snapshot: z.string().regex(/^\d{4}-\d{2}-\d{2}T\d{4}(\d{2})?Z$/),
+  snapshot: z.string().regex(/^\d{4}-\d{2}-\d{2}T\d{4}(\d{2}(\.\d{3})?)?Z$/),
   generatedTime: z.iso.datetime(),
   part: z.string().min(1).max(1024),
   sourceUrl: z.string().min(1).max(8192),

@@ -478,6 +478,7 @@ const SCENARIOS: Scenario[] = [
       await settle(app, ctx.stack, 1);
       const rows = await tableRows(app.runtime.storage.snapshotsTable);
       ctx.expect(new Set(rows.map((r) => r.snapshotId)).size === rows.length, 'two instants, two snapshot ids');
+      ctx.expect(rows.length === 2 && rows.every((r) => r.status === 'complete'), 'both snapshots complete');
       ctx.judge(app);
     },
   },

@@ -74,6 +74,28 @@ describe('file lists the tick must not trust blindly', () => {
     expect(app.events.filter((e) => e.event === 'request').at(-1)).toMatchObject({ outcome: 'unchanged' });
   });
 
+  it('a snapshot half a second after another lands in its own folder and completes beside it', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'software-vulnerabilities' });
+    const snap = await stack.simulator.publish('software-vulnerabilities', {
+      generatedTime: '2026-11-17T07:01:00Z',
+      recordsPerPart: 5,
+    });
+    await tick(app);
+    stack.simulator.injectFault('software-vulnerabilities', {
+      kind: 'rewrite',
+      rewrite: (body) => ({ ...body, generatedTime: '2026-11-17T07:01:00.500Z' }),
+    });
+    await tick(app);
+    const rows = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(rows.map((r) => [r.rowKey, r.snapshotId, r.status, r.partsLanded])).toEqual([
+      ['2026-11-17T07:01:00.500Z', '2026-11-17T070100.500Z', 'complete', snap.parts.length],
+      ['2026-11-17T07:01:00Z', '2026-11-17T0701Z', 'complete', snap.parts.length],
+    ]);
+    const later = await manifestOf(app, 'software-vulnerabilities/snapshot=2026-11-17T070100.500Z');
+    expect(later.totals.parts).toBe(snap.parts.length);
+    expect(await app.runtime.poisonQueue.peekMessages()).toMatchObject({ peekedMessageItems: [] });
+  });
+
   it('a generatedTime far in the future is refused whole: no row, no blob, _latest.json untouched', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
     await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-17T02:01:00Z' });
