@@ -59,6 +59,24 @@ function cli(
   });
 }
 
+/** Sends `signal` to the CLI child once `parts` parts of the app have landed (read from the parts table). */
+function signalOnceLanded(app: TestApp, parts: number, signal: NodeJS.Signals) {
+  let sent = false;
+  return {
+    sent: () => sent,
+    onSpawn: (kill: (signal?: NodeJS.Signals) => void) => {
+      const poll = setInterval(async () => {
+        const landed = (await tableRows(app.runtime.storage.partsTable)).filter((p) => p.status === 'landed').length;
+        if (landed >= parts && !sent) {
+          sent = true;
+          clearInterval(poll);
+          kill(signal);
+        }
+      }, 20);
+    },
+  };
+}
+
 async function appFor(exports: string): Promise<TestApp> {
   return createApp(stack, { MDVM_EXPORTS: exports });
 }
@@ -230,26 +248,9 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
       recordsPerPart: 400,
     });
     stack.simulator.resetRateLimits();
-    let interrupted = false;
-    const first = await cli(
-      ['run', '--workers', '1'],
-      { ...app.env, MDVM_COPY_MODE: 'stream' },
-      {
-        onSpawn: (kill) => {
-          const poll = setInterval(async () => {
-            const landed = (await tableRows(app.runtime.storage.partsTable)).filter(
-              (p) => p.status === 'landed',
-            ).length;
-            if (landed >= 2 && !interrupted) {
-              interrupted = true;
-              clearInterval(poll);
-              kill();
-            }
-          }, 50);
-        },
-      },
-    );
-    expect(interrupted).toBe(true);
+    const signal = signalOnceLanded(app, 2, 'SIGINT');
+    const first = await cli(['run', '--workers', '1'], { ...app.env, MDVM_COPY_MODE: 'stream' }, signal);
+    expect(signal.sent()).toBe(true);
     expect(first.code).toBe(1);
     expect(first.stderr).toMatch(/interrupted: letting copies in flight finish/);
     expect(first.stdout).toMatch(/next run resumes|run again to resume/);
@@ -274,26 +275,9 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
       recordsPerPart: 400,
     });
     stack.simulator.resetRateLimits();
-    let killed = false;
-    const first = await cli(
-      ['run', '--workers', '2'],
-      { ...app.env, MDVM_COPY_MODE: 'stream' },
-      {
-        onSpawn: (kill) => {
-          const poll = setInterval(async () => {
-            const landed = (await tableRows(app.runtime.storage.partsTable)).filter(
-              (p) => p.status === 'landed',
-            ).length;
-            if (landed >= 2 && !killed) {
-              killed = true;
-              clearInterval(poll);
-              kill('SIGKILL');
-            }
-          }, 20);
-        },
-      },
-    );
-    expect(killed).toBe(true);
+    const signal = signalOnceLanded(app, 2, 'SIGKILL');
+    const first = await cli(['run', '--workers', '2'], { ...app.env, MDVM_COPY_MODE: 'stream' }, signal);
+    expect(signal.sent()).toBe(true);
     expect(first.code).toBeNull();
     // With the old two-minute lease the parts the dead run held stayed hidden past this run's timeout.
     const second = await cli(['run', '--timeout-s', '75'], app.env);
