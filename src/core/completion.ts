@@ -10,6 +10,7 @@ import {
   type SnapshotRow,
 } from './contracts.js';
 import { classifyStorageError, errorMessage, isStorageCondition, MdvmError } from './errors.js';
+import { record } from './observability.js';
 import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from './parts.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
@@ -88,6 +89,7 @@ export async function completeSnapshotIfReady(
     };
   });
   if (completedNow) {
+    record.snapshotLag(exportId, (Date.parse(manifest.completedAt) - Date.parse(generatedTime)) / 1000);
     telemetry.track('snapshot', {
       export: exportId,
       snapshot: snapshot.value.snapshotId,

@@ -5,6 +5,7 @@ import { z } from 'zod';
 import { CallBudget } from './callBudget.js';
 import type { ExportType } from './catalog.js';
 import { errorMessage, isNetworkError, MdvmError } from './errors.js';
+import { record } from './observability.js';
 
 const exportFilesResponseSchema = z.looseObject({
   exportFiles: z.array(z.string().min(1)),
@@ -94,10 +95,12 @@ export class DefenderExportClient {
           ...(this.options.dispatcher ? { dispatcher: this.options.dispatcher } : {}),
         });
         const text = await response.body.text();
+        record.defenderCall(exportType.id, response.statusCode);
         if (response.statusCode === 200) return parseExportFiles(text, exportType);
         failure = classifyDefenderResponse(response.statusCode, text, response.headers, exportType);
       } catch (error) {
         if (error instanceof MdvmError) throw error;
+        record.defenderCall(exportType.id, undefined);
         if (options.abortSignal?.aborted) {
           throw new MdvmError(
             'transient',

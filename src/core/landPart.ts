@@ -4,6 +4,7 @@ import { TrailingRuns } from './concurrency.js';
 import { errorMessage, MdvmError } from './errors.js';
 import { ConcurrentUpdateError } from './manifestStore.js';
 import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
+import { annotate, inSpan, linkFrom, record, SPAN_NAMES } from './observability.js';
 import { canonicalGeneratedTime, parseSourceUrl, snapshotIdOf } from './parts.js';
 import { redact } from './redact.js';
 import type { Runtime } from './runtime.js';
@@ -17,6 +18,8 @@ export type LandOutcome = 'landed' | 'duplicate' | 'expired' | 'failed' | 'dead-
 export interface LandResult {
   readonly outcome: LandOutcome;
   readonly reason?: string;
+  readonly bytes?: number;
+  readonly method?: string;
 }
 
 export interface Delivery {
@@ -30,7 +33,40 @@ export interface Delivery {
  * change (landed, duplicate, expired, failed, dead-lettered); throws only for transient trouble,
  * so the queue redelivers, and after MAX_DEQUEUE_COUNT attempts the host parks it on the poison queue.
  */
-export async function landPart(
+export function landPart(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  rawMessage: unknown,
+  delivery: Delivery,
+): Promise<LandResult> {
+  const claimed = (typeof rawMessage === 'object' && rawMessage !== null ? rawMessage : {}) as Record<string, unknown>;
+  const text = (key: string) => (typeof claimed[key] === 'string' ? (claimed[key] as string).slice(0, 300) : undefined);
+  // One span per delivery, linked to the tick that enqueued the message (W3C trace context in the message).
+  return inSpan(
+    SPAN_NAMES.copy,
+    { export: text('export'), snapshot: text('snapshot'), part: text('part'), attempt: delivery.dequeueCount },
+    async (span) => {
+      try {
+        const result = await landOnePart(runtime, telemetry, rawMessage, delivery);
+        annotate(span, {
+          outcome: result.outcome,
+          ...(result.bytes === undefined ? {} : { bytes: result.bytes }),
+          ...(result.method ? { method: result.method } : {}),
+        });
+        record.partOutcome(text('export') ?? 'unknown', result.outcome);
+        return result;
+      } catch (error) {
+        const kind = error instanceof MdvmError ? error.kind : 'transient';
+        annotate(span, { outcome: 'retry', 'error.class': kind });
+        record.failure(text('export'), kind);
+        throw error;
+      }
+    },
+    { links: linkFrom(text('traceparent')) },
+  );
+}
+
+async function landOnePart(
   runtime: Runtime,
   telemetry: Telemetry,
   rawMessage: unknown,
@@ -179,8 +215,9 @@ export async function landPart(
   // No shared counter to bump (docs/adr/0005): every landing asks the parts table whether anything is left.
   // The flip above is committed before this read, so of two parts landing at once at least the later one sees
   // none left; completion itself is safe to run twice.
+  record.landed(exportId, copied.bytes, Date.now() - started, copied.method);
   await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
-  return { outcome: 'landed' };
+  return { outcome: 'landed', bytes: copied.bytes, method: copied.method };
 }
 
 /**
@@ -219,7 +256,10 @@ async function checkSnapshot(
 ): Promise<void> {
   const progress = await runtime.store.partProgress(exportId, snapshotId);
   if (progress.state === 'all-landed') {
-    await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
+    await inSpan(SPAN_NAMES.complete, { export: exportId, snapshot: snapshotId }, async (span) => {
+      const complete = await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
+      annotate(span, { outcome: complete ? 'complete' : 'incomplete' });
+    });
   } else if (progress.state === 'stuck') {
     const landed = (await runtime.store.listParts(exportId, snapshotId))
       .map((p) => p.value)

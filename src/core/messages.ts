@@ -15,6 +15,11 @@ export const partMessageSchema = z.object({
   sourceUrl: z.string().min(1).max(8192),
   sasExpiresOn: z.iso.datetime().nullable(),
   enqueuedAt: z.iso.datetime(),
+  /** W3C trace context of the tick that enqueued it (optional: messages without it still parse). */
+  traceparent: z
+    .string()
+    .regex(/^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$/)
+    .optional(),
 });
 
 export type PartMessage = z.output<typeof partMessageSchema>;

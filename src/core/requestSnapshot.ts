@@ -4,6 +4,7 @@ import { runBounded } from './concurrency.js';
 import { classifyStorageError, errorMessage, MdvmError } from './errors.js';
 import type { SnapshotRow } from './manifestStore.js';
 import { encodeMessage, messageTimeToLiveInSeconds, type PartMessage } from './messages.js';
+import { annotate, inSpan, SPAN_NAMES, traceparentOf } from './observability.js';
 import {
   canonicalGeneratedTime,
   exportFolderOf,
@@ -41,11 +42,31 @@ export interface TickResult {
  * (tickPlan.ts: all parts the first time, only the missing ones when resuming, older incomplete snapshots
  * superseded, dead SAS URLs marked expired), and carry the plan out. Nothing landed is deleted.
  */
-export async function requestSnapshot(
+export function requestSnapshot(
   runtime: Runtime,
   telemetry: Telemetry,
   exportId: ExportId,
   options: { abortSignal?: AbortSignal } = {},
+): Promise<TickResult> {
+  // One span per tick; every message it sends carries the span's trace context, so each copy links back to it.
+  return inSpan(SPAN_NAMES.tick, { export: exportId }, async (span) => {
+    const result = await tick(runtime, telemetry, exportId, { ...options, traceparent: traceparentOf(span) });
+    annotate(span, {
+      snapshot: result.snapshotId,
+      outcome: result.outcome,
+      'parts.offered': result.partCount,
+      'parts.enqueued': result.partsEnqueued,
+      'parts.landed': result.partsLanded,
+    });
+    return result;
+  });
+}
+
+async function tick(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  exportId: ExportId,
+  options: { abortSignal?: AbortSignal; traceparent?: string | undefined },
 ): Promise<TickResult> {
   const type = getExportType(exportId);
   const started = Date.now();
@@ -208,6 +229,7 @@ export async function requestSnapshot(
         sourceUrl: p.url,
         sasExpiresOn: p.sasExpiresOn?.toISOString() ?? null,
         enqueuedAt: now.toISOString(),
+        ...(options.traceparent ? { traceparent: options.traceparent } : {}),
       }),
     );
     await runtime.store.markInFlight(

@@ -1,0 +1,134 @@
+import { metrics, trace } from '@opentelemetry/api';
+import {
+  AggregationTemporality,
+  InMemoryMetricExporter,
+  MeterProvider,
+  PeriodicExportingMetricReader,
+} from '@opentelemetry/sdk-metrics';
+import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { SnapshotManifest } from '../../src/core/completion.js';
+import { METRIC_NAMES, SPAN_NAMES } from '../../src/core/observability.js';
+import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
+
+// This file's worker has its own OpenTelemetry globals: an in-memory exporter for spans and one for metrics.
+const spans = new InMemorySpanExporter();
+trace.setGlobalTracerProvider(new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(spans)] }));
+const metricExporter = new InMemoryMetricExporter(AggregationTemporality.CUMULATIVE);
+const reader = new PeriodicExportingMetricReader({ exporter: metricExporter, exportIntervalMillis: 3_600_000 });
+metrics.setGlobalMeterProvider(new MeterProvider({ readers: [reader] }));
+
+let stack: Stack;
+beforeAll(async () => {
+  stack = await startStack();
+});
+afterAll(async () => {
+  await stack?.stop();
+});
+
+async function collectedMetrics() {
+  await reader.forceFlush();
+  const points = new Map<string, { attributes: Record<string, unknown>; value: unknown }[]>();
+  for (const batch of metricExporter.getMetrics()) {
+    for (const scope of batch.scopeMetrics) {
+      for (const metric of scope.metrics) {
+        points.set(
+          metric.descriptor.name,
+          metric.dataPoints.map((p) => ({ attributes: p.attributes as Record<string, unknown>, value: p.value })),
+        );
+      }
+    }
+  }
+  return points;
+}
+
+describe('OpenTelemetry: spans and metrics of a run', () => {
+  it('one tick span per export, one copy span per part linked to its tick, metrics equal to the manifests, no secret anywhere', async () => {
+    const exportsRun = ['certificates', 'browser-extensions'] as const;
+    const app = await createApp(stack, { MDVM_EXPORTS: exportsRun.join(',') }, { workers: 8 });
+    for (const id of exportsRun) {
+      await stack.simulator.publish(id, { generatedTime: '2026-11-16T06:01:00Z', recordsPerPart: 10 });
+    }
+    stack.simulator.injectFault('certificates', { kind: 'status', status: 429, retryAfterSeconds: 1 });
+    await app.runner.tick();
+    await app.runner.drain();
+
+    const finished = spans.getFinishedSpans();
+    const ticks = finished.filter((s) => s.name === SPAN_NAMES.tick);
+    expect(ticks.map((s) => s.attributes.export).sort()).toEqual([...exportsRun].sort());
+    const copies = finished.filter((s) => s.name === SPAN_NAMES.copy);
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(copies).toHaveLength(parts.length);
+    for (const copy of copies) {
+      const tick = ticks.find((t) => t.attributes.export === copy.attributes.export);
+      expect(copy.links.map((l) => l.context.spanId)).toEqual([tick?.spanContext().spanId]);
+      expect(copy.links[0]?.context.traceId).toBe(tick?.spanContext().traceId);
+      expect(copy.attributes).toMatchObject({ outcome: 'landed', method: 'copy-from-url', attempt: 1 });
+    }
+    const completions = finished.filter((s) => s.name === SPAN_NAMES.complete && s.attributes.outcome === 'complete');
+    // Every export's snapshot has a completion span that found it complete (a later check may find it complete too).
+    expect([...new Set(completions.map((s) => s.attributes.export))].sort()).toEqual([...exportsRun].sort());
+
+    const points = await collectedMetrics();
+    for (const id of exportsRun) {
+      const manifest = JSON.parse(
+        (
+          await app.runtime.landing.getBlobClient(`${id}/snapshot=2026-11-16T0601Z/_manifest.json`).downloadToBuffer()
+        ).toString(),
+      ) as SnapshotManifest;
+      const landed = points
+        .get(METRIC_NAMES.partOutcomes)
+        ?.find((p) => p.attributes.export === id && p.attributes.outcome === 'landed');
+      expect(landed?.value).toBe(manifest.totals.parts);
+      const bytes = points.get(METRIC_NAMES.bytesLanded)?.find((p) => p.attributes.export === id);
+      expect(bytes?.value).toBe(manifest.totals.bytes);
+      const lag = points.get(METRIC_NAMES.snapshotLag)?.find((p) => p.attributes.export === id);
+      expect((lag?.value as { count: number } | undefined)?.count).toBe(1);
+      const durations = points.get(METRIC_NAMES.copyDuration)?.find((p) => p.attributes.export === id);
+      expect((durations?.value as { count: number } | undefined)?.count).toBe(manifest.totals.parts);
+    }
+    const calls = points.get(METRIC_NAMES.defenderCalls) ?? [];
+    expect(calls).toEqual(
+      expect.arrayContaining([
+        { attributes: { export: 'certificates', status: '429' }, value: 1 },
+        { attributes: { export: 'certificates', status: 'ok' }, value: 1 },
+        { attributes: { export: 'browser-extensions', status: 'ok' }, value: 1 },
+      ]),
+    );
+
+    // No SAS signature or token in any span (name, attributes, events, links, status) or metric point.
+    const everything = JSON.stringify([
+      finished.map((s) => ({ name: s.name, attributes: s.attributes, events: s.events, status: s.status })),
+      [...points.entries()],
+    ]);
+    expect(stack.simulator.issuedSecrets.size).toBeGreaterThan(10);
+    for (const secret of stack.simulator.issuedSecrets) expect(everything).not.toContain(secret);
+    expect(everything).not.toMatch(/sig=/);
+  });
+
+  it('a message without trace context (enqueued by an older version) still lands, as a span with no link', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
+    await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-16T07:01:00Z', recordsPerPart: 5 });
+    spans.reset();
+    await app.runner.tick();
+    const texts: string[] = [];
+    for (;;) {
+      const batch = await app.runtime.queue.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 60 });
+      if (batch.receivedMessageItems.length === 0) break;
+      for (const m of batch.receivedMessageItems) {
+        texts.push(m.messageText);
+        await app.runtime.queue.deleteMessage(m.messageId, m.popReceipt);
+      }
+    }
+    for (const text of texts) {
+      const { traceparent, ...old } = JSON.parse(Buffer.from(text, 'base64').toString()) as Record<string, unknown>;
+      expect(traceparent).toMatch(/^00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]$/);
+      await app.runtime.queue.sendMessage(Buffer.from(JSON.stringify(old)).toString('base64'));
+    }
+    await app.runner.drain();
+    const copies = spans.getFinishedSpans().filter((s) => s.name === SPAN_NAMES.copy);
+    expect(copies).toHaveLength(texts.length);
+    expect(copies.every((s) => s.links.length === 0 && s.attributes.outcome === 'landed')).toBe(true);
+    expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'complete' });
+  });
+});
