@@ -18,6 +18,7 @@ const HELP = `usage: npm start [-- options]
   --workers N         concurrent queue workers (default 8)
   --persist DIR       keep Azurite's data in DIR, so a later run sees this run's landing and tables
   --records N         records per part file (default 1500)
+  --otel              keep the app's OpenTelemetry spans and metrics in memory and print a per-snapshot summary
   --help              this text
 
 Settings (MDVM_COPY_MODE, MDVM_COUNT_RECORDS, MDVM_EXPORTS, MDVM_COPY_SINGLE_SHOT_MAX_MIB, ...) can be
@@ -39,6 +40,7 @@ async function main(): Promise<number> {
       workers: { type: 'string', default: '8' },
       persist: { type: 'string' },
       records: { type: 'string', default: '1500' },
+      otel: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
   });
@@ -51,6 +53,8 @@ async function main(): Promise<number> {
   if (!Number.isInteger(workers) || workers < 1) throw new Error('--workers must be a whole number ≥ 1');
   if (!Number.isInteger(records) || records < 0) throw new Error('--records must be a whole number ≥ 0');
 
+  // Registered before anything creates a span or an instrument; loaded only when asked for (dev dependencies).
+  const telemetry = values.otel ? (await import('./localTelemetry.js')).startLocalTelemetry() : undefined;
   const started = Date.now();
   const say = (line: string) => console.log(line);
   say(`mdvm-ingest local run — Node ${process.version}`);
@@ -151,6 +155,7 @@ async function main(): Promise<number> {
     );
     say('  The same run against any deployment: npx mdvm-ingest run (see README "Operating it")');
 
+    if (telemetry) say(`\n${await telemetry.summary()}`);
     const complete = second.rows.filter((r) => r.status === 'complete').length;
     say(`\n${complete}/${exports.length} export types complete in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     return second.ok && first.ok ? 0 : 1;

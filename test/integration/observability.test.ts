@@ -9,6 +9,7 @@ import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SnapshotManifest } from '../../src/core/completion.js';
 import { METRIC_NAMES, SPAN_NAMES } from '../../src/core/observability.js';
+import { renderTraceSummary } from '../../src/local/localTelemetry.js';
 import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
 
 // This file's worker has its own OpenTelemetry globals: an in-memory exporter for spans and one for metrics.
@@ -95,6 +96,17 @@ describe('OpenTelemetry: spans and metrics of a run', () => {
         { attributes: { export: 'browser-extensions', status: 'ok' }, value: 1 },
       ]),
     );
+
+    // The local summary (npm start -- --otel) groups the copies under the tick they link to.
+    const summary = renderTraceSummary(finished, new Map());
+    for (const id of exportsRun) {
+      const count = copies.filter((c) => c.attributes.export === id).length;
+      expect(summary).toMatch(
+        new RegExp(
+          `${id} 2026-11-16T0601Z: tick \\d+ ms \\(enqueued, ${count} enqueued\\) → ${count} copies linked \\(${count} landed`,
+        ),
+      );
+    }
 
     // No SAS signature or token in any span (name, attributes, events, links, status) or metric point.
     const everything = JSON.stringify([
