@@ -4,8 +4,11 @@
  */
 import { loadConfig } from '../core/config.js';
 import { createRuntime } from '../core/runtime.js';
+import { useAzureMonitorWhenConfigured } from './azureMonitor.js';
 import { registerWithHost } from './register.js';
 import { functionSpecs } from './specs.js';
 
 const config = loadConfig(process.env);
+// Before the runtime creates its first span or instrument (docs/adr/0008).
+useAzureMonitorWhenConfigured();
 registerWithHost(functionSpecs(config, createRuntime(config)));

@@ -166,8 +166,15 @@ describe('the deployment package (npm run package)', () => {
     expect([...distFolders].sort()).toEqual(['core', 'functions']);
 
     const project = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
+    // A dev dependency ships only when a production dependency needs it too (e.g. @types/node under the
+    // OpenTelemetry instrumentations); our own tools (vitest, biome, azurite, typescript) never do.
+    const production = productionPackages(root);
     for (const dev of Object.keys(project.devDependencies)) {
-      expect(existsSync(join(packageDir, 'node_modules', dev)), `dev dependency ${dev} shipped`).toBe(false);
+      const shipped = existsSync(join(packageDir, 'node_modules', dev));
+      expect(shipped && !production.has(dev), `dev dependency ${dev} shipped`).toBe(false);
+    }
+    for (const tool of ['vitest', '@biomejs/biome', 'azurite', 'typescript']) {
+      expect(existsSync(join(packageDir, 'node_modules', tool)), `${tool} shipped`).toBe(false);
     }
     for (const dependency of Object.keys(project.dependencies)) {
       expect(existsSync(join(packageDir, 'node_modules', dependency, 'package.json')), dependency).toBe(true);
@@ -217,3 +224,14 @@ describe('.funcignore', () => {
     expect(built.files).toContain('dist/src/functions/index.js');
   }, 120_000);
 });
+
+/** Names of every package in the production dependency tree (what `npm ci --omit=dev` installs). */
+function productionPackages(projectRoot: string): Set<string> {
+  const listed = spawnSync('npm', ['ls', '--omit=dev', '--all', '--parseable'], { cwd: projectRoot, encoding: 'utf8' });
+  const names = new Set<string>();
+  for (const line of listed.stdout.split('\n')) {
+    const match = /node_modules\/((?:@[^/]+\/)?[^/]+)$/.exec(line.trim());
+    if (match?.[1]) names.add(match[1]);
+  }
+  return names;
+}

@@ -93,3 +93,31 @@ describe('call budget', () => {
     expect(parseRetryAfter(undefined)).toBeUndefined();
   });
 });
+
+describe('RedactingSpanProcessor (outbound HTTP spans in Application Insights)', () => {
+  it('removes the SAS from URL attributes, exception events and the status before the exporter sees the span', async () => {
+    const { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } = await import(
+      '@opentelemetry/sdk-trace-base'
+    );
+    const { RedactingSpanProcessor } = await import('../../src/functions/azureMonitor.js');
+    const exporter = new InMemorySpanExporter();
+    const provider = new BasicTracerProvider({
+      spanProcessors: [new RedactingSpanProcessor(), new SimpleSpanProcessor(exporter)],
+    });
+    const sas = 'sv=2024-08-04&se=2026-11-24T06%3A00%3A00Z&sr=b&sp=r&sig=AbCdEfGhIjKlMnOpQrStUvWxYz0123456789%2BAbC%3D';
+    const url = `https://acct.blob.core.windows.net/c/2026-11-24/0001/VaExport/json/part-0.json.gz?${sas}`;
+    const span = provider
+      .getTracer('t')
+      .startSpan('GET', { attributes: { 'url.full': url, 'http.request.method': 'GET' } });
+    span.recordException(new Error(`request to ${url} failed`));
+    span.setAttribute('http.url', url);
+    span.setStatus({ code: 2, message: `GET ${url}: 403` });
+    span.end();
+    const [exported] = exporter.getFinishedSpans();
+    const text = JSON.stringify({ a: exported?.attributes, e: exported?.events, s: exported?.status });
+    expect(text).toContain('acct.blob.core.windows.net/c/2026-11-24/0001/VaExport/json/part-0.json.gz');
+    expect(text).not.toContain('AbCdEfGhIjKlMnOpQrStUvWxYz');
+    expect(text).not.toMatch(/sig=/);
+    expect(exported?.attributes['http.request.method']).toBe('GET');
+  });
+});
