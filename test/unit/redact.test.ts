@@ -104,7 +104,8 @@ describe('RedactingSpanProcessor (outbound HTTP spans in Application Insights)',
     const provider = new BasicTracerProvider({
       spanProcessors: [new RedactingSpanProcessor(), new SimpleSpanProcessor(exporter)],
     });
-    const sas = 'sv=2024-08-04&se=2026-11-24T06%3A00%3A00Z&sr=b&sp=r&sig=FAKEtestSignatureNotARealKey0123456789%2BAbC%3D';
+    const sas =
+      'sv=2024-08-04&se=2026-11-24T06%3A00%3A00Z&sr=b&sp=r&sig=FAKEtestSignatureNotARealKey0123456789%2BAbC%3D';
     const url = `https://acct.blob.core.windows.net/c/2026-11-24/0001/VaExport/json/part-0.json.gz?${sas}`;
     const span = provider
       .getTracer('t')
