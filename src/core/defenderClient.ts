@@ -5,7 +5,7 @@ import { z } from 'zod';
 import { CallBudget } from './callBudget.js';
 import type { ExportType } from './catalog.js';
 import { errorMessage, isNetworkError, MdvmError } from './errors.js';
-import { record } from './observability.js';
+import { inHttpSpan, record } from './observability.js';
 
 const exportFilesResponseSchema = z.looseObject({
   exportFiles: z.array(z.string().min(1)),
@@ -86,15 +86,18 @@ export class DefenderExportClient {
 
       let failure: MdvmError;
       try {
-        const response = await request(url, {
-          method: 'GET',
-          headers: { authorization: `Bearer ${token}`, accept: 'application/json' },
-          headersTimeout: this.options.timeoutInMs,
-          bodyTimeout: this.options.timeoutInMs,
-          ...(options.abortSignal ? { signal: options.abortSignal } : {}),
-          ...(this.options.dispatcher ? { dispatcher: this.options.dispatcher } : {}),
+        const response = await inHttpSpan('GET', url, { export: exportType.id, attempt: attempt + 1 }, async () => {
+          const answer = await request(url, {
+            method: 'GET',
+            headers: { authorization: `Bearer ${token}`, accept: 'application/json' },
+            headersTimeout: this.options.timeoutInMs,
+            bodyTimeout: this.options.timeoutInMs,
+            ...(options.abortSignal ? { signal: options.abortSignal } : {}),
+            ...(this.options.dispatcher ? { dispatcher: this.options.dispatcher } : {}),
+          });
+          return { statusCode: answer.statusCode, headers: answer.headers, text: await answer.body.text() };
         });
-        const text = await response.body.text();
+        const text = response.text;
         record.defenderCall(exportType.id, response.statusCode);
         if (response.statusCode === 200) return parseExportFiles(text, exportType);
         failure = classifyDefenderResponse(response.statusCode, text, response.headers, exportType);

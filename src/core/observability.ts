@@ -7,13 +7,15 @@ import {
   type MeterProvider,
   metrics,
   type Span,
+  SpanKind,
   SpanStatusCode,
   trace,
 } from '@opentelemetry/api';
+import { logs, SeverityNumber } from '@opentelemetry/api-logs';
 import { redact } from './redact.js';
 
 /**
- * Traces and metrics through the OpenTelemetry API. Whatever provider the process registers receives them (the
+ * Traces, metrics and log records through the OpenTelemetry API. Whatever provider the process registers receives them (the
  * Azure Monitor distro in Azure, an in-memory exporter in tests); with none registered every call is a no-op.
  * Names are fixed: dashboards, alerts and the workbook query them.
  */
@@ -107,6 +109,20 @@ export const record = {
   },
 };
 
+/**
+ * One structured log record per telemetry event, through the provider the process registers (the distro in Azure:
+ * AppTraces with the event's properties as columns of `Properties`). The body is the same `mdvm.<event> {json}` line
+ * the logger writes; every string is redacted, as for spans.
+ */
+export function emitLogRecord(body: string, attributes: Attributes, level: 'info' | 'warn'): void {
+  logs.getLogger(INSTRUMENTATION_NAME).emit({
+    body: redact(body),
+    severityNumber: level === 'warn' ? SeverityNumber.WARN : SeverityNumber.INFO,
+    severityText: level === 'warn' ? 'WARN' : 'INFO',
+    attributes: clean(attributes),
+  });
+}
+
 /** W3C `traceparent` of a span, carried in queue messages so a copy links back to the tick that enqueued it. */
 export function traceparentOf(span: Span): string | undefined {
   const c = span.spanContext();
@@ -135,12 +151,16 @@ export async function inSpan<T>(
   name: string,
   attributes: Attributes,
   work: (span: Span, spanContext: Context) => Promise<T>,
-  options: { parent?: Context; links?: Link[] } = {},
+  options: { parent?: Context; links?: Link[]; kind?: SpanKind } = {},
 ): Promise<T> {
   const tracer = trace.getTracer(INSTRUMENTATION_NAME);
   const span = tracer.startSpan(
     name,
-    { attributes: clean(attributes), ...(options.links ? { links: options.links } : {}) },
+    {
+      attributes: clean(attributes),
+      ...(options.links ? { links: options.links } : {}),
+      ...(options.kind !== undefined ? { kind: options.kind } : {}),
+    },
     options.parent ?? context.active(),
   );
   try {
@@ -152,6 +172,35 @@ export async function inSpan<T>(
   } finally {
     span.end();
   }
+}
+
+/**
+ * One outbound HTTP call as a CLIENT span with the semantic-convention attributes Application Insights turns into an
+ * HTTP dependency. The URL is recorded without its query string: a SAS or token never reaches the span.
+ */
+export async function inHttpSpan<T extends { statusCode: number }>(
+  method: string,
+  url: URL,
+  attributes: Attributes,
+  call: () => Promise<T>,
+): Promise<T> {
+  return inSpan(
+    `${method} ${url.pathname}`,
+    {
+      ...attributes,
+      'http.request.method': method,
+      'url.full': `${url.origin}${url.pathname}`,
+      'server.address': url.hostname,
+    },
+    async (span) => {
+      const response = await call();
+      span.setAttribute('http.response.status_code', response.statusCode);
+      if (response.statusCode >= 400)
+        span.setStatus({ code: SpanStatusCode.ERROR, message: String(response.statusCode) });
+      return response;
+    },
+    { kind: SpanKind.CLIENT },
+  );
 }
 
 /** Set attributes on a span through the same redaction. */

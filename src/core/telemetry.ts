@@ -1,3 +1,4 @@
+import { emitLogRecord } from './observability.js';
 import { redact } from './redact.js';
 
 /** Where log lines go: the InvocationContext in Functions, the terminal or a test's array locally. */
@@ -37,13 +38,16 @@ export interface TelemetryProperties {
   reason?: string;
 }
 
+const WARNING_OUTCOMES: ReadonlySet<Outcome> = new Set(['failed', 'error', 'dead-lettered']);
+
 export interface TelemetryEvent extends TelemetryProperties {
   event: string;
 }
 
 /**
- * One helper for every event: a single structured line `mdvm.<event> {json}` through the logger
- * (Application Insights collects Functions logs as traces with that text), with every string redacted.
+ * One helper for every event: a single structured line `mdvm.<event> {json}` through the logger, and the same
+ * event as an OpenTelemetry log record whose attributes are these property names (AppTraces `Properties` in
+ * Application Insights). Every string is redacted before either sees it.
  */
 export class Telemetry {
   constructor(
@@ -56,11 +60,9 @@ export class Telemetry {
     if (clean.reason !== undefined) clean.reason = redact(clean.reason);
     if (clean.part !== undefined) clean.part = redact(clean.part);
     const line = `mdvm.${event} ${JSON.stringify(clean)}`;
-    if (properties.outcome === 'failed' || properties.outcome === 'error' || properties.outcome === 'dead-lettered') {
-      this.logger.warn(line);
-    } else {
-      this.logger.info(line);
-    }
+    const level = WARNING_OUTCOMES.has(properties.outcome) ? 'warn' : 'info';
+    this.logger[level](line);
+    emitLogRecord(line, { ...clean }, level);
     this.sink?.(clean);
   }
 }

@@ -7,6 +7,7 @@
 import { ManagedIdentityCredential } from '@azure/identity';
 import { useAzureMonitor } from '@azure/monitor-opentelemetry';
 import type { Context } from '@opentelemetry/api';
+import type { LogRecordProcessor, SdkLogRecord } from '@opentelemetry/sdk-logs';
 import type { ReadableSpan, Span, SpanProcessor } from '@opentelemetry/sdk-trace-base';
 import { redact } from '../core/redact.js';
 
@@ -38,6 +39,27 @@ export class RedactingSpanProcessor implements SpanProcessor {
   }
 }
 
+/**
+ * The same gate for log records: the app's own records are redacted when emitted, but the distro also collects log
+ * records from instrumented libraries. Runs before the exporter's batch processor.
+ */
+export class RedactingLogRecordProcessor implements LogRecordProcessor {
+  onEmit(logRecord: SdkLogRecord): void {
+    if (typeof logRecord.body === 'string') logRecord.setBody(redact(logRecord.body));
+    for (const [key, value] of Object.entries(logRecord.attributes)) {
+      if (typeof value === 'string') logRecord.setAttribute(key, redact(value));
+    }
+  }
+
+  forceFlush(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  shutdown(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
 function redactInPlace(attributes: Record<string, unknown>): void {
   for (const [key, value] of Object.entries(attributes)) {
     if (typeof value === 'string') attributes[key] = redact(value);
@@ -55,6 +77,7 @@ export function useAzureMonitorWhenConfigured(env: NodeJS.ProcessEnv = process.e
       credential: new ManagedIdentityCredential(clientId ? { clientId } : {}),
     },
     spanProcessors: [new RedactingSpanProcessor()],
+    logRecordProcessors: [new RedactingLogRecordProcessor()],
     enableLiveMetrics: false,
   });
   return true;

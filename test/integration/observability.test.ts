@@ -1,4 +1,6 @@
-import { metrics, trace } from '@opentelemetry/api';
+import { metrics, SpanKind, SpanStatusCode, trace } from '@opentelemetry/api';
+import { logs } from '@opentelemetry/api-logs';
+import { InMemoryLogRecordExporter, LoggerProvider, SimpleLogRecordProcessor } from '@opentelemetry/sdk-logs';
 import {
   AggregationTemporality,
   InMemoryMetricExporter,
@@ -18,6 +20,10 @@ trace.setGlobalTracerProvider(new BasicTracerProvider({ spanProcessors: [new Sim
 const metricExporter = new InMemoryMetricExporter(AggregationTemporality.CUMULATIVE);
 const reader = new PeriodicExportingMetricReader({ exporter: metricExporter, exportIntervalMillis: 3_600_000 });
 metrics.setGlobalMeterProvider(new MeterProvider({ readers: [reader] }));
+const logRecords = new InMemoryLogRecordExporter();
+logs.setGlobalLoggerProvider(
+  new LoggerProvider({ processors: [new SimpleLogRecordProcessor({ exporter: logRecords })] }),
+);
 
 let stack: Stack;
 beforeAll(async () => {
@@ -43,8 +49,8 @@ async function collectedMetrics() {
   return points;
 }
 
-describe('OpenTelemetry: spans and metrics of a run', () => {
-  it('one tick span per export, one copy span per part linked to its tick, metrics equal to the manifests, no secret anywhere', async () => {
+describe('OpenTelemetry: spans, metrics and log records of a run', () => {
+  it('one tick span per export, one copy span per part linked to its tick, metrics and log records equal to the manifests, no secret anywhere', async () => {
     const exportsRun = ['certificates', 'browser-extensions'] as const;
     const app = await createApp(stack, { MDVM_EXPORTS: exportsRun.join(',') }, { workers: 8 });
     for (const id of exportsRun) {
@@ -66,6 +72,14 @@ describe('OpenTelemetry: spans and metrics of a run', () => {
       expect(copy.links[0]?.context.traceId).toBe(tick?.spanContext().traceId);
       expect(copy.attributes).toMatchObject({ outcome: 'landed', method: 'copy-from-url', attempt: 1 });
     }
+    // Each Defender API call is an HTTP CLIENT span (an HTTP dependency in Application Insights), URL without query.
+    const httpCalls = finished.filter((s) => s.kind === SpanKind.CLIENT && s.attributes.export === 'certificates');
+    expect(httpCalls.map((s) => s.attributes['http.response.status_code'])).toEqual([429, 200]);
+    for (const call of httpCalls) {
+      expect(call.attributes).toMatchObject({ 'http.request.method': 'GET', 'server.address': '127.0.0.1' });
+      expect(String(call.attributes['url.full'])).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/api\/[^?]+$/);
+    }
+    expect(httpCalls[0]?.status.code).toBe(SpanStatusCode.ERROR);
     const completions = finished.filter((s) => s.name === SPAN_NAMES.complete && s.attributes.outcome === 'complete');
     // Every export's snapshot has a completion span that found it complete (a later check may find it complete too).
     expect([...new Set(completions.map((s) => s.attributes.export))].sort()).toEqual([...exportsRun].sort());
@@ -87,7 +101,21 @@ describe('OpenTelemetry: spans and metrics of a run', () => {
       expect((lag?.value as { count: number } | undefined)?.count).toBe(1);
       const durations = points.get(METRIC_NAMES.copyDuration)?.find((p) => p.attributes.export === id);
       expect((durations?.value as { count: number } | undefined)?.count).toBe(manifest.totals.parts);
+
+      // Log records carry the telemetry properties as attributes (AppTraces Properties in Application Insights).
+      const records = logRecords.getFinishedLogRecords().map((r) => r.attributes);
+      const landedRecords = records.filter((a) => a.event === 'part' && a.export === id && a.outcome === 'landed');
+      expect(landedRecords).toHaveLength(manifest.totals.parts);
+      expect(landedRecords.reduce((sum, a) => sum + Number(a.bytes), 0)).toBe(manifest.totals.bytes);
+      expect(records).toContainEqual(
+        expect.objectContaining({ event: 'snapshot', export: id, snapshot: '2026-11-16T0601Z', outcome: 'completed' }),
+      );
     }
+    const rateLimited = logRecords
+      .getFinishedLogRecords()
+      .filter((r) => r.attributes.event === 'defender-retry' && r.attributes.export === 'certificates');
+    expect(rateLimited.length).toBeGreaterThan(0);
+    expect(rateLimited[0]?.body).toMatch(/^mdvm\.defender-retry \{/);
     const calls = points.get(METRIC_NAMES.defenderCalls) ?? [];
     expect(calls).toEqual(
       expect.arrayContaining([
@@ -108,10 +136,11 @@ describe('OpenTelemetry: spans and metrics of a run', () => {
       );
     }
 
-    // No SAS signature or token in any span (name, attributes, events, links, status) or metric point.
+    // No SAS signature or token in any span (name, attributes, events, links, status), metric point or log record.
     const everything = JSON.stringify([
       finished.map((s) => ({ name: s.name, attributes: s.attributes, events: s.events, status: s.status })),
       [...points.entries()],
+      logRecords.getFinishedLogRecords().map((r) => ({ body: r.body, attributes: r.attributes })),
     ]);
     expect(stack.simulator.issuedSecrets.size).toBeGreaterThan(10);
     for (const secret of stack.simulator.issuedSecrets) expect(everything).not.toContain(secret);

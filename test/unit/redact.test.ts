@@ -122,3 +122,28 @@ describe('RedactingSpanProcessor (outbound HTTP spans in Application Insights)',
     expect(exported?.attributes['http.request.method']).toBe('GET');
   });
 });
+
+describe('RedactingLogRecordProcessor (log records in Application Insights)', () => {
+  it('removes the SAS from the body and every attribute before the exporter sees the record', async () => {
+    const { InMemoryLogRecordExporter, LoggerProvider, SimpleLogRecordProcessor } = await import(
+      '@opentelemetry/sdk-logs'
+    );
+    const { RedactingLogRecordProcessor } = await import('../../src/functions/azureMonitor.js');
+    const exporter = new InMemoryLogRecordExporter();
+    const provider = new LoggerProvider({
+      processors: [new RedactingLogRecordProcessor(), new SimpleLogRecordProcessor({ exporter })],
+    });
+    const url =
+      'https://acct.blob.core.windows.net/c/part-0.json.gz?sv=2024-08-04&sr=b&sp=r&sig=FAKEtestSignatureNotARealKey0123456789%2BAbC%3D';
+    provider.getLogger('instrumented-library').emit({
+      body: `fetched ${url}`,
+      attributes: { 'url.full': url, authorization: 'Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl', n: 3 },
+    });
+    const [exported] = exporter.getFinishedLogRecords();
+    const text = JSON.stringify({ b: exported?.body, a: exported?.attributes });
+    expect(text).toContain('acct.blob.core.windows.net/c/part-0.json.gz');
+    expect(text).not.toContain('FAKEtestSignatureNotARealKey');
+    expect(text).not.toContain('c2lnbmF0dXJl');
+    expect(exported?.attributes.n).toBe(3);
+  });
+});
