@@ -116,7 +116,7 @@ param sasValidHours int = 6
 ])
 param copyMode string = 'server'
 
-@description('E-mail address that receives the alerts (poison queue, function failures, late snapshot). Empty: the alert rules fire into the Azure portal only.')
+@description('E-mail address that receives the alerts (poison queue, function failures, late snapshot, Defender 401/403). Empty: the alert rules fire into the Azure portal only.')
 param alertEmail string = ''
 
 @description('Hours after a snapshot\'s generatedTime by which it must be complete; a snapshot still incomplete then raises an alert.')
@@ -245,6 +245,18 @@ module alerts 'modules/alerts.bicep' = {
     poisonQueueName: runtimeStorage.outputs.POISON_QUEUE_NAME
     alertEmail: alertEmail
     snapshotCompleteWithinHours: snapshotCompleteWithinHours
+  }
+}
+
+module workbook 'modules/workbook.bicep' = {
+  name: 'workbook'
+  scope: rg
+  params: {
+    displayName: 'mdvm-ingest (${environmentName})'
+    location: location
+    tags: tags
+    applicationInsightsId: monitoring.outputs.APPLICATIONINSIGHTS_ID
+    logAnalyticsWorkspaceId: monitoring.outputs.LOG_ANALYTICS_ID
   }
 }
 

@@ -1,9 +1,8 @@
 // Alert rules over the Log Analytics workspace that receives the app's telemetry (workspace-based Application
-// Insights: AppRequests, AppTraces) and the storage logs (StorageQueueLogs): parts dead-lettered, function
-// invocations failing, and a snapshot still incomplete N hours after Defender generated it. With an e-mail
+// Insights: AppRequests from the host, AppTraces and AppMetrics from the app's OpenTelemetry log records and
+// metrics) and the storage logs (StorageQueueLogs): parts dead-lettered, function invocations failing, a snapshot
+// still incomplete N hours after Defender generated it, and Defender refusing the app (401/403). With an e-mail
 // address, an action group mails every alert; without, the alerts show in the portal (Monitor > Alerts) only.
-// The late-snapshot rule reads the app's `mdvm.request` / `mdvm.snapshot` trace lines; a metric with fixed
-// dimensions will replace that query when the telemetry work lands (infra/README.md, "Audit logs and alerts").
 
 @description('Prefix of the alert rule names, e.g. alert-<token>.')
 @minLength(1)
@@ -51,48 +50,16 @@ resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(a
 
 var actionGroups = empty(alertEmail) ? [] : [actionGroup.id]
 
-// A PutMessage on the poison queue: the Functions host gave up on a part after maxDequeueCount deliveries, or
-// the app dead-lettered a message it refused. Either way a part is not landing until someone acts (`requeue`).
-var poisonQuery = replace(
-  '''
-StorageQueueLogs
-| where OperationName == "PutMessage" and StatusCode between (200 .. 299)
-| where ObjectKey contains "/__POISON_QUEUE__"
-| project TimeGenerated, AccountName, ObjectKey, AuthenticationType, CallerIpAddress
-''',
-  '__POISON_QUEUE__',
-  poisonQueueName
-)
-
-// Function invocations that ended in an exception (timer ticks and part copies alike).
-var failuresQuery = '''
-AppRequests
-| where Success == false
-| project TimeGenerated, OperationName, ResultCode, AppRoleName, OperationId
-'''
-
-// Snapshots the app asked for (enqueued or resumed) with no completion, superseding or "unchanged" since, whose
-// generatedTime (encoded in the snapshot id, e.g. 2026-11-22T1801Z) is older than the limit.
+// The queries live in infra/queries/*.kql (checked offline with the Kusto language service and shown in the
+// README's Monitoring section); placeholders in capitals are filled here.
+var poisonQuery = replace(loadTextContent('../queries/alert-poison.kql'), '__POISON_QUEUE__', poisonQueueName)
+var failuresQuery = loadTextContent('../queries/alert-function-failures.kql')
 var lateSnapshotQuery = replace(
-  '''
-let limit = __HOURS__h;
-AppTraces
-| where TimeGenerated > ago(2d)
-| where Message startswith "mdvm.request " or Message startswith "mdvm.snapshot "
-| extend event = tostring(split(Message, " ")[0]), e = parse_json(substring(Message, indexof(Message, " ") + 1))
-| extend export = tostring(e.export), snapshot = tostring(e.snapshot), outcome = tostring(e.outcome)
-| where isnotempty(snapshot)
-| summarize
-    asked = countif(event == "mdvm.request" and outcome in ("enqueued", "resumed")),
-    done = countif(outcome in ("completed", "unchanged", "superseded"))
-    by export, snapshot
-| where asked > 0 and done == 0
-| extend generatedTime = todatetime(strcat(substring(snapshot, 0, 13), ":", substring(snapshot, 13, 2), ":00Z"))
-| where generatedTime < ago(limit)
-''',
+  loadTextContent('../queries/alert-snapshot-late.kql'),
   '__HOURS__',
   string(snapshotCompleteWithinHours)
 )
+var defenderDeniedQuery = loadTextContent('../queries/alert-defender-denied.kql')
 
 resource poisonAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
   name: '${namePrefix}-poison'
@@ -203,11 +170,48 @@ resource lateSnapshotAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' =
   }
 }
 
+resource defenderDeniedAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-defender-denied'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'mdvm-ingest: Defender API refused the app (401/403)'
+    description: 'Defender answered 401 or 403 to the export API: the app identity lost its API permission or admin consent, or the tenant/audience setting is wrong. No new snapshot is requested until it is fixed; landed data is untouched. See the README, "Monitoring".'
+    severity: 1
+    enabled: true
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT1H'
+    scopes: [
+      logAnalyticsWorkspaceId
+    ]
+    criteria: {
+      allOf: [
+        {
+          query: defenderDeniedQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: {
+      actionGroups: actionGroups
+    }
+  }
+}
+
 @description('Resource ids of the alert rules.')
 output ALERT_RULE_IDS array = [
   poisonAlert.id
   failuresAlert.id
   lateSnapshotAlert.id
+  defenderDeniedAlert.id
 ]
 
 @description('Resource id of the action group; empty without alertEmail.')

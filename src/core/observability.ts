@@ -38,6 +38,9 @@ export const METRIC_NAMES = {
   failures: 'mdvm.failures',
 } as const;
 
+/** The attribute names metrics are split by (AppMetrics `Properties` in Application Insights). */
+export const METRIC_DIMENSIONS = ['export', 'outcome', 'method', 'status', 'class'] as const;
+
 interface Instruments {
   partOutcomes: ReturnType<Meter['createCounter']>;
   bytesLanded: ReturnType<Meter['createCounter']>;

@@ -40,9 +40,30 @@ export interface TelemetryProperties {
 
 const WARNING_OUTCOMES: ReadonlySet<Outcome> = new Set(['failed', 'error', 'dead-lettered']);
 
+/** The events the app writes; alert and workbook queries filter on these names. */
+export const TELEMETRY_EVENTS = ['request', 'part', 'snapshot', 'defender-retry'] as const;
+export type TelemetryEventName = (typeof TELEMETRY_EVENTS)[number];
+
 export interface TelemetryEvent extends TelemetryProperties {
-  event: string;
+  event: TelemetryEventName;
 }
+
+/** Every property name an event can carry (AppTraces `Properties` in Application Insights). */
+export const TELEMETRY_PROPERTY_NAMES = [
+  'event',
+  'export',
+  'snapshot',
+  'part',
+  'bytes',
+  'records',
+  'durationMs',
+  'outcome',
+  'method',
+  'reason',
+] as const satisfies readonly (keyof TelemetryEvent)[];
+// Fails to compile when TelemetryEvent gains a property the list above does not name.
+const everyPropertyNamed: Record<Exclude<keyof TelemetryEvent, (typeof TELEMETRY_PROPERTY_NAMES)[number]>, never> = {};
+void everyPropertyNamed;
 
 /**
  * One helper for every event: a single structured line `mdvm.<event> {json}` through the logger, and the same
@@ -55,7 +76,7 @@ export class Telemetry {
     private readonly sink?: (event: TelemetryEvent) => void,
   ) {}
 
-  track(event: string, properties: TelemetryProperties): void {
+  track(event: TelemetryEventName, properties: TelemetryProperties): void {
     const clean: TelemetryEvent = { event, ...properties };
     if (clean.reason !== undefined) clean.reason = redact(clean.reason);
     if (clean.part !== undefined) clean.part = redact(clean.part);

@@ -1,4 +1,4 @@
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, relative, sep } from 'node:path';
 import { Language, type Node, Parser } from 'web-tree-sitter';
@@ -8,6 +8,7 @@ import {
   LOCAL_ONLY_SETTINGS,
   SETTING_NAMES,
 } from '../../src/core/config.js';
+import { checkKusto } from './kustoCheck.js';
 
 /**
  * Offline Bicep checks (the Bicep CLI cannot be installed here): every file is parsed with the real
@@ -117,8 +118,34 @@ const STORAGE_LOG_CATEGORIES = ['StorageRead', 'StorageWrite', 'StorageDelete'];
 export const REQUIRED_ALERTS = [
   { suffix: '-poison', query: /StorageQueueLogs[\s\S]*PutMessage/, what: 'messages on the poison queue' },
   { suffix: '-function-failures', query: /AppRequests[\s\S]*Success == false/, what: 'function failures' },
-  { suffix: '-snapshot-late', query: /mdvm\.snapshot[\s\S]*generatedTime/, what: 'a snapshot not complete in time' },
+  {
+    suffix: '-snapshot-late',
+    query: /Properties\.snapshot[\s\S]*generatedTime/,
+    what: 'a snapshot not complete in time',
+  },
+  {
+    suffix: '-defender-denied',
+    query: /"mdvm\.defender\.calls"[\s\S]*"401-403"/,
+    what: 'Defender answering 401/403',
+  },
 ] as const;
+
+/** What the workbook must show: a query step reading each. */
+export const REQUIRED_WORKBOOK_QUERIES = [
+  { query: /Properties\.snapshot[\s\S]*status[\s\S]*lag/i, what: 'snapshots per export with status and lag' },
+  { query: /"mdvm\.bytes\.landed"/, what: 'throughput (bytes landed)' },
+  { query: /"mdvm\.failures"[\s\S]*class/, what: 'failures by error class' },
+  { query: /SeverityLevel[\s\S]*reason/, what: 'the last errors' },
+] as const;
+
+/** A query as deployed: its text with sample values for the placeholders the Bicep fills, and where it lives. */
+interface ResolvedQuery {
+  readonly text: string;
+  /** The .kql file (relative to infra/) the text came from, or the Bicep file of an inline query. */
+  readonly file: string;
+  /** Line of the query's first line in that file. */
+  readonly line: number;
+}
 
 interface DiagnosticSetting {
   readonly file: string;
@@ -135,6 +162,71 @@ interface AlertRule {
   readonly query: string;
 }
 
+const LOAD_TEXT = /loadTextContent\(\s*'([^']+)'\s*\)/g;
+
+/**
+ * The text a Bicep expression gives a query: a variable, a `loadTextContent('x.kql')` (optionally inside
+ * `replace(..., '__NAME__', value)`), or a multi-line string. Placeholders the expression replaces get sample
+ * values, so the Kusto check sees a query as deployed; a placeholder left in the text is reported.
+ */
+function resolveQuery(
+  expression: string,
+  variables: ReadonlyMap<string, string>,
+  bicepFile: string,
+  infraDir: string,
+  line: number,
+  problems: Problem[],
+): ResolvedQuery | undefined {
+  const text = variables.get(expression.trim()) ?? expression;
+  const loads = [...text.matchAll(LOAD_TEXT)];
+  let query: ResolvedQuery;
+  if (loads.length === 1) {
+    const file = join(dirname(bicepFile), loads[0]?.[1] ?? '')
+      .split(sep)
+      .join('/');
+    const path = join(infraDir, file);
+    if (!existsSync(path)) {
+      problems.push({
+        file: bicepFile,
+        line,
+        rule: 'missing-file',
+        message: `loadTextContent: ${file} does not exist`,
+      });
+      return undefined;
+    }
+    query = { text: readFileSync(path, 'utf8'), file, line: 1 };
+  } else {
+    const literal = /'''\n?([\s\S]*?)'''/.exec(text);
+    if (!literal) return undefined;
+    query = { text: literal[1] ?? '', file: bicepFile, line };
+  }
+  const replaced = new Set([...text.matchAll(/'(__[A-Z_]+__)'/g)].map((m) => m[1] ?? ''));
+  for (const placeholder of new Set([...query.text.matchAll(/__[A-Z_]+__/g)].map((m) => m[0]))) {
+    if (!replaced.has(placeholder)) {
+      problems.push({
+        file: query.file,
+        line: query.line,
+        rule: 'kql-placeholder',
+        message: `${placeholder} is never replaced by the Bicep that deploys this query`,
+      });
+    }
+  }
+  let sample = query.text;
+  for (const placeholder of replaced)
+    sample = sample.replaceAll(placeholder, /HOURS|COUNT/.test(placeholder) ? '6' : 'sample');
+  return { ...query, text: sample };
+}
+
+/** Kusto problems of one query, at their line in the file the query lives in. */
+function kustoProblems(query: ResolvedQuery, what: string): Problem[] {
+  return checkKusto(query.text).map((d) => ({
+    file: query.file,
+    line: query.line + d.line - 1,
+    rule: d.rule,
+    message: `${what}: ${d.message}`,
+  }));
+}
+
 const SECRET_NAME = /(key|secret|password|connectionstring|sas|token)/i;
 const SECRET_CALL = /\blist(Keys|AccountSas|ServiceSas|ConnectionStrings|Secrets)\s*\(/;
 
@@ -147,6 +239,8 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
   const diagnostics: DiagnosticSetting[] = [];
   const alerts: AlertRule[] = [];
   const modulesUsed = new Set<string>();
+  const workbooks: { file: string; queries: ResolvedQuery[] }[] = [];
+  const queriesLoaded = new Set<string>();
 
   for (const path of files) {
     const file = relative(infraDir, path);
@@ -161,6 +255,14 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
     });
     if (tree.rootNode.hasError && !problems.some((x) => x.file === file && x.rule === 'syntax')) {
       add(tree.rootNode, 'syntax', 'syntax error');
+    }
+
+    for (const m of source.matchAll(LOAD_TEXT)) {
+      queriesLoaded.add(
+        join(dirname(file), m[1] ?? '')
+          .split(sep)
+          .join('/'),
+      );
     }
 
     const top = named(tree.rootNode);
@@ -270,8 +372,12 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
         const condition = property(property(props, 'criteria'), 'allOf');
         const first = condition ? named(condition).find((c) => c.type === 'object') : undefined;
         const queryNode = property(first, 'query');
-        const query = variables.get(queryNode?.text ?? '') ?? queryNode?.text ?? '';
+        const resolved = queryNode
+          ? resolveQuery(queryNode.text, variables, file, infraDir, queryNode.startPosition.row + 1, problems)
+          : undefined;
+        const query = resolved?.text ?? '';
         alerts.push({ file, line, name, query });
+        if (resolved) problems.push(...kustoProblems(resolved, `alert rule ${name}`));
         if (property(props, 'enabled')?.text !== 'true') {
           add(property(props, 'enabled') ?? n, 'alert-disabled', `alert rule ${name} must set enabled: true`);
         }
@@ -281,6 +387,32 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
         if (!query || property(first, 'threshold') === undefined || property(first, 'operator') === undefined) {
           add(n, 'alert-shape', `alert rule ${name} needs a criteria.allOf query, operator and threshold`);
         }
+      }
+      if (/^Microsoft\.Insights\/workbooks@/.test(type)) {
+        const name = property(body, 'name');
+        if (!(name?.type === 'call_expression' && /^guid\s*\(/.test(name.text))) {
+          add(name ?? n, 'workbook-shape', 'a workbook name must be guid(...)');
+        }
+        if (keyText(property(body, 'kind')) !== 'shared') add(n, 'workbook-shape', "a workbook must be kind: 'shared'");
+        if (keyText(property(props, 'category')) !== 'workbook') {
+          add(n, 'workbook-shape', "a workbook must set category: 'workbook'");
+        }
+        for (const key of ['displayName', 'serializedData', 'sourceId']) {
+          if (!property(props, key)) add(n, 'workbook-shape', `a workbook needs properties.${key}`);
+        }
+        // The App* tables exist in the workspace; scoped to the component, the steps would see the classic schema.
+        if (!/resourceType:\s*'microsoft\.operationalinsights\/workspaces'/i.test(source)) {
+          add(n, 'workbook-scope', 'workbook query steps must read the Log Analytics workspace');
+        }
+        const queries: ResolvedQuery[] = [];
+        for (const m of source.matchAll(LOAD_TEXT)) {
+          const line = source.slice(0, m.index).split('\n').length;
+          const resolved = resolveQuery(m[0], variables, file, infraDir, line, problems);
+          if (!resolved) continue;
+          queries.push(resolved);
+          problems.push(...kustoProblems(resolved, 'workbook query'));
+        }
+        workbooks.push({ file, queries });
       }
       const siteConfigSettings = property(property(props, 'siteConfig'), 'appSettings');
       if (siteConfigSettings) add(n, 'app-settings-shape', 'set app settings in a sites/config appsettings resource');
@@ -293,6 +425,18 @@ export async function checkBicep(infraDir: string): Promise<BicepReport> {
   problems.push(...checkAppSettings(appSettings));
   const relativeFiles = files.map((f) => relative(infraDir, f).split(sep).join('/'));
   problems.push(...checkDiagnostics(relativeFiles, diagnostics), ...checkAlerts(relativeFiles, alerts));
+  problems.push(...checkWorkbooks(workbooks));
+  const queriesDir = join(infraDir, 'queries');
+  for (const name of existsSync(queriesDir) ? readdirSync(queriesDir) : []) {
+    if (name.endsWith('.kql') && !queriesLoaded.has(`queries/${name}`)) {
+      problems.push({
+        file: `queries/${name}`,
+        line: 1,
+        rule: 'query-unused',
+        message: `queries/${name} is never deployed`,
+      });
+    }
+  }
   for (const file of relativeFiles.filter((f) => f.startsWith('modules/'))) {
     if (!modulesUsed.has(file))
       problems.push({ file, line: 1, rule: 'module-unused', message: `${file} is never deployed` });
@@ -354,6 +498,24 @@ function checkDiagnostics(files: readonly string[], diagnostics: readonly Diagno
           message: `the ${required.service} diagnostic setting must send ${STORAGE_LOG_CATEGORIES.join(', ')} to a workspace (${required.why}); ${missing.length > 0 ? `not enabled: ${missing.join(', ')}` : 'no workspaceId'}`,
         });
       }
+    }
+  }
+  return problems;
+}
+
+function checkWorkbooks(workbooks: readonly { file: string; queries: readonly ResolvedQuery[] }[]): Problem[] {
+  if (workbooks.length === 0) {
+    return [{ file: '(all)', line: 0, rule: 'workbook-missing', message: 'no Microsoft.Insights/workbooks resource' }];
+  }
+  const problems: Problem[] = [];
+  for (const required of REQUIRED_WORKBOOK_QUERIES) {
+    if (!workbooks.some((w) => w.queries.some((q) => required.query.test(q.text)))) {
+      problems.push({
+        file: workbooks[0]?.file ?? '(all)',
+        line: 1,
+        rule: 'workbook-missing',
+        message: `the workbook has no query step for ${required.what} (${required.query})`,
+      });
     }
   }
   return problems;

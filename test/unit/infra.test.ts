@@ -208,6 +208,112 @@ describe('infrastructure (offline Bicep checks)', () => {
       needle: 'resource blobDataReader',
       rule: 'principal-type',
     },
+    {
+      what: 'an alert query that compares the storage log status code as a number (it is a string)',
+      file: 'queries/alert-poison.kql',
+      edit: (t: string) => t.replace('toint(StatusCode) between', 'StatusCode between'),
+      needle: 'StatusCode between',
+      rule: 'kql',
+      message: /between' is not defined for the operand types string/,
+    },
+    {
+      what: 'an alert query reading a column the table does not have',
+      file: 'queries/alert-function-failures.kql',
+      edit: (t: string) => t.replace('Success == false', 'Succeeded == false'),
+      needle: 'Succeeded == false',
+      rule: 'kql',
+      message: /Succeeded/,
+    },
+    {
+      what: 'a workbook query with a Kusto syntax error',
+      file: 'queries/workbook-lag.kql',
+      edit: (t: string) => t.replace('sum(ItemCount),', 'sum(ItemCount,'),
+      rule: 'kql',
+      message: /workbook query/,
+    },
+    {
+      what: 'a workbook query on a metric the app does not write',
+      file: 'queries/workbook-throughput.kql',
+      edit: (t: string) => t.replace('"mdvm.bytes.landed"', '"mdvm.bytes.copied"'),
+      needle: 'mdvm.bytes.copied',
+      rule: 'telemetry-name',
+      message: /no metric named mdvm\.bytes\.copied/,
+    },
+    {
+      what: 'an alert query on an event the app does not write',
+      file: 'queries/alert-snapshot-late.kql',
+      edit: (t: string) => t.replace('event == "request"', 'event == "tick"'),
+      needle: 'event == "tick"',
+      rule: 'telemetry-name',
+      message: /no telemetry event named tick/,
+    },
+    {
+      what: 'an alert query on a property no event carries',
+      file: 'queries/alert-defender-denied.kql',
+      edit: (t: string) => t.replace('Properties.status', 'Properties.httpStatus'),
+      needle: 'Properties.httpStatus',
+      rule: 'telemetry-name',
+      message: /no telemetry property named httpStatus/,
+    },
+    {
+      what: 'the Defender 401/403 alert removed',
+      file: 'modules/alerts.bicep',
+      edit: (t: string) =>
+        t.replace(/resource defenderDeniedAlert [\s\S]*?\n}\n/, '').replace(/\n\s*defenderDeniedAlert\.id/, ''),
+      rule: 'alert-missing',
+      message: /Defender answering 401\/403/,
+    },
+    {
+      what: 'a query placeholder the Bicep never fills',
+      file: 'modules/alerts.bicep',
+      edit: (t: string) =>
+        t.replace(
+          /var poisonQuery = replace\([^\n]*\n/,
+          "var poisonQuery = loadTextContent('../queries/alert-poison.kql')\n",
+        ),
+      rule: 'kql-placeholder',
+      message: /__POISON_QUEUE__/,
+    },
+    {
+      what: 'a query file that does not exist',
+      file: 'modules/alerts.bicep',
+      edit: (t: string) =>
+        t.replace("'../queries/alert-defender-denied.kql'", "'../queries/alert-defender-refused.kql'"),
+      rule: 'missing-file',
+      message: /alert-defender-refused\.kql/,
+    },
+    {
+      what: 'the workbook not deployed',
+      file: 'main.bicep',
+      edit: (t: string) => t.replace(/module workbook [\s\S]*?\n}\n/, ''),
+      rule: 'module-unused',
+      message: /modules\/workbook\.bicep is never deployed/,
+    },
+    {
+      what: 'a workbook not named with guid()',
+      file: 'modules/workbook.bicep',
+      edit: (t: string) => t.replace(/name: guid\(applicationInsightsId[^\n]*/, "name: 'mdvm-ingest'"),
+      needle: "name: 'mdvm-ingest'",
+      rule: 'workbook-shape',
+    },
+    {
+      what: 'workbook steps scoped to the component (classic schema, no App* tables)',
+      file: 'modules/workbook.bicep',
+      edit: (t: string) =>
+        t.replaceAll(
+          "resourceType: 'microsoft.operationalinsights/workspaces'",
+          "resourceType: 'microsoft.insights/components'",
+        ),
+      needle: 'resource workbook ',
+      rule: 'workbook-scope',
+    },
+    {
+      what: 'the workbook without its last-errors step',
+      file: 'modules/workbook.bicep',
+      edit: (t: string) => t.replace(/\n\s*queryStep\('errors'[^\n]*/, ''),
+      rule: 'workbook-missing',
+      message: /the last errors/,
+    },
   ])('catches $what', async ({ file, edit, rule, needle, message }) => {
     const dir = brokenCopy(file, edit);
     const report = await checkBicep(dir);
