@@ -1,12 +1,14 @@
-import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import ignore from 'ignore';
 import { afterEach, describe, expect, it } from 'vitest';
 import { parse } from 'yaml';
 import { AZURE_REQUIRED_SETTINGS, HOST_SETTING_NAMES, SETTING_NAMES } from '../../src/core/config.js';
+import { METRIC_NAMES } from '../../src/core/observability.js';
+import { TELEMETRY_EVENTS } from '../../src/core/telemetry.js';
 import { STAGING_FOLDER } from '../../src/deploy/functionPackage.js';
-import { checkBicep } from '../infra/bicepCheck.js';
+import { checkBicep, REQUIRED_ALERTS } from '../infra/bicepCheck.js';
 
 interface HookVariant {
   shell?: string;
@@ -324,6 +326,23 @@ describe('infrastructure (offline Bicep checks)', () => {
       const text = readFileSync(join(dir, file), 'utf8');
       expect(found).toContainEqual(expect.objectContaining({ file, line: lineOf(text, needle) }));
     }
+  });
+
+  it("the README's Monitoring section shows every deployed query verbatim and explains every alert", () => {
+    const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
+    const start = readme.indexOf('\n## Monitoring\n');
+    expect(start, 'README has a "## Monitoring" section').toBeGreaterThan(0);
+    const section = readme.slice(start, readme.indexOf('\n## ', start + 1));
+    const blocks = [...section.matchAll(/```kusto\n([\s\S]*?)```/g)].map((m) => m[1]);
+    const queries = readdirSync(join(infra, 'queries')).filter((f) => f.endsWith('.kql'));
+    expect(queries.length).toBeGreaterThanOrEqual(8);
+    for (const file of queries) expect(blocks, file).toContain(readFileSync(join(infra, 'queries', file), 'utf8'));
+    const alerts = readFileSync(join(infra, 'modules/alerts.bicep'), 'utf8');
+    const names = [...alerts.matchAll(/displayName: '([^']+)'/g)].map((m) => m[1] ?? '');
+    expect(names).toHaveLength(REQUIRED_ALERTS.length);
+    for (const name of names) expect(section).toContain(`**${name}**`);
+    for (const metric of Object.values(METRIC_NAMES)) expect(section).toContain(`\`${metric}\``);
+    for (const event of TELEMETRY_EVENTS) expect(section).toContain(`\`${event}\``);
   });
 
   it('azure.yaml follows azd conventions and deploys the package npm run package makes', () => {
