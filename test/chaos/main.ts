@@ -15,9 +15,10 @@
  * - manifests wrong: a _manifest.json that breaks its contract, lists anything but the landed rows, names a blob
  *   that is not there with its length and MD5, exists for a snapshot that is not complete, or is missing for one
  *   that is; a _latest.json behind the newest complete snapshot.
- * - secrets leaked: an issued SAS signature, identity token or account key in a log line, telemetry event, error,
- *   table row, blob name or metadata, manifest or pointer, dead letter, or CLI output. (Part messages on the parts
- *   queue, and the ones the host parks unchanged on the poison queue for `requeue`, carry their SAS by design.)
+ * - secrets leaked: an issued SAS signature, identity token or account key in a log line, telemetry event, span,
+ *   metric, OpenTelemetry log record, error, table row, blob name or metadata, manifest or pointer, dead letter, or
+ *   CLI output. (Part messages on the parts queue, and the ones the host parks unchanged on the poison queue for
+ *   `requeue`, carry their SAS by design.)
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -32,6 +33,7 @@ import { compareGeneratedTime, latestPath } from '../../src/core/parts.js';
 import { requeuePoisoned } from '../../src/ops/requeue.js';
 import { runIngestion } from '../../src/ops/run.js';
 import type { SimulatedSnapshot } from '../../src/simulator/simulator.js';
+import { captureOpenTelemetry } from '../helpers/otel.js';
 import {
   createApp,
   duplicateQueuedMessages,
@@ -777,6 +779,8 @@ async function sourceMd5(stack: Stack, snap: SimulatedSnapshot | undefined, blob
 
 async function main(): Promise<number> {
   const only = process.argv[2];
+  // What Application Insights would receive goes into each scenario's secret scan too.
+  const openTelemetry = captureOpenTelemetry();
   const stack = await startStack();
   // Every publish gets its own generatedTime unless a scenario names one: scenarios never share a snapshot.
   const publish = stack.simulator.publish.bind(stack.simulator);
@@ -794,6 +798,7 @@ async function main(): Promise<number> {
       const captured: string[] = [];
       const failed: string[] = [];
       const t0 = Date.now();
+      openTelemetry.reset();
       try {
         await scenario.run({
           stack,
@@ -807,6 +812,7 @@ async function main(): Promise<number> {
         captured.push(String((error as Error).stack ?? error));
         failed.push(`threw: ${(error as Error).message}`);
       }
+      captured.push(await openTelemetry.everything());
       const secrets = new Set([...stack.simulator.issuedSecrets, stack.azurite.source.key, stack.azurite.customer.key]);
       for (const app of apps) failed.push(...(await judgeApp(stack, app, secrets, captured)));
       totals.scenarios++;

@@ -1,29 +1,13 @@
-import { metrics, SpanKind, SpanStatusCode, trace } from '@opentelemetry/api';
-import { logs } from '@opentelemetry/api-logs';
-import { InMemoryLogRecordExporter, LoggerProvider, SimpleLogRecordProcessor } from '@opentelemetry/sdk-logs';
-import {
-  AggregationTemporality,
-  InMemoryMetricExporter,
-  MeterProvider,
-  PeriodicExportingMetricReader,
-} from '@opentelemetry/sdk-metrics';
-import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { SpanKind, SpanStatusCode } from '@opentelemetry/api';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SnapshotManifest } from '../../src/core/completion.js';
 import { METRIC_NAMES, SPAN_NAMES } from '../../src/core/observability.js';
 import { renderTraceSummary } from '../../src/local/localTelemetry.js';
+import { captureOpenTelemetry } from '../helpers/otel.js';
 import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
 
-// This file's worker has its own OpenTelemetry globals: an in-memory exporter for spans and one for metrics.
-const spans = new InMemorySpanExporter();
-trace.setGlobalTracerProvider(new BasicTracerProvider({ spanProcessors: [new SimpleSpanProcessor(spans)] }));
-const metricExporter = new InMemoryMetricExporter(AggregationTemporality.CUMULATIVE);
-const reader = new PeriodicExportingMetricReader({ exporter: metricExporter, exportIntervalMillis: 3_600_000 });
-metrics.setGlobalMeterProvider(new MeterProvider({ readers: [reader] }));
-const logRecords = new InMemoryLogRecordExporter();
-logs.setGlobalLoggerProvider(
-  new LoggerProvider({ processors: [new SimpleLogRecordProcessor({ exporter: logRecords })] }),
-);
+// This file's worker has its own OpenTelemetry globals: in-memory exporters for spans, metrics and log records.
+const { spans, logRecords, metricPoints, everything: everythingExported } = captureOpenTelemetry();
 
 let stack: Stack;
 beforeAll(async () => {
@@ -32,22 +16,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await stack?.stop();
 });
-
-async function collectedMetrics() {
-  await reader.forceFlush();
-  const points = new Map<string, { attributes: Record<string, unknown>; value: unknown }[]>();
-  for (const batch of metricExporter.getMetrics()) {
-    for (const scope of batch.scopeMetrics) {
-      for (const metric of scope.metrics) {
-        points.set(
-          metric.descriptor.name,
-          metric.dataPoints.map((p) => ({ attributes: p.attributes as Record<string, unknown>, value: p.value })),
-        );
-      }
-    }
-  }
-  return points;
-}
 
 describe('OpenTelemetry: spans, metrics and log records of a run', () => {
   it('one tick span per export, one copy span per part linked to its tick, metrics and log records equal to the manifests, no secret anywhere', async () => {
@@ -84,7 +52,7 @@ describe('OpenTelemetry: spans, metrics and log records of a run', () => {
     // Every export's snapshot has a completion span that found it complete (a later check may find it complete too).
     expect([...new Set(completions.map((s) => s.attributes.export))].sort()).toEqual([...exportsRun].sort());
 
-    const points = await collectedMetrics();
+    const points = await metricPoints();
     for (const id of exportsRun) {
       const manifest = JSON.parse(
         (
@@ -137,11 +105,7 @@ describe('OpenTelemetry: spans, metrics and log records of a run', () => {
     }
 
     // No SAS signature or token in any span (name, attributes, events, links, status), metric point or log record.
-    const everything = JSON.stringify([
-      finished.map((s) => ({ name: s.name, attributes: s.attributes, events: s.events, status: s.status })),
-      [...points.entries()],
-      logRecords.getFinishedLogRecords().map((r) => ({ body: r.body, attributes: r.attributes })),
-    ]);
+    const everything = await everythingExported();
     expect(stack.simulator.issuedSecrets.size).toBeGreaterThan(10);
     for (const secret of stack.simulator.issuedSecrets) expect(everything).not.toContain(secret);
     expect(everything).not.toMatch(/sig=/);

@@ -1,6 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MdvmError } from '../../src/core/errors.js';
+import { captureOpenTelemetry } from '../helpers/otel.js';
 import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
+
+// What Application Insights would receive (spans, metrics, log records) is scanned like everything else.
+const openTelemetry = captureOpenTelemetry();
 
 let stack: Stack;
 beforeAll(async () => {
@@ -11,7 +15,7 @@ afterAll(async () => {
 });
 
 describe('no SAS signature or token leaves the app', () => {
-  it('captures every log line, error, table row, telemetry event, dead letter and landed blob of a faulty run', async () => {
+  it('captures every log line, error, table row, telemetry event, span, metric, log record, dead letter and landed blob of a faulty run', async () => {
     let failures = 0;
     const app = await createApp(
       stack,
@@ -48,6 +52,13 @@ describe('no SAS signature or token leaves the app', () => {
       await app.runtime.queue.sendMessage(
         Buffer.from(`not json https://a.blob.core.windows.net/c/x?sv=1&sig=${'F'.repeat(40)}`).toString('base64'),
       );
+      // A forged JSON message whose fields (which become span attributes) carry a signature.
+      const forgedSas = `https://a.blob.core.windows.net/c/x?sv=1&sig=${'G'.repeat(40)}`;
+      await app.runtime.queue.sendMessage(
+        Buffer.from(JSON.stringify({ v: 1, export: forgedSas, snapshot: forgedSas, part: forgedSas })).toString(
+          'base64',
+        ),
+      );
       await app.runner.drain();
     }
 
@@ -58,6 +69,11 @@ describe('no SAS signature or token leaves the app', () => {
       ...(await tableRows(app.runtime.storage.snapshotsTable)).map((r) => JSON.stringify(r)),
       ...(await tableRows(app.runtime.storage.partsTable)).map((r) => JSON.stringify(r)),
     ];
+    const exported = await openTelemetry.everything();
+    // The faulty paths reached telemetry: a failed copy's span carries the (redacted) error it threw.
+    expect(openTelemetry.spans.getFinishedSpans().some((s) => s.status.message?.includes('network reset'))).toBe(true);
+    expect(openTelemetry.logRecords.getFinishedLogRecords().length).toBeGreaterThan(20);
+    captured.push(exported);
     const poison = await app.runtime.poisonQueue.peekMessages({ numberOfMessages: 32 });
     captured.push(...poison.peekedMessageItems.map((m) => Buffer.from(m.messageText, 'base64').toString()));
     for await (const blob of app.runtime.landing.listBlobsFlat({ includeMetadata: true })) {
@@ -81,6 +97,7 @@ describe('no SAS signature or token leaves the app', () => {
     for (const secret of stack.simulator.issuedSecrets) expect(text).not.toContain(secret);
     expect(text).not.toMatch(/sig=(?!<redacted>)[A-Za-z0-9%]/);
     expect(text).not.toContain('F'.repeat(40));
+    expect(text).not.toContain('G'.repeat(40));
     expect(text).not.toMatch(/Bearer (?!<redacted>)\S/);
   });
 
