@@ -57,8 +57,11 @@ export function landPart(
         return result;
       } catch (error) {
         const kind = error instanceof MdvmError ? error.kind : 'transient';
-        annotate(span, { outcome: 'retry', 'error.class': kind });
+        // After the last allowed delivery throws, the host moves the message to the poison queue.
+        const outcome = delivery.dequeueCount >= MAX_DEQUEUE_COUNT ? 'dead-lettered' : 'retry';
+        annotate(span, { outcome, 'error.class': kind });
         record.failure(text('export'), kind);
+        if (outcome === 'dead-lettered') record.partOutcome(text('export') ?? 'unknown', outcome);
         throw error;
       }
     },

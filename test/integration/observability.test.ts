@@ -1,6 +1,7 @@
 import { SpanKind, SpanStatusCode } from '@opentelemetry/api';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SnapshotManifest } from '../../src/core/completion.js';
+import { MAX_DEQUEUE_COUNT } from '../../src/core/landPart.js';
 import { METRIC_NAMES, SPAN_NAMES } from '../../src/core/observability.js';
 import { renderTraceSummary } from '../../src/local/localTelemetry.js';
 import { captureOpenTelemetry } from '../helpers/otel.js';
@@ -135,5 +136,50 @@ describe('OpenTelemetry: spans, metrics and log records of a run', () => {
     expect(copies).toHaveLength(texts.length);
     expect(copies.every((s) => s.links.length === 0 && s.attributes.outcome === 'landed')).toBe(true);
     expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'complete' });
+  });
+
+  it('a part given up on after its last delivery counts as dead-lettered, and each failed delivery by its class', async () => {
+    let doomed: string | undefined;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'security-baselines' },
+      {
+        workers: 2,
+        wrapCopier: (real) => ({
+          copy: async (request) => {
+            doomed ??= request.landingPath;
+            if (request.landingPath === doomed) throw new Error('connection reset while copying');
+            return real.copy(request);
+          },
+        }),
+      },
+    );
+    await stack.simulator.publish('security-baselines', { generatedTime: '2026-11-16T08:01:00Z', recordsPerPart: 5 });
+    await app.runner.tick();
+    await app.runner.drain();
+
+    const poisoned = await app.runtime.poisonQueue.peekMessages({ numberOfMessages: 32 });
+    expect(poisoned.peekedMessageItems).toHaveLength(1);
+    const points = await metricPoints();
+    const outcome = (name: string) =>
+      points
+        .get(METRIC_NAMES.partOutcomes)
+        ?.find((p) => p.attributes.export === 'security-baselines' && p.attributes.outcome === name)?.value;
+    expect(outcome('dead-lettered')).toBe(1);
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    const baselineParts = parts.filter((p) => String(p.partitionKey).startsWith('security-baselines'));
+    expect(outcome('landed')).toBe(baselineParts.length - 1);
+    const transient = points
+      .get(METRIC_NAMES.failures)
+      ?.find((p) => p.attributes.export === 'security-baselines' && p.attributes.class === 'transient');
+    expect(transient?.value).toBe(MAX_DEQUEUE_COUNT);
+    const doomedSpans = spans
+      .getFinishedSpans()
+      .filter((s) => s.name === SPAN_NAMES.copy && s.attributes.export === 'security-baselines')
+      .filter((s) => s.attributes.outcome === 'retry' || s.attributes.outcome === 'dead-lettered');
+    expect(doomedSpans.map((s) => s.attributes.outcome)).toEqual([
+      ...Array(MAX_DEQUEUE_COUNT - 1).fill('retry'),
+      'dead-lettered',
+    ]);
   });
 });
