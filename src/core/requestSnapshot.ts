@@ -34,6 +34,10 @@ export interface TickResult {
   readonly partCount: number;
   readonly partsEnqueued: number;
   readonly partsLanded: number;
+  /** Parts whose offered SAS was already dead (marked expired; the next tick asks for fresh URLs). */
+  readonly partsExpired: number;
+  /** Files of Defender's list the tick refused (ADR 0007). */
+  readonly partsRefused: number;
   readonly superseded: readonly string[];
 }
 
@@ -57,6 +61,8 @@ export function requestSnapshot(
       'parts.offered': result.partCount,
       'parts.enqueued': result.partsEnqueued,
       'parts.landed': result.partsLanded,
+      'parts.expired': result.partsExpired,
+      'parts.refused': result.partsRefused,
     });
     return result;
   });
@@ -114,6 +120,8 @@ async function tick(
       partCount: 0,
       partsEnqueued: 0,
       partsLanded: 0,
+      partsExpired: 0,
+      partsRefused: 0,
       superseded: [],
     };
   }
@@ -260,6 +268,8 @@ async function tick(
     partCount: plan.offered.length,
     partsEnqueued: plan.enqueue.length,
     partsLanded: plan.landed.length,
+    partsExpired: plan.expired.length,
+    partsRefused: refused.length,
     superseded,
   };
 }
@@ -305,6 +315,8 @@ function result(outcome: TickOutcome, row: SnapshotRow, enqueued: number, supers
     partCount: row.partCount,
     partsEnqueued: enqueued,
     partsLanded: row.partsLanded,
+    partsExpired: 0,
+    partsRefused: row.partsRefused ?? 0,
     superseded,
   };
 }

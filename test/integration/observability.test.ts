@@ -182,4 +182,25 @@ describe('OpenTelemetry: spans, metrics and log records of a run', () => {
       'dead-lettered',
     ]);
   });
+
+  it('the tick span counts what Defender offered: enqueued, already expired, refused', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
+    const snap = await stack.simulator.publish('hardware-firmware', {
+      generatedTime: '2026-11-16T09:01:00Z',
+      recordsPerPart: 5,
+    });
+    stack.simulator.injectFault('hardware-firmware', { kind: 'expired-sas', parts: 2 });
+    spans.reset();
+    await app.runner.tick();
+    const [tick] = spans.getFinishedSpans().filter((s) => s.name === SPAN_NAMES.tick);
+    expect(snap.parts.length).toBeGreaterThan(2);
+    expect(tick?.attributes).toMatchObject({
+      export: 'hardware-firmware',
+      snapshot: '2026-11-16T0901Z',
+      'parts.offered': snap.parts.length,
+      'parts.enqueued': snap.parts.length - 2,
+      'parts.expired': 2,
+      'parts.refused': 0,
+    });
+  });
 });
