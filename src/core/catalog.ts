@@ -22,6 +22,8 @@ export interface ExportType {
   readonly sasMaxHours: number;
   /** Documented default SAS lifetime when `sasValidHours` is omitted. */
   readonly sasDefaultHours: number;
+  /** The paged JSON sibling (`…ByMachine`), as documented; information gathering has none. */
+  readonly jsonPath?: string;
 }
 
 export const EXPORT_TYPES = [
@@ -29,6 +31,7 @@ export const EXPORT_TYPES = [
     id: 'software-vulnerabilities',
     title: 'Software vulnerabilities',
     apiPath: '/api/machines/SoftwareVulnerabilitiesExport',
+    jsonPath: '/api/machines/SoftwareVulnerabilitiesByMachine',
     blobExportName: 'VaExport',
     permission: 'Vulnerability.Read.All',
     sasMaxHours: 6,
@@ -38,6 +41,7 @@ export const EXPORT_TYPES = [
     id: 'software-inventory',
     title: 'Software inventory (CPE)',
     apiPath: '/api/machines/SoftwareInventoryExport',
+    jsonPath: '/api/machines/SoftwareInventoryByMachine',
     blobExportName: 'SoftwareInventory',
     permission: 'Software.Read.All',
     sasMaxHours: 6,
@@ -47,6 +51,7 @@ export const EXPORT_TYPES = [
     id: 'software-inventory-noncpe',
     title: 'Non-CPE software inventory',
     apiPath: '/api/machines/SoftwareInventoryNonCpeExport',
+    jsonPath: '/api/machines/SoftwareInventoryNoProductCodeByMachine',
     blobExportName: 'NonCpeSoftwareInventory',
     permission: 'Software.Read.All',
     sasMaxHours: 6,
@@ -56,6 +61,7 @@ export const EXPORT_TYPES = [
     id: 'secure-configuration',
     title: 'Secure configuration assessment',
     apiPath: '/api/machines/SecureConfigurationsAssessmentExport',
+    jsonPath: '/api/machines/SecureConfigurationsAssessmentByMachine',
     blobExportName: 'ScaExport',
     permission: 'Vulnerability.Read.All',
     sasMaxHours: 6,
@@ -65,6 +71,7 @@ export const EXPORT_TYPES = [
     id: 'security-baselines',
     title: 'Security baselines assessment',
     apiPath: '/api/machines/BaselineComplianceAssessmentExport',
+    jsonPath: '/api/machines/baselineComplianceAssessmentByMachine',
     blobExportName: 'BaselineAssessmentExport',
     permission: 'SecurityBaselinesAssessment.Read.All',
     sasMaxHours: 6,
@@ -74,6 +81,7 @@ export const EXPORT_TYPES = [
     id: 'certificates',
     title: 'Certificate inventory',
     apiPath: '/api/machines/certificateAssessmentExport',
+    jsonPath: '/api/machines/certificateAssessmentByMachine',
     blobExportName: 'CertificateAssessmentExport',
     permission: 'Vulnerability.Read.All',
     sasMaxHours: 24,
@@ -83,6 +91,7 @@ export const EXPORT_TYPES = [
     id: 'hardware-firmware',
     title: 'Hardware and firmware inventory',
     apiPath: '/api/machines/HardwareFirmwareInventoryExport',
+    jsonPath: '/api/machines/HardwareFirmwareInventoryByMachine',
     blobExportName: 'FirmwareHardwareExport',
     permission: 'Software.Read.All',
     sasMaxHours: 6,
@@ -92,6 +101,7 @@ export const EXPORT_TYPES = [
     id: 'browser-extensions',
     title: 'Browser extensions inventory',
     apiPath: '/api/machines/browserextensionsinventoryExport',
+    jsonPath: '/api/Machines/BrowserExtensionsInventoryByMachine',
     blobExportName: 'BrowserExtensions',
     permission: 'Software.Read.All',
     sasMaxHours: 6,
@@ -128,6 +138,35 @@ export function getExportType(id: ExportId): CatalogEntry {
   if (!type) throw new Error(`unknown export type '${id}'`);
   return type;
 }
+
+/** The export types that can also be read as paged JSON (`MDVM_JSON_EXPORTS`). */
+export const JSON_EXPORT_IDS: readonly ExportId[] = EXPORT_TYPES.filter((t) => 'jsonPath' in t).map((t) => t.id);
+
+/**
+ * The software-vulnerability delta (`SoftwareVulnerabilityChangesByMachine`): JSON only, `sinceTime` at most 14
+ * days back, produced in 6-hour slices. Landed under its own export id, beside the full snapshots.
+ */
+export const DELTA_EXPORT = {
+  id: 'software-vulnerabilities-delta',
+  title: 'Software vulnerability changes (delta)',
+  apiPath: '/api/machines/SoftwareVulnerabilityChangesByMachine',
+  permission: 'Vulnerability.Read.All',
+  /** The full export whose snapshot a delta continues from. */
+  fullExportId: 'software-vulnerabilities',
+  maxLookbackInMs: 14 * 24 * 3_600_000,
+  sliceInMs: 6 * 3_600_000,
+} as const satisfies { permission: DefenderPermission; fullExportId: ExportId } & Record<string, unknown>;
+
+/** Title of any landed export id, the delta included (manifests carry it). */
+export function exportTitle(id: string): string {
+  return id === DELTA_EXPORT.id ? DELTA_EXPORT.title : (byId.get(id)?.title ?? id);
+}
+
+/** Documented paged-JSON and delta call budget, per endpoint. */
+export const JSON_CALLS_PER_MINUTE = 30;
+export const JSON_CALLS_PER_HOUR = 1000;
+/** Largest documented `pageSize` of the JSON and delta endpoints (default 50,000). */
+export const MAX_PAGE_SIZE = 200_000;
 
 /** Documented via-files call budget, per endpoint. */
 export const VIA_FILES_CALLS_PER_MINUTE = 5;

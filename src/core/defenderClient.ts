@@ -1,9 +1,16 @@
+import type { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TokenCredential } from '@azure/identity';
 import { type Dispatcher, request } from 'undici';
 import { z } from 'zod';
 import { CallBudget } from './callBudget.js';
-import type { ExportType } from './catalog.js';
+import {
+  type ExportType,
+  JSON_CALLS_PER_HOUR,
+  JSON_CALLS_PER_MINUTE,
+  VIA_FILES_CALLS_PER_HOUR,
+  VIA_FILES_CALLS_PER_MINUTE,
+} from './catalog.js';
 import { errorMessage, isNetworkError, MdvmError } from './errors.js';
 import { inHttpSpan, record } from './observability.js';
 
@@ -28,6 +35,8 @@ export interface DefenderExportClientOptions {
   retryBaseDelayInMs?: number;
   /** Shared per-endpoint budget; one per process keeps every caller within the documented limits. */
   callBudget?: CallBudget;
+  /** The same for the paged JSON and delta endpoints (30 calls/minute, 1,000/hour). */
+  pagedCallBudget?: CallBudget;
   dispatcher?: Dispatcher;
 }
 
@@ -39,6 +48,12 @@ export interface GetExportFilesOptions {
 }
 
 const processBudget = new CallBudget();
+const processPagedBudget = new CallBudget([
+  { limit: JSON_CALLS_PER_MINUTE, windowInMs: 60_000 },
+  { limit: JSON_CALLS_PER_HOUR, windowInMs: 3_600_000 },
+]);
+const VIA_FILES_BUDGET = `${VIA_FILES_CALLS_PER_MINUTE}/min, ${VIA_FILES_CALLS_PER_HOUR}/h`;
+const JSON_BUDGET = `${JSON_CALLS_PER_MINUTE}/min, ${JSON_CALLS_PER_HOUR}/h`;
 
 /**
  * Client for the Defender "export assessment via files" endpoints, in the Azure SDK style:
@@ -61,6 +76,7 @@ export class DefenderExportClient {
       maxRetryWaitInMs: options.maxRetryWaitInMs ?? 90_000,
       retryBaseDelayInMs: options.retryBaseDelayInMs ?? 1_000,
       callBudget: options.callBudget ?? processBudget,
+      pagedCallBudget: options.pagedCallBudget ?? processPagedBudget,
       ...(options.dispatcher ? { dispatcher: options.dispatcher } : {}),
     };
   }
@@ -70,55 +86,110 @@ export class DefenderExportClient {
     if (options.sasValidHours !== undefined) {
       url.searchParams.set('sasValidHours', String(Math.min(options.sasValidHours, exportType.sasMaxHours)));
     }
-    const budgetKey = `${this.endpoint}${exportType.apiPath}`.toLowerCase();
+    return this.call(
+      url,
+      {
+        what: exportType.apiPath,
+        permission: exportType.permission,
+        metricsExport: exportType.id,
+        budget: this.options.callBudget,
+        budgetText: VIA_FILES_BUDGET,
+      },
+      options,
+      async (response) => parseExportFiles(await response.body.text(), exportType),
+    );
+  }
+
+  /**
+   * One page of a paged JSON endpoint (`…ByMachine`, the delta): the response body as a stream, for the caller to
+   * scan (ODataRecordsTransform) without holding the page. `url` is the first page's or an `@odata.nextLink`,
+   * followed verbatim; it must be on the API's own origin, since the request carries the token.
+   */
+  async openPage(
+    url: URL,
+    what: { path: string; exportId: string; permission: string },
+    options: GetExportFilesOptions = {},
+  ): Promise<Readable> {
+    if (url.origin !== new URL(this.endpoint).origin) {
+      throw new MdvmError(
+        'invalid-input',
+        `${what.path}: the next page is on ${url.origin}, not on the Defender API (${new URL(this.endpoint).origin}); the token is never sent there`,
+      );
+    }
+    return this.call(
+      url,
+      {
+        what: what.path,
+        permission: what.permission,
+        metricsExport: what.exportId,
+        budget: this.options.pagedCallBudget,
+        budgetText: JSON_BUDGET,
+      },
+      options,
+      async (response) => response.body,
+    );
+  }
+
+  /** One GET with the token, the call budget and retries by error class; `read` takes the 200 response. */
+  private async call<T>(
+    url: URL,
+    endpoint: { what: string; permission: string; metricsExport: string; budget: CallBudget; budgetText: string },
+    options: GetExportFilesOptions,
+    read: (response: Dispatcher.ResponseData) => Promise<T>,
+  ): Promise<T> {
+    const budgetKey = `${url.origin}${url.pathname}`.toLowerCase();
     for (let attempt = 0; ; attempt++) {
-      const budgetWait = this.options.callBudget.waitInMs(budgetKey);
+      const budgetWait = endpoint.budget.waitInMs(budgetKey);
       if (budgetWait > this.options.maxRetryWaitInMs) {
         throw new MdvmError(
           'rate-limited',
-          `${exportType.apiPath}: the documented call budget (5/min, 20/h) is used up for the next ${Math.ceil(budgetWait / 1000)} s`,
+          `${endpoint.what}: the documented call budget (${endpoint.budgetText}) is used up for the next ${Math.ceil(budgetWait / 1000)} s`,
           { retryAfterInMs: budgetWait },
         );
       }
       if (budgetWait > 0) await sleep(budgetWait, undefined, { signal: options.abortSignal });
       const token = await this.getToken(options.abortSignal);
-      this.options.callBudget.record(budgetKey);
+      endpoint.budget.record(budgetKey);
 
       let failure: MdvmError;
       try {
-        const response = await inHttpSpan('GET', url, { export: exportType.id, attempt: attempt + 1 }, async () => {
-          const answer = await request(url, {
-            method: 'GET',
-            headers: { authorization: `Bearer ${token}`, accept: 'application/json' },
-            headersTimeout: this.options.timeoutInMs,
-            bodyTimeout: this.options.timeoutInMs,
-            ...(options.abortSignal ? { signal: options.abortSignal } : {}),
-            ...(this.options.dispatcher ? { dispatcher: this.options.dispatcher } : {}),
-          });
-          return { statusCode: answer.statusCode, headers: answer.headers, text: await answer.body.text() };
-        });
-        const text = response.text;
-        record.defenderCall(exportType.id, response.statusCode);
-        if (response.statusCode === 200) return parseExportFiles(text, exportType);
-        failure = classifyDefenderResponse(response.statusCode, text, response.headers, exportType);
+        const response = await inHttpSpan(
+          'GET',
+          url,
+          { export: endpoint.metricsExport, attempt: attempt + 1 },
+          async () => {
+            const answer = await request(url, {
+              method: 'GET',
+              headers: { authorization: `Bearer ${token}`, accept: 'application/json' },
+              headersTimeout: this.options.timeoutInMs,
+              bodyTimeout: this.options.timeoutInMs,
+              ...(options.abortSignal ? { signal: options.abortSignal } : {}),
+              ...(this.options.dispatcher ? { dispatcher: this.options.dispatcher } : {}),
+            });
+            return answer;
+          },
+        );
+        record.defenderCall(endpoint.metricsExport, response.statusCode);
+        if (response.statusCode === 200) return await read(response);
+        failure = classifyDefenderResponse(response.statusCode, await response.body.text(), response.headers, endpoint);
       } catch (error) {
         if (error instanceof MdvmError) throw error;
-        record.defenderCall(exportType.id, undefined);
+        record.defenderCall(endpoint.metricsExport, undefined);
         if (options.abortSignal?.aborted) {
           throw new MdvmError(
             'transient',
-            `${exportType.apiPath}: stopped waiting for Defender (interrupted or out of time)`,
+            `${endpoint.what}: stopped waiting for Defender (interrupted or out of time)`,
             {
               cause: error,
             },
           );
         }
         if (!isNetworkError(error)) {
-          throw new MdvmError('transient', `${exportType.apiPath}: request failed: ${errorMessage(error)}`, {
+          throw new MdvmError('transient', `${endpoint.what}: request failed: ${errorMessage(error)}`, {
             cause: error,
           });
         }
-        failure = new MdvmError('transient', `${exportType.apiPath}: network error: ${errorMessage(error)}`, {
+        failure = new MdvmError('transient', `${endpoint.what}: network error: ${errorMessage(error)}`, {
           cause: error,
         });
       }
@@ -174,11 +245,11 @@ function classifyDefenderResponse(
   statusCode: number,
   body: string,
   headers: Record<string, string | string[] | undefined>,
-  exportType: ExportType,
+  endpoint: { what: string; permission: string },
 ): MdvmError {
-  const { code, target } = parseErrorBody(body);
+  const { code, target, message } = parseErrorBody(body);
   const ref = `${code ? ` ${code}` : ''}${target ? `, target ${target}` : ''}`;
-  const where = exportType.apiPath;
+  const where = endpoint.what;
   if (statusCode === 401) {
     return new MdvmError(
       'forbidden',
@@ -189,7 +260,7 @@ function classifyDefenderResponse(
   if (statusCode === 403) {
     return new MdvmError(
       'forbidden',
-      `${where}: 403 Forbidden${ref}: the identity lacks the WindowsDefenderATP application permission '${exportType.permission}' (grant it with admin consent; see README "Defender API permissions")`,
+      `${where}: 403 Forbidden${ref}: the identity lacks the WindowsDefenderATP application permission '${endpoint.permission}' (grant it with admin consent; see README "Defender API permissions")`,
       { statusCode },
     );
   }
@@ -202,15 +273,21 @@ function classifyDefenderResponse(
   if (statusCode >= 500 || statusCode === 408) {
     return new MdvmError('transient', `${where}: ${statusCode} server error${ref}`, { statusCode });
   }
+  if (statusCode === 400) {
+    return new MdvmError('fatal', `${where}: 400 Bad Request${ref}${message ? `: ${message.slice(0, 300)}` : ''}`, {
+      statusCode,
+    });
+  }
   return new MdvmError('fatal', `${where}: unexpected ${statusCode}${ref}`, { statusCode });
 }
 
-function parseErrorBody(body: string): { code?: string; target?: string } {
+function parseErrorBody(body: string): { code?: string; target?: string; message?: string } {
   try {
-    const parsed = JSON.parse(body) as { error?: { code?: unknown; target?: unknown } };
+    const parsed = JSON.parse(body) as { error?: { code?: unknown; target?: unknown; message?: unknown } };
     const code = typeof parsed.error?.code === 'string' ? parsed.error.code : undefined;
     const target = typeof parsed.error?.target === 'string' ? parsed.error.target : undefined;
-    return { ...(code ? { code } : {}), ...(target ? { target } : {}) };
+    const message = typeof parsed.error?.message === 'string' ? parsed.error.message : undefined;
+    return { ...(code ? { code } : {}), ...(target ? { target } : {}), ...(message ? { message } : {}) };
   } catch {
     return {};
   }
