@@ -8,8 +8,20 @@ import {
   generateBlobSASQueryParameters,
   StorageSharedKeyCredential,
 } from '@azure/storage-blob';
-import { DEFENDER_PERMISSIONS, EXPORT_TYPES, type ExportId, type ExportType, getExportType } from '../core/catalog.js';
+import {
+  DEFENDER_PERMISSIONS,
+  DELTA_EXPORT,
+  EXPORT_TYPES,
+  type ExportId,
+  type ExportType,
+  getExportType,
+  JSON_CALLS_PER_HOUR,
+  JSON_CALLS_PER_MINUTE,
+  VIA_FILES_CALLS_PER_HOUR,
+  VIA_FILES_CALLS_PER_MINUTE,
+} from '../core/catalog.js';
 import { runBounded } from '../core/concurrency.js';
+import { type DeltaSlice, PagedEndpoints, type PageFault, timePathOf } from './pagedEndpoints.js';
 import { generateRecords, seededRng } from './records.js';
 
 /**
@@ -31,6 +43,8 @@ export interface SimulatedPart {
   readonly bytes: number;
   readonly md5: string;
   readonly records: number;
+  /** How its lines were generated: the JSON endpoints page through the same records. */
+  readonly generator: { readonly seed: string; readonly rbacGroupId: number };
 }
 
 export interface SimulatedSnapshot {
@@ -109,6 +123,7 @@ export class DefenderSimulator {
   private readonly calls = new Map<string, number[]>();
   private readonly blobService: BlobServiceClient;
   private readonly sharedKey: StorageSharedKeyCredential;
+  private readonly paged: PagedEndpoints;
 
   private constructor(
     private readonly server: Server,
@@ -118,6 +133,33 @@ export class DefenderSimulator {
     this.roles = new Set(options.roles ?? ALL_ROLES);
     this.sharedKey = new StorageSharedKeyCredential(options.source.name, options.source.key);
     this.blobService = new BlobServiceClient(options.source.blobEndpoint, this.sharedKey);
+    this.paged = new PagedEndpoints(baseUrl, options.seed ?? 'mdvm', (exportId, timePath) =>
+      timePath === undefined
+        ? this.snapshots.get(exportId)
+        : [...this.history.values()].find((s) => s.exportId === exportId && timePathOf(s.generatedTime) === timePath),
+    );
+  }
+
+  /** Publish one 6-hour slice of the software-vulnerability delta. */
+  publishDeltaSlice(slice: DeltaSlice): void {
+    this.paged.publishDeltaSlice(slice);
+  }
+
+  /** Every record of a published delta slice, as the delta endpoint serves it (the tests' source of truth). */
+  deltaRecordsOf(slice: DeltaSlice): string[] {
+    return this.paged.deltaLines(slice);
+  }
+
+  /**
+   * A fault on a paged JSON endpoint: `target` is an export id (its `…ByMachine`) or the delta's id; it hits after
+   * `afterPages` more pages were served normally, `times` times.
+   */
+  injectPageFault(
+    target: ExportId | typeof DELTA_EXPORT.id,
+    fault: PageFault,
+    options: { afterPages?: number; times?: number } = {},
+  ): void {
+    this.paged.injectFault(target, fault, options);
   }
 
   static async start(options: SimulatorOptions): Promise<DefenderSimulator> {
@@ -228,6 +270,7 @@ export class DefenderSimulator {
         bytes: body.length,
         md5: createHash('md5').update(body).digest('base64'),
         records: file.records,
+        generator: { seed: `${seed}/${file.relativePath}`, rbacGroupId: file.rbacGroupId },
       };
     });
     const snapshot: SimulatedSnapshot = { exportId, generatedTime, container, prefix, parts };
@@ -272,8 +315,12 @@ export class DefenderSimulator {
       return send(200, { access_token: token, expires_on: String(expiresOn), resource, token_type: 'Bearer' });
     }
 
-    const type = EXPORT_TYPES.find((t) => t.apiPath.toLowerCase() === url.pathname.toLowerCase());
-    if (!type || req.method !== 'GET')
+    const path = url.pathname.toLowerCase();
+    const type = EXPORT_TYPES.find((t) => t.apiPath.toLowerCase() === path);
+    const jsonType = EXPORT_TYPES.find((t) => 'jsonPath' in t && t.jsonPath.toLowerCase() === path);
+    const delta = path === DELTA_EXPORT.apiPath.toLowerCase();
+    const permission = type?.permission ?? jsonType?.permission ?? (delta ? DELTA_EXPORT.permission : undefined);
+    if (!permission || req.method !== 'GET')
       return error(404, 'ResourceNotFound', `no route for ${req.method} ${url.pathname}`);
 
     const auth = req.headers.authorization ?? '';
@@ -281,14 +328,23 @@ export class DefenderSimulator {
     const expiry = this.tokens.get(token);
     if (expiry === undefined || expiry < Date.now())
       return error(401, 'Unauthorized', 'missing, invalid or expired token');
-    if (!this.roles.has(type.permission)) {
-      return error(403, 'Forbidden', `the application lacks the ${type.permission} permission`);
+    if (!this.roles.has(permission)) {
+      return error(403, 'Forbidden', `the application lacks the ${permission} permission`);
     }
 
     if (this.options.enforceRateLimits !== false) {
-      const wait = this.rateLimitWaitInSeconds(type);
+      const wait = type
+        ? this.rateLimitWaitInSeconds(type.id, VIA_FILES_CALLS_PER_MINUTE, VIA_FILES_CALLS_PER_HOUR)
+        : this.rateLimitWaitInSeconds(`json:${path}`, JSON_CALLS_PER_MINUTE, JSON_CALLS_PER_HOUR);
       if (wait > 0) return error(429, 'TooManyRequests', 'API call quota exceeded', { 'retry-after': String(wait) });
     }
+    // The paged JSON endpoints answer as they stream; the request is logged when the answer starts.
+    if (jsonType || delta) {
+      res.on('finish', () => this.requests.push({ method: 'GET', path: url.pathname, status: res.statusCode }));
+      if (delta) return this.paged.serveDelta(url, res, error, Date.now());
+      if (jsonType) return this.paged.serveSnapshot(jsonType, url, res, error);
+    }
+    if (!type) return error(404, 'ResourceNotFound', `no route for ${req.method} ${url.pathname}`);
 
     const hours = this.sasHours(type, url.searchParams.get('sasValidHours'));
     if (hours === undefined) {
@@ -346,15 +402,17 @@ export class DefenderSimulator {
     return hours >= 1 && hours <= type.sasMaxHours ? hours : undefined;
   }
 
-  private rateLimitWaitInSeconds(type: ExportType): number {
+  private rateLimitWaitInSeconds(key: string, perMinute: number, perHour: number): number {
     const now = Date.now();
-    const history = (this.calls.get(type.id) ?? []).filter((t) => t > now - 3_600_000);
+    const history = (this.calls.get(key) ?? []).filter((t) => t > now - 3_600_000);
     const lastMinute = history.filter((t) => t > now - 60_000);
     let wait = 0;
-    if (lastMinute.length >= 5) wait = Math.max(wait, (lastMinute[lastMinute.length - 5] ?? now) + 60_000 - now);
-    if (history.length >= 20) wait = Math.max(wait, (history[history.length - 20] ?? now) + 3_600_000 - now);
+    if (lastMinute.length >= perMinute) {
+      wait = Math.max(wait, (lastMinute[lastMinute.length - perMinute] ?? now) + 60_000 - now);
+    }
+    if (history.length >= perHour) wait = Math.max(wait, (history[history.length - perHour] ?? now) + 3_600_000 - now);
     if (wait === 0) history.push(now);
-    this.calls.set(type.id, history);
+    this.calls.set(key, history);
     return Math.ceil(wait / 1000);
   }
 
