@@ -6,7 +6,7 @@
  */
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import ora from 'ora';
-import type { ExportId } from '../core/catalog.js';
+import { DELTA_EXPORT, type LandedExportId, landedExports } from '../core/catalog.js';
 import { ConfigError, loadConfig, parseExportList } from '../core/config.js';
 import { errorMessage, isStorageCondition } from '../core/errors.js';
 import { redact } from '../core/redact.js';
@@ -27,15 +27,19 @@ interface GlobalOptions {
 const out = (line = '') => process.stdout.write(`${redact(line)}\n`);
 const err = (line: string) => process.stderr.write(`${redact(line)}\n`);
 
-/** The same parser as MDVM_EXPORTS. */
-function exportList(value: string): ExportId[] {
-  const parsed = parseExportList(value);
-  if ('problem' in parsed) throw new InvalidArgumentError(parsed.problem);
-  return parsed.exports;
+/** The same parser as MDVM_EXPORTS, which also takes the delta's id. */
+function exportList(value: string): LandedExportId[] {
+  const items = value.split(',').map((x) => x.trim());
+  const delta = items.includes(DELTA_EXPORT.id);
+  const rest = items.filter((x) => x !== DELTA_EXPORT.id);
+  if (delta && rest.every((x) => x === '')) return [DELTA_EXPORT.id];
+  const parsed = parseExportList(rest.join(','));
+  if ('problem' in parsed) throw new InvalidArgumentError(`${parsed.problem}, or ${DELTA_EXPORT.id}`);
+  return [...parsed.exports, ...(delta ? [DELTA_EXPORT.id] : [])];
 }
 
-function exportId(value: string): ExportId {
-  return exportList(value)[0] as ExportId;
+function exportId(value: string): LandedExportId {
+  return exportList(value)[0] as LandedExportId;
 }
 
 function positiveInt(name: string) {
@@ -62,9 +66,12 @@ async function createMissing(runtime: Runtime): Promise<void> {
   });
 }
 
-async function runCommand(global: GlobalOptions, options: { exports?: ExportId[]; workers: number; timeoutS: number }) {
+async function runCommand(
+  global: GlobalOptions,
+  options: { exports?: LandedExportId[]; workers: number; timeoutS: number },
+) {
   const runtime = openRuntime(global);
-  const exports = options.exports ?? [...runtime.config.exports];
+  const exports = options.exports ?? landedExports(runtime.config);
   await createMissing(runtime);
   const controller = new AbortController();
   let interrupts = 0;
@@ -139,7 +146,7 @@ async function main(argv: string[]): Promise<number> {
     .addOption(
       new Option('--timeout-s <seconds>', 'give up after this long').argParser(positiveInt('--timeout-s')).default(600),
     )
-    .action(async (options: { exports?: ExportId[]; workers: number; timeoutS: number }) => {
+    .action(async (options: { exports?: LandedExportId[]; workers: number; timeoutS: number }) => {
       code = await runCommand(global(), options);
     });
 
@@ -149,7 +156,7 @@ async function main(argv: string[]): Promise<number> {
     .option('--json', 'print the documented JSON shape')
     .action(async (options: { json?: boolean }) => {
       const runtime = openRuntime(global());
-      const report = await exportStatus(runtime, runtime.config.exports);
+      const report = await exportStatus(runtime, landedExports(runtime.config));
       out(options.json ? JSON.stringify(report, null, 2) : renderStatus(report));
       code = report.exports.every((e) => e.status === 'complete') ? 0 : 1;
     });
@@ -161,10 +168,10 @@ async function main(argv: string[]): Promise<number> {
     .option('--snapshot <id>', 'only this snapshot, e.g. 2026-11-22T1801Z')
     .option('--deep', 're-hash every landed blob instead of trusting its stored MD5')
     .option('--json', 'print the documented JSON shape')
-    .action(async (options: { export?: ExportId; snapshot?: string; deep?: boolean; json?: boolean }) => {
+    .action(async (options: { export?: LandedExportId; snapshot?: string; deep?: boolean; json?: boolean }) => {
       const runtime = openRuntime(global());
       const report = await verifyLanding(runtime, {
-        exports: options.export ? [options.export] : runtime.config.exports,
+        exports: options.export ? [options.export] : landedExports(runtime.config),
         ...(options.snapshot ? { snapshot: options.snapshot } : {}),
         ...(options.deep ? { deep: true } : {}),
       });
@@ -184,7 +191,7 @@ async function main(argv: string[]): Promise<number> {
     .addOption(new Option('--export <id>', 'only messages of this export type').argParser(exportId))
     .option('--dry-run', 'report what would move, move nothing')
     .option('--json', 'print the documented JSON shape')
-    .action(async (options: { export?: ExportId; dryRun?: boolean; json?: boolean }) => {
+    .action(async (options: { export?: LandedExportId; dryRun?: boolean; json?: boolean }) => {
       const runtime = openRuntime(global());
       const report = await requeuePoisoned(runtime, {
         ...(options.export ? { exportId: options.export } : {}),

@@ -1,4 +1,9 @@
-import { VIA_FILES_CALLS_PER_HOUR, VIA_FILES_CALLS_PER_MINUTE } from './catalog.js';
+import {
+  JSON_CALLS_PER_HOUR,
+  JSON_CALLS_PER_MINUTE,
+  VIA_FILES_CALLS_PER_HOUR,
+  VIA_FILES_CALLS_PER_MINUTE,
+} from './catalog.js';
 
 /**
  * Sliding-window call budget per endpoint (documented: 5 calls/minute and 20 calls/hour for every
@@ -39,4 +44,12 @@ export class CallBudget {
     this.calls.set(endpoint, history);
     return history;
   }
+}
+
+/** The budget of the paged JSON and delta endpoints: 30 calls/minute and 1,000/hour each. */
+export function pagedCallBudget(): CallBudget {
+  return new CallBudget([
+    { limit: JSON_CALLS_PER_MINUTE, windowInMs: 60_000 },
+    { limit: JSON_CALLS_PER_HOUR, windowInMs: 3_600_000 },
+  ]);
 }

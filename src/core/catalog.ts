@@ -157,6 +157,14 @@ export const DELTA_EXPORT = {
   sliceInMs: 6 * 3_600_000,
 } as const satisfies { permission: DefenderPermission; fullExportId: ExportId } & Record<string, unknown>;
 
+/** Every export id the app lands: the nine via-files types and the delta. */
+export type LandedExportId = ExportId | typeof DELTA_EXPORT.id;
+
+/** What the app runs with these settings: the exports in MDVM_EXPORTS, and the delta when it is on. */
+export function landedExports(config: { exports: readonly ExportId[]; delta: unknown }): LandedExportId[] {
+  return [...config.exports, ...(config.delta ? [DELTA_EXPORT.id] : [])];
+}
+
 /** Title of any landed export id, the delta included (manifests carry it). */
 export function exportTitle(id: string): string {
   return id === DELTA_EXPORT.id ? DELTA_EXPORT.title : (byId.get(id)?.title ?? id);

@@ -1,4 +1,4 @@
-import { type ExportId, getExportType } from './catalog.js';
+import { exportTitle } from './catalog.js';
 import {
   contractProblems,
   type LatestPointer,
@@ -28,7 +28,7 @@ const JSON_HEADERS = { blobContentType: 'application/json; charset=utf-8' };
 export async function completeSnapshotIfReady(
   runtime: Runtime,
   telemetry: Telemetry,
-  exportId: ExportId,
+  exportId: string,
   generatedTime: string,
 ): Promise<boolean> {
   const snapshot = await runtime.store.getSnapshot(exportId, generatedTime);
@@ -215,10 +215,14 @@ function buildManifest(snapshot: SnapshotRow, landed: PartRow[], now: Date): Sna
   return {
     v: 1,
     export: snapshot.exportId,
-    exportTitle: getExportType(snapshot.exportId as ExportId).title,
+    exportTitle: exportTitle(snapshot.exportId),
     snapshot: snapshot.snapshotId,
     generatedTime: snapshot.generatedTime,
     completedAt: now.toISOString(),
+    mode: snapshot.mode ?? 'files',
+    ...(snapshot.mode === 'delta' && snapshot.since
+      ? { window: { since: snapshot.since, until: snapshot.generatedTime } }
+      : {}),
     totals: {
       parts: parts.length,
       bytes: parts.reduce((sum, p) => sum + p.bytes, 0),

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { EXPORT_IDS, type ExportId, isExportId } from './catalog.js';
+import { EXPORT_IDS, type ExportId, isExportId, JSON_EXPORT_IDS, MAX_PAGE_SIZE } from './catalog.js';
 
 /**
  * Every setting the app reads, parsed once. The names are app-setting names (what you put in
@@ -151,6 +151,27 @@ const exportsList = z
     return z.NEVER;
   });
 
+const jsonExportsList = z
+  .string()
+  .default('')
+  .transform((s, ctx): ExportId[] => {
+    if (s.trim() === '') return [];
+    const parsed = parseExportList(s);
+    if (!('exports' in parsed)) {
+      ctx.addIssue({ code: 'custom', message: parsed.problem });
+      return z.NEVER;
+    }
+    const noJson = parsed.exports.filter((id) => !JSON_EXPORT_IDS.includes(id));
+    if (noJson.length > 0) {
+      ctx.addIssue({
+        code: 'custom',
+        message: `${noJson.join(', ')} has no paged JSON endpoint; JSON mode is for: ${JSON_EXPORT_IDS.join(', ')}`,
+      });
+      return z.NEVER;
+    }
+    return parsed.exports;
+  });
+
 export const settingsSchema = z
   .object({
     // Runtime storage (queue + manifest tables): a connection string, or identity-based service URIs.
@@ -181,6 +202,10 @@ export const settingsSchema = z
     MDVM_PARTS_TABLE: tableName.default('parts'),
     MDVM_ENQUEUE_CONCURRENCY: intSetting(16, 1, 64),
     MDVM_MAX_PARTS_PER_SNAPSHOT: intSetting(20_000, 1, 100_000),
+    // The other two ways Defender serves the data
+    MDVM_JSON_EXPORTS: jsonExportsList,
+    MDVM_JSON_PAGE_SIZE: intSetting(MAX_PAGE_SIZE, 1, MAX_PAGE_SIZE),
+    MDVM_DELTA_SCHEDULE: schedule.optional(),
     // Security
     MDVM_SOURCE_HOST_ALLOWLIST: hostPatterns.default(['*.blob.core.windows.net']),
     MDVM_ALLOW_LOOPBACK: booleanSetting(false),
@@ -196,6 +221,14 @@ export const settingsSchema = z
     AZURE_CLIENT_ID: z.string().optional(),
   })
   .superRefine((s, ctx) => {
+    const notRun = s.MDVM_JSON_EXPORTS.filter((id) => !s.MDVM_EXPORTS.includes(id));
+    if (notRun.length > 0) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['MDVM_JSON_EXPORTS'],
+        message: `${notRun.join(', ')} is not in MDVM_EXPORTS, so nothing would read it`,
+      });
+    }
     const hasConn = s.AzureWebJobsStorage !== undefined;
     const hasUris =
       s.AzureWebJobsStorage__queueServiceUri !== undefined || s.AzureWebJobsStorage__tableServiceUri !== undefined;
@@ -309,6 +342,12 @@ export type StorageEndpoint =
 export interface AppConfig {
   readonly exports: readonly ExportId[];
   readonly schedule: string;
+  /** Exports read through their paged JSON endpoint instead of via files (a subset of `exports`). */
+  readonly jsonExports: readonly ExportId[];
+  /** `pageSize` asked of the JSON and delta endpoints. */
+  readonly pageSize: number;
+  /** The software-vulnerability delta, when MDVM_DELTA_SCHEDULE turns it on. */
+  readonly delta: { readonly schedule: string } | undefined;
   readonly defender: {
     readonly baseUrl: string;
     readonly scope: string;
@@ -367,6 +406,9 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
   return {
     exports: s.MDVM_EXPORTS,
     schedule: s.MDVM_SCHEDULE,
+    jsonExports: s.MDVM_JSON_EXPORTS,
+    pageSize: s.MDVM_JSON_PAGE_SIZE,
+    delta: s.MDVM_DELTA_SCHEDULE === undefined ? undefined : { schedule: s.MDVM_DELTA_SCHEDULE },
     defender: {
       baseUrl: s.MDVM_DEFENDER_API_BASE_URL.replace(/\/+$/, ''),
       scope: s.MDVM_DEFENDER_TOKEN_SCOPE,

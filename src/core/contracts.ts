@@ -15,6 +15,11 @@ const clearableText = z.string().optional();
 export const SNAPSHOT_STATUSES = ['requested', 'copying', 'complete', 'superseded', 'failed'] as const;
 export const PART_STATUSES = ['queued', 'landed', 'expired', 'failed'] as const;
 export const VERIFICATIONS = ['md5', 'length'] as const;
+/**
+ * How a snapshot was read from Defender: `files` (via files, copied part by part), `json` (the paged `…ByMachine`
+ * endpoint, one landed part per page) or `delta` (the software-vulnerability changes of a window).
+ */
+export const READ_MODES = ['files', 'json', 'delta'] as const;
 
 /** `snapshots` table: PartitionKey = export id, RowKey = generatedTime (canonical ISO, sortable). */
 export const snapshotRowSchema = z
@@ -35,6 +40,14 @@ export const snapshotRowSchema = z
     manifestPath: z.string().min(1).optional(),
     supersededBy: isoTime.optional(),
     lastError: clearableText,
+    /** Absent: files. */
+    mode: z.enum(READ_MODES).optional(),
+    /** Paged reads: the URL of the next page to land ('' once the last page is in). */
+    cursor: clearableText,
+    /** Delta: the window's start (the `sinceTime` asked for); the window ends at generatedTime. */
+    since: isoTime.optional(),
+    /** Delta: where the next window starts once this one is complete (the watermark). */
+    nextSince: isoTime.optional(),
   })
   .describe('A row of the snapshots table: PartitionKey = exportId, RowKey = generatedTime.');
 
@@ -90,6 +103,10 @@ export const manifestSchema = z
     snapshot: z.string().min(1),
     generatedTime: isoTime,
     completedAt: isoTime,
+    /** How the data was read from Defender (absent in manifests written before JSON mode: files). */
+    mode: z.enum(READ_MODES).optional(),
+    /** Delta windows: the changes from `since` (Defender's sinceTime) up to `until` (when the read began). */
+    window: z.object({ since: isoTime, until: isoTime }).optional(),
     totals: z.object({ parts: count, bytes: count, records: count.nullable() }),
     parts: z.array(manifestPartSchema),
   })

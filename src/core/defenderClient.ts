@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { TokenCredential } from '@azure/identity';
 import { type Dispatcher, request } from 'undici';
 import { z } from 'zod';
-import { CallBudget } from './callBudget.js';
+import { CallBudget, pagedCallBudget } from './callBudget.js';
 import {
   type ExportType,
   JSON_CALLS_PER_HOUR,
@@ -48,10 +48,7 @@ export interface GetExportFilesOptions {
 }
 
 const processBudget = new CallBudget();
-const processPagedBudget = new CallBudget([
-  { limit: JSON_CALLS_PER_MINUTE, windowInMs: 60_000 },
-  { limit: JSON_CALLS_PER_HOUR, windowInMs: 3_600_000 },
-]);
+const processPagedBudget = pagedCallBudget();
 const VIA_FILES_BUDGET = `${VIA_FILES_CALLS_PER_MINUTE}/min, ${VIA_FILES_CALLS_PER_HOUR}/h`;
 const JSON_BUDGET = `${JSON_CALLS_PER_MINUTE}/min, ${JSON_CALLS_PER_HOUR}/h`;
 

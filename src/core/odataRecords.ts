@@ -32,7 +32,15 @@ export class ODataRecordsTransform extends Transform {
   private out: Buffer;
   private outLength = 0;
 
-  constructor(private readonly options: { maxRecordBytes?: number; outputChunkBytes?: number; what?: string } = {}) {
+  constructor(
+    private readonly options: {
+      maxRecordBytes?: number;
+      outputChunkBytes?: number;
+      what?: string;
+      /** Sees each record's compact bytes (valid only during the call), e.g. to find its EventTimestamp. */
+      onRecord?: (record: Buffer) => void;
+    } = {},
+  ) {
     super();
     this.record = Buffer.allocUnsafe(64 * 1024);
     this.out = Buffer.allocUnsafe(options.outputChunkBytes ?? 256 * 1024);
@@ -176,6 +184,7 @@ export class ODataRecordsTransform extends Transform {
   private emitRecord(): void {
     this.capturing = false;
     this.records++;
+    this.options.onRecord?.(this.record.subarray(0, this.recordLength));
     this.write_(this.record, this.recordLength);
     this.write_(NEWLINE, 1);
     // A record that grew the buffer far beyond the usual size gives the memory back.

@@ -147,7 +147,7 @@ export async function streamCopy(
 }
 
 /** `count` buffers of `size` bytes, allocated on first use and handed out again once given back. */
-class BlockPool {
+export class BlockPool {
   private readonly free: Buffer[] = [];
   private allocated = 0;
 

@@ -38,7 +38,7 @@ export interface TelemetryProperties {
   reason?: string;
 }
 
-const WARNING_OUTCOMES: ReadonlySet<Outcome> = new Set(['failed', 'error', 'dead-lettered']);
+const WARNING_OUTCOMES: ReadonlySet<Outcome> = new Set(['failed', 'error', 'dead-lettered', 'refused']);
 
 /** The events the app writes; alert and workbook queries filter on these names. */
 export const TELEMETRY_EVENTS = ['request', 'part', 'snapshot', 'defender-retry'] as const;

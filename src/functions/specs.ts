@@ -1,8 +1,9 @@
 import type { InvocationContext, Timer } from '@azure/functions';
-import type { ExportId } from '../core/catalog.js';
+import { DELTA_EXPORT, type LandedExportId } from '../core/catalog.js';
 import type { AppConfig } from '../core/config.js';
 import { errorMessage, MdvmError } from '../core/errors.js';
 import { landPart } from '../core/landPart.js';
+import { requestDelta, requestJsonSnapshot } from '../core/pagedRead.js';
 import { requestSnapshot } from '../core/requestSnapshot.js';
 import type { Runtime } from '../core/runtime.js';
 import { redactingLogger, Telemetry, type TelemetryEvent } from '../core/telemetry.js';
@@ -16,7 +17,7 @@ import { redactingLogger, Telemetry, type TelemetryEvent } from '../core/telemet
 export interface TimerFunctionSpec {
   readonly kind: 'timer';
   readonly name: string;
-  readonly exportId: ExportId;
+  readonly exportId: LandedExportId;
   readonly trigger: { readonly schedule: string; readonly runOnStartup: boolean; readonly useMonitor: boolean };
   readonly handler: (timer: Timer, context: InvocationContext) => Promise<void>;
 }
@@ -33,7 +34,7 @@ export type FunctionSpec = TimerFunctionSpec | QueueFunctionSpec;
 /** The queue trigger's connection: the runtime storage account the host itself uses. */
 export const QUEUE_CONNECTION = 'AzureWebJobsStorage';
 export const COPY_FUNCTION_NAME = 'copy-part';
-export const timerFunctionName = (exportId: ExportId): string => `export-${exportId}`;
+export const timerFunctionName = (exportId: LandedExportId): string => `export-${exportId}`;
 
 export interface FunctionSpecOptions {
   /** Extra sink for telemetry events (tests and the CLI's progress display). */
@@ -43,37 +44,51 @@ export interface FunctionSpecOptions {
 }
 
 export function functionSpecs(config: AppConfig, runtime: Runtime, options: FunctionSpecOptions = {}): FunctionSpec[] {
-  const timers = config.exports.map(
-    (exportId): TimerFunctionSpec => ({
-      kind: 'timer',
-      name: timerFunctionName(exportId),
-      exportId,
-      trigger: { schedule: config.schedule, runOnStartup: false, useMonitor: true },
-      handler: async (_timer, context) => {
-        const telemetry = telemetryFor(context, options);
-        try {
-          const result = await requestSnapshot(
-            runtime,
-            telemetry,
-            exportId,
-            options.tickAbortSignal ? { abortSignal: options.tickAbortSignal } : {},
-          );
-          context.log(
-            `${exportId}: snapshot ${result.snapshotId} ${result.outcome}; ${result.partsEnqueued}/${result.partCount} parts enqueued`,
-          );
-        } catch (error) {
-          if (error instanceof MdvmError && error.kind === 'rate-limited') {
-            // Expected under the 20 calls/hour budget: the next tick tries again.
-            context.warn(`${exportId}: rate limited, next tick retries: ${error.message}`);
-            telemetry.track('request', { export: exportId, outcome: 'rate-limited', reason: error.message });
-            return;
-          }
-          telemetry.track('request', { export: exportId, outcome: 'error', reason: errorMessage(error) });
-          throw redacted(error);
+  const tickOptions = options.tickAbortSignal ? { abortSignal: options.tickAbortSignal } : {};
+  const timer = (
+    exportId: LandedExportId,
+    schedule: string,
+    tick: (telemetry: Telemetry) => Promise<string>,
+  ): TimerFunctionSpec => ({
+    kind: 'timer',
+    name: timerFunctionName(exportId),
+    exportId,
+    trigger: { schedule, runOnStartup: false, useMonitor: true },
+    handler: async (_timer, context) => {
+      const telemetry = telemetryFor(context, options);
+      try {
+        context.log(await tick(telemetry));
+      } catch (error) {
+        if (error instanceof MdvmError && error.kind === 'rate-limited') {
+          // Expected under the documented call budgets: the next tick tries again.
+          context.warn(`${exportId}: rate limited, next tick retries: ${error.message}`);
+          telemetry.track('request', { export: exportId, outcome: 'rate-limited', reason: error.message });
+          return;
         }
-      },
-    }),
+        telemetry.track('request', { export: exportId, outcome: 'error', reason: errorMessage(error) });
+        throw redacted(error);
+      }
+    },
+  });
+  const timers = config.exports.map((exportId) =>
+    config.jsonExports.includes(exportId)
+      ? timer(exportId, config.schedule, async (telemetry) => {
+          const result = await requestJsonSnapshot(runtime, telemetry, exportId, tickOptions);
+          return `${exportId}: JSON snapshot ${result.snapshotId} ${result.outcome}; ${result.pagesLanded} pages, ${result.recordsLanded} records`;
+        })
+      : timer(exportId, config.schedule, async (telemetry) => {
+          const result = await requestSnapshot(runtime, telemetry, exportId, tickOptions);
+          return `${exportId}: snapshot ${result.snapshotId} ${result.outcome}; ${result.partsEnqueued}/${result.partCount} parts enqueued`;
+        }),
   );
+  if (config.delta) {
+    timers.push(
+      timer(DELTA_EXPORT.id, config.delta.schedule, async (telemetry) => {
+        const result = await requestDelta(runtime, telemetry, tickOptions);
+        return `${DELTA_EXPORT.id}: window ${result.snapshotId || '-'} ${result.outcome}; ${result.pagesLanded} pages, ${result.recordsLanded} records${result.reason ? `; ${result.reason}` : ''}`;
+      }),
+    );
+  }
   const copy: QueueFunctionSpec = {
     kind: 'storageQueue',
     name: COPY_FUNCTION_NAME,

@@ -1,7 +1,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { InvocationContext as HostInvocationContext } from '@azure/functions';
 import type { QueueClient } from '@azure/storage-queue';
-import type { ExportId } from '../core/catalog.js';
+import { type LandedExportId, landedExports } from '../core/catalog.js';
 import { isStorageCondition } from '../core/errors.js';
 import { MAX_DEQUEUE_COUNT } from '../core/landPart.js';
 import type { Runtime } from '../core/runtime.js';
@@ -45,7 +45,7 @@ export interface DrainOptions {
 }
 
 export interface TickReport {
-  readonly exportId: ExportId;
+  readonly exportId: LandedExportId;
   readonly error?: string;
 }
 
@@ -61,7 +61,7 @@ export class InProcessHost {
   readonly functions: readonly FunctionSpec[];
   private readonly workers: number;
   private readonly options: InProcessHostOptions;
-  private readonly timers: ReadonlyMap<ExportId, TimerFunctionSpec>;
+  private readonly timers: ReadonlyMap<LandedExportId, TimerFunctionSpec>;
   private readonly copy: QueueFunctionSpec;
 
   constructor(
@@ -83,7 +83,7 @@ export class InProcessHost {
   }
 
   /** One tick of each timer (all enabled exports by default), in parallel like the host would. */
-  async tick(exportIds: readonly ExportId[] = this.runtime.config.exports): Promise<TickReport[]> {
+  async tick(exportIds: readonly LandedExportId[] = landedExports(this.runtime.config)): Promise<TickReport[]> {
     const timerInput = { isPastDue: false, schedule: { adjustForDST: true }, scheduleStatus: {} };
     return Promise.all(
       exportIds.map(async (exportId) => {

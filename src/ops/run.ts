@@ -1,12 +1,12 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { ExportId } from '../core/catalog.js';
+import type { LandedExportId } from '../core/catalog.js';
 import type { Runtime } from '../core/runtime.js';
 import type { TelemetryEvent } from '../core/telemetry.js';
 import { InProcessHost } from '../host/inProcessHost.js';
 import { type ExportSummary, summarize } from './summary.js';
 
 export interface RunOptions {
-  readonly exports: readonly ExportId[];
+  readonly exports: readonly LandedExportId[];
   /** In-process queue workers. */
   readonly workers: number;
   readonly timeoutInMs: number;

@@ -1,4 +1,4 @@
-import type { ExportId } from '../core/catalog.js';
+import type { LandedExportId } from '../core/catalog.js';
 import type { SnapshotRow } from '../core/contracts.js';
 import type { Runtime } from '../core/runtime.js';
 import { formatBytes, formatColumns } from './summary.js';
@@ -29,7 +29,7 @@ export interface ExportStatus {
   incomplete: { snapshot: string; status: string; partsLanded: number; partCount: number }[];
 }
 
-export async function exportStatus(runtime: Runtime, exportIds: readonly ExportId[]): Promise<StatusReport> {
+export async function exportStatus(runtime: Runtime, exportIds: readonly LandedExportId[]): Promise<StatusReport> {
   const now = runtime.now();
   const exports = await Promise.all(
     exportIds.map(async (exportId): Promise<ExportStatus> => {

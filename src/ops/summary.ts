@@ -1,8 +1,8 @@
-import type { ExportId } from '../core/catalog.js';
+import type { LandedExportId } from '../core/catalog.js';
 import type { Runtime } from '../core/runtime.js';
 
 export interface ExportSummary {
-  readonly exportId: ExportId;
+  readonly exportId: LandedExportId;
   readonly snapshot: string;
   readonly status: string;
   readonly partsLanded: number;
@@ -23,7 +23,7 @@ export interface ExportSummary {
  */
 export async function summarize(
   runtime: Runtime,
-  exportIds: readonly ExportId[],
+  exportIds: readonly LandedExportId[],
   snapshots: ReadonlyMap<string, string> = new Map(),
 ): Promise<ExportSummary[]> {
   return Promise.all(

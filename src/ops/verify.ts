@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import type { ExportId } from '../core/catalog.js';
+import type { LandedExportId } from '../core/catalog.js';
 import { contractProblems, latestSchema, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
 import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from '../core/parts.js';
 import type { Runtime } from '../core/runtime.js';
@@ -32,7 +32,7 @@ export interface VerifyReport {
 }
 
 export interface VerifyOptions {
-  readonly exports: readonly ExportId[];
+  readonly exports: readonly LandedExportId[];
   /** Only this snapshot id (e.g. 2026-11-22T1801Z); default: every complete snapshot. */
   readonly snapshot?: string;
   /** Download and hash every landed blob instead of trusting the stored Content-MD5. */

@@ -241,14 +241,14 @@ export class PagedEndpoints {
       sources.slice(endIndex).reduce((sum, s, i) => sum + s.records - (i === 0 ? endLine : 0), 0) > 0;
     let nextLink: string | undefined;
     if (more) {
-      const next = new URL(
-        url.pathname,
-        fault?.kind === 'foreign-next-link' ? 'https://elsewhere.example.invalid' : this.baseUrl,
-      );
-      for (const [key, value] of url.searchParams) if (key !== '$skiptoken') next.searchParams.set(key, value);
-      next.searchParams.set('pageSize', String(paging.pageSize));
-      next.searchParams.set('$skiptoken', Buffer.from(JSON.stringify(cursorAt(endIndex, endLine))).toString('base64'));
-      nextLink = next.toString();
+      // As Defender writes it: the parameters of the request, then a literal `$skiptoken`.
+      const origin = fault?.kind === 'foreign-next-link' ? 'https://elsewhere.example.invalid' : this.baseUrl;
+      const query = [...url.searchParams]
+        .filter(([key]) => key !== '$skiptoken' && key !== 'pageSize')
+        .map(([key, value]) => `${key}=${encodeURIComponent(value)}`);
+      query.unshift(`pageSize=${paging.pageSize}`);
+      const token = Buffer.from(JSON.stringify(cursorAt(endIndex, endLine))).toString('base64');
+      nextLink = `${origin}${url.pathname}?${query.join('&')}&$skiptoken=${encodeURIComponent(token)}`;
     }
 
     res.writeHead(200, { 'content-type': 'application/json; odata.metadata=minimal' });

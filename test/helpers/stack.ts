@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { TableClient } from '@azure/data-tables';
-import { CallBudget } from '../../src/core/callBudget.js';
+import { CallBudget, pagedCallBudget } from '../../src/core/callBudget.js';
 import { loadConfig } from '../../src/core/config.js';
 import type { PartCopier } from '../../src/core/copier.js';
 import { createRuntime, type Runtime } from '../../src/core/runtime.js';
@@ -70,7 +70,7 @@ export async function createApp(
   const config = loadConfig(env);
   const real = createRuntime(config, {
     // Fresh budget per app (each test is its own "process"), fast backoff for 5xx retries.
-    defenderClientOptions: { retryBaseDelayInMs: 20, callBudget: new CallBudget() },
+    defenderClientOptions: { retryBaseDelayInMs: 20, callBudget: new CallBudget(), pagedCallBudget: pagedCallBudget() },
   });
   const withCopier: Runtime = options.wrapCopier
     ? { ...real, copier: options.wrapCopier(real.copier) as PartCopier }
