@@ -8,9 +8,16 @@ import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import { BlobClient, ContainerClient } from '@azure/storage-blob';
+import { request } from 'undici';
+import { type ExportId, getExportType } from '../../src/core/catalog.js';
 import { runBounded } from '../../src/core/concurrency.js';
+import { loadConfig } from '../../src/core/config.js';
 import { type CopyOptions, PartCopier } from '../../src/core/copier.js';
+import { requestJsonSnapshot } from '../../src/core/pagedRead.js';
+import { createCredential, createRuntime } from '../../src/core/runtime.js';
+import { ensureStorage } from '../../src/core/storage.js';
 import { blockId } from '../../src/core/streamCopy.js';
+import { Telemetry } from '../../src/core/telemetry.js';
 
 export type ByteJobKind =
   | 'copier'
@@ -19,7 +26,9 @@ export type ByteJobKind =
   | 'upload-from-memory'
   | 'bare-download-gunzip-count'
   | 'naive-download-then-upload'
-  | 'idle-sdk';
+  | 'idle-sdk'
+  | 'json-pages'
+  | 'bare-json-pages';
 
 export interface ByteJob {
   readonly kind: ByteJobKind;
@@ -30,6 +39,9 @@ export interface ByteJob {
   readonly blockSizeBytes: number;
   readonly blockConcurrency: number;
   readonly copyOptions?: CopyOptions;
+  /** Paged jobs: the app's settings (as the Function App would have them) and the export to read. */
+  readonly env?: Record<string, string>;
+  readonly exportId?: ExportId;
 }
 
 export interface ByteJobResult {
@@ -50,6 +62,7 @@ interface JobOutcome {
 }
 
 async function run(job: ByteJob): Promise<JobOutcome> {
+  if (job.kind === 'json-pages' || job.kind === 'bare-json-pages') return runPaged(job);
   const landing = new ContainerClient(job.landingUrl);
   const source = new BlobClient(job.sourceUrl);
   switch (job.kind) {
@@ -128,6 +141,40 @@ async function run(job: ByteJob): Promise<JobOutcome> {
       return { bytes: data.length };
     }
   }
+}
+
+/**
+ * JSON mode as the app runs it (one tick of the export's timer: every page into gzip JSON Lines parts, manifest
+ * written), or its baseline: the same pages fetched with the same token and thrown away.
+ */
+async function runPaged(job: ByteJob): Promise<JobOutcome> {
+  Object.assign(process.env, job.env);
+  const config = loadConfig(process.env);
+  const runtime = createRuntime(config);
+  const exportId = job.exportId ?? 'software-vulnerabilities';
+  if (job.kind === 'json-pages') {
+    await ensureStorage(runtime.storage);
+    const telemetry = new Telemetry({ info() {}, warn() {}, error() {} });
+    const result = await requestJsonSnapshot(runtime, telemetry, exportId);
+    if (result.outcome !== 'completed') throw new Error(`JSON snapshot ${result.outcome}`);
+    const row = await runtime.store.getSnapshot(exportId, result.generatedTime);
+    return { bytes: row?.value.bytesLanded ?? 0, records: result.recordsLanded, method: 'json-pages' };
+  }
+  const type = getExportType(exportId);
+  if (!('jsonPath' in type)) throw new Error(`${exportId} has no JSON endpoint`);
+  const token = (await createCredential(config).getToken(config.defender.scope))?.token ?? '';
+  let next: string | undefined = `${config.defender.baseUrl}${type.jsonPath}?pageSize=${config.pageSize}`;
+  let bytes = 0;
+  while (next) {
+    const response = await request(next, { headers: { authorization: `Bearer ${token}` } });
+    let tail = '';
+    for await (const chunk of response.body as AsyncIterable<Buffer>) {
+      bytes += chunk.length;
+      tail = (tail + chunk.toString('latin1')).slice(-64 * 1024);
+    }
+    next = /"@odata\.nextLink":"([^"]+)"/.exec(tail)?.[1];
+  }
+  return { bytes };
 }
 
 const job = JSON.parse(process.argv[2] ?? '{}') as ByteJob;

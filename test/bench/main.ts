@@ -11,15 +11,17 @@
  * - bytes: one part of --size-mib MiB (valid gzip JSON lines) through each copy mode, each in a fresh child process
  *   (peak RSS = that process's maxrss), beside bare Put Block From URL, download-to-nowhere, upload from memory,
  *   bare download+gunzip+count and the naive download-then-upload; every landed copy is checked by MD5.
+ * - paged: a JSON-mode snapshot of --paged-records software vulnerabilities in pages of 200,000 records, in a fresh
+ *   process, beside the same pages downloaded to nowhere; peak RSS of each.
  */
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { availableParallelism, cpus, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
+import { parseArgs, promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { TableClient } from '@azure/data-tables';
 import {
@@ -48,7 +50,8 @@ const { values: flags } = parseArgs({
     'tick-parts': { type: 'string', default: '10000' },
     'size-mib': { type: 'string', default: '1024' },
     'byte-runs': { type: 'string', default: '1' },
-    only: { type: 'string', default: 'pipeline,tick,bytes' },
+    'paged-records': { type: 'string', default: '400000' },
+    only: { type: 'string', default: 'pipeline,tick,bytes,paged' },
   },
 });
 const sections = new Set(flags.only.split(','));
@@ -346,6 +349,15 @@ async function landingContainer(azurite: LocalAzurite) {
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 
+/** The same, without blocking this process: the paged jobs talk to the simulator, which runs here. */
+async function runJobAsync(job: ByteJob): Promise<ByteJobResult> {
+  const { stdout } = await promisify(execFile)(process.execPath, [join(HERE, 'byteJob.js'), JSON.stringify(job)], {
+    encoding: 'utf8',
+    maxBuffer: 1024 * 1024,
+  });
+  return JSON.parse(stdout.trim().split('\n').at(-1) ?? '{}') as ByteJobResult;
+}
+
 function runJob(job: ByteJob): ByteJobResult {
   const out = execFileSync(process.execPath, [join(HERE, 'byteJob.js'), JSON.stringify(job)], {
     encoding: 'utf8',
@@ -472,6 +484,86 @@ async function bytesSection(azurite: LocalAzurite, sizeMiB: number, runs: number
   );
 }
 
+async function pagedSection(stack: Stack, records: number): Promise<void> {
+  const perPart = Math.ceil(records / 3);
+  process.stdout.write(`\npublishing a snapshot of ${3 * perPart} records for the JSON endpoint… `);
+  await stack.simulator.publish('software-vulnerabilities', { groups: [0], partsPerGroup: 2, recordsPerPart: perPart });
+  console.log('done');
+  const suffix = randomBytes(4).toString('hex');
+  const env = {
+    AzureWebJobsStorage: stack.azurite.customer.connectionString,
+    MDVM_LANDING_CONNECTION_STRING: stack.azurite.customer.connectionString,
+    MDVM_DEFENDER_API_BASE_URL: stack.simulator.baseUrl,
+    MDVM_ALLOW_LOOPBACK: 'true',
+    MDVM_EXPORTS: 'software-vulnerabilities',
+    MDVM_JSON_EXPORTS: 'software-vulnerabilities',
+    MDVM_JSON_PAGE_SIZE: '200000',
+    MDVM_DEFENDER_TIMEOUT_MS: '600000',
+    MDVM_PARTS_QUEUE: `bench-parts-${suffix}`,
+    MDVM_SNAPSHOTS_TABLE: `benchsnapshots${suffix}`,
+    MDVM_PARTS_TABLE: `benchparts${suffix}`,
+    MDVM_LANDING_CONTAINER: `bench-json-${suffix}`,
+    ...stack.simulator.identityEnvironment,
+  };
+  const jobs = [
+    { label: 'JSON mode: pages of 200,000 into gzip JSON Lines parts', kind: 'json-pages' as const },
+    { label: 'bare: the same pages downloaded to nowhere', kind: 'bare-json-pages' as const },
+  ];
+  const results = new Map<string, ByteJobResult>();
+  for (const job of jobs) {
+    stack.simulator.resetRateLimits();
+    process.stdout.write(`  ${job.label}… `);
+    const result = await runJobAsync({
+      kind: job.kind,
+      sourceUrl: '',
+      landingUrl: '',
+      landingPath: '',
+      sizeBytes: 0,
+      blockSizeBytes: 0,
+      blockConcurrency: 0,
+      env,
+      exportId: 'software-vulnerabilities',
+    });
+    console.log(`${(result.ms / 1000).toFixed(1)} s, ${(result.maxRssBytes / MiB).toFixed(0)} MiB peak RSS`);
+    results.set(job.label, result);
+  }
+  const app = results.get(jobs[0]?.label ?? '');
+  const bare = results.get(jobs[1]?.label ?? '');
+  if (app?.records !== 3 * perPart)
+    failures.push(`JSON mode landed ${app?.records} records, the snapshot has ${3 * perPart}`);
+  const rows: string[][] = [];
+  for (const job of jobs) {
+    const r = results.get(job.label);
+    if (!r) continue;
+    const figure = {
+      section: 'paged',
+      label: job.label,
+      records: 3 * perPart,
+      pageSize: 200_000,
+      seconds: r.ms / 1000,
+      recordsPerSecond: (3 * perPart) / (r.ms / 1000),
+      cpuSeconds: r.cpuMs / 1000,
+      peakRssMiB: r.maxRssBytes / MiB,
+      landedBytes: job.kind === 'json-pages' ? r.bytes : null,
+      timeVsBare: job.kind === 'json-pages' && bare ? r.ms / bare.ms : null,
+    };
+    figures.push(figure);
+    rows.push([
+      job.label,
+      figure.seconds.toFixed(1),
+      Math.round(figure.recordsPerSecond).toString(),
+      figure.cpuSeconds.toFixed(1),
+      figure.peakRssMiB.toFixed(0),
+      figure.timeVsBare === null ? '' : `${figure.timeVsBare.toFixed(2)}x`,
+    ]);
+  }
+  printTable(
+    `paged: a JSON-mode snapshot of ${3 * perPart} records, each job in a fresh process`,
+    ['', 's', 'records/s', 'CPU s', 'peak RSS MiB', 'time vs bare'],
+    rows,
+  );
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 
 function keyFigures(): string {
@@ -500,6 +592,13 @@ function keyFigures(): string {
       `peak RSS ${Math.round(Math.max(...copierPeaks.map((f) => Number((f as Record<string, unknown>).peakRssMiB))))} MiB`,
     );
   }
+  const paged = figures.find((f) => f.section === 'paged' && f.label.startsWith('JSON mode')) as
+    | Record<string, number>
+    | undefined;
+  if (paged)
+    parts.push(
+      `JSON mode ${paged.records} records: peak RSS ${Math.round(paged.peakRssMiB ?? 0)} MiB, ${paged.timeVsBare?.toFixed(2)}x bare time`,
+    );
   return `key figures: ${parts.join('; ')}`;
 }
 
@@ -513,6 +612,7 @@ async function main(): Promise<number> {
     if (sections.has('pipeline')) await pipelineSection(stack, Number(flags.parts), Number(flags.runs));
     if (sections.has('tick')) await tickSection(stack, Number(flags['tick-parts']));
     if (sections.has('bytes')) await bytesSection(stack.azurite, Number(flags['size-mib']), Number(flags['byte-runs']));
+    if (sections.has('paged')) await pagedSection(stack, Number(flags['paged-records']));
   } finally {
     await stack.stop();
   }

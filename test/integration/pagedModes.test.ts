@@ -2,6 +2,7 @@ import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { DELTA_EXPORT } from '../../src/core/catalog.js';
 import { latestSchema, manifestSchema, type SnapshotManifest } from '../../src/core/contracts.js';
+import { verifyLanding } from '../../src/ops/verify.js';
 import type { DeltaSlice } from '../../src/simulator/pagedEndpoints.js';
 import { createApp, md5, type Stack, startStack, type TestApp } from '../helpers/stack.js';
 
@@ -69,6 +70,10 @@ describe('JSON mode: a full snapshot through the paged …ByMachine endpoint', (
     ]);
     expect(viaJson.parts.every((p) => p.path.startsWith(`certificates/snapshot=${viaJson.snapshot}/`))).toBe(true);
     expect(canonical(await recordsOf(json, viaJson))).toEqual(canonical(await recordsOf(files, viaFiles)));
+    // `verify --deep` agrees with the manifest, blob by blob.
+    const report = await verifyLanding(json.runtime, { exports: ['certificates'], deep: true });
+    expect(report).toMatchObject({ ok: true, findings: [] });
+    expect(report.checked.blobs).toBe(4);
     // No message went through the queue: the timer read the pages itself.
     expect(await json.runtime.queue.peekMessages()).toMatchObject({ peekedMessageItems: [] });
   });
@@ -194,6 +199,10 @@ describe('the software-vulnerability delta', () => {
       ['Fixed', 12],
       ['New', 57],
     ]);
+    expect(await verifyLanding(app.runtime, { exports: [DELTA_EXPORT.id], deep: true })).toMatchObject({
+      ok: true,
+      findings: [],
+    });
     const [complete] = (await app.runtime.store.listSnapshots(DELTA_EXPORT.id)).map((s) => s.value);
     expect(complete).toMatchObject({ status: 'complete', nextSince: iso(s0) });
 
