@@ -116,6 +116,12 @@ param sasValidHours int = 6
 ])
 param copyMode string = 'server'
 
+@description('Export ids read through their paged JSON endpoint instead of via files (MDVM_JSON_EXPORTS), comma-separated; each must be in exports. Empty: all via files.')
+param jsonExports string = ''
+
+@description('Six-field NCRONTAB schedule of the software-vulnerability delta (MDVM_DELTA_SCHEDULE), e.g. 0 30 */6 * * *. Empty: the delta is off.')
+param deltaSchedule string = ''
+
 @description('E-mail address that receives the alerts (poison queue, function failures, late snapshot, Defender 401/403). Empty: the alert rules fire into the Azure portal only.')
 param alertEmail string = ''
 
@@ -230,6 +236,8 @@ module functionApp 'modules/function-app.bicep' = {
     schedule: schedule
     sasValidHours: sasValidHours
     copyMode: copyMode
+    jsonExports: jsonExports
+    deltaSchedule: deltaSchedule
   }
 }
 

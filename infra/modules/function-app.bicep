@@ -82,6 +82,12 @@ param sasValidHours int = 6
 ])
 param copyMode string = 'server'
 
+@description('Export ids read through their paged JSON endpoint (MDVM_JSON_EXPORTS); empty: all via files.')
+param jsonExports string = ''
+
+@description('NCRONTAB schedule of the software-vulnerability delta (MDVM_DELTA_SCHEDULE); empty: off.')
+param deltaSchedule string = ''
+
 resource runtimeStorage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: runtimeStorageAccountName
 }
@@ -177,6 +183,8 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     MDVM_SNAPSHOTS_TABLE: snapshotsTableName
     MDVM_PARTS_TABLE: partsTableName
     MDVM_COPY_MODE: copyMode
+    MDVM_JSON_EXPORTS: jsonExports
+    MDVM_DELTA_SCHEDULE: deltaSchedule
   }
 }
 

@@ -50,6 +50,8 @@ const LOOKBACK_MARGIN_IN_MS = 15 * 60_000;
 const PAGE_ATTEMPTS = 3;
 /** Errors of a page body that broke off after a 200 (the request itself is retried by the client). */
 const brokenBodies = new WeakSet<Error>();
+/** Errors of a page request Defender refused (400) or that the client would not send (a foreign nextLink). */
+const refusedByDefender = new WeakSet<Error>();
 
 /** A full snapshot of `exportId` through its paged JSON endpoint; resumes an unfinished one first. */
 export async function requestJsonSnapshot(
@@ -246,14 +248,24 @@ async function landPages(
         runtime,
         endpoint,
         new URL(row.cursor),
-        landingPath(exportId, snapshotId, relativePath),
+        {
+          blobName: landingPath(exportId, snapshotId, relativePath),
+          // The same metadata as a copied part; the source is the page's URL path and query (no credential in it).
+          metadata: {
+            mdvm_export: exportId,
+            mdvm_generated_time: generatedTime,
+            mdvm_source_path: sourcePathOf(new URL(row.cursor)).slice(0, 2000),
+            mdvm_mode: row.mode ?? 'json',
+          },
+        },
         options,
       );
     } catch (error) {
       const reason = `page ${page}: ${errorMessage(error)}`;
-      // A request Defender refuses (400: a skiptoken it no longer accepts) will not work on resume either: the
-      // read fails, and the next tick starts a new one. Anything else resumes at this page.
-      const final = error instanceof MdvmError && !error.retryable && error.kind !== 'forbidden';
+      // A page Defender refuses (400: a skiptoken it no longer accepts) or a nextLink off its origin will not work on
+      // resume either: the read fails, and the next tick starts a new one. Anything else (throttling, storage, an
+      // overlapping reader) resumes at this page.
+      const final = refusedByDefender.has(error as Error);
       await runtime.store.mutateSnapshot(exportId, generatedTime, (current) =>
         current.status === 'copying'
           ? { lastError: reason, ...(final ? { status: 'failed' as const } : {}) }
@@ -287,23 +299,25 @@ async function landPages(
       lastError: '',
     });
     const next = landed.nextLink;
-    const updated = await runtime.store.mutateSnapshot(exportId, generatedTime, (current) =>
-      current.partsLanded !== page
-        ? undefined
-        : {
-            cursor: next ?? '',
-            partsLanded: page + 1,
-            partCount: next ? page + 2 : page + 1,
-            bytesLanded: current.bytesLanded + landed.bytes,
-            recordsLanded: (current.recordsLanded ?? 0) + landed.records,
-            lastRequestedAt: runtime.now().toISOString(),
-            lastError: '',
-            ...(current.mode === 'delta' && landed.newestEvent
-              ? { nextSince: laterOf(current.nextSince ?? current.since ?? '', sliceAfter(landed.newestEvent)) }
-              : {}),
-          },
-    );
-    if (!updated || updated.partsLanded !== page + 1) {
+    // Only the reader that lands the page the row expects moves it; another one that overlapped stops here.
+    let moved = false;
+    const updated = await runtime.store.mutateSnapshot(exportId, generatedTime, (current) => {
+      moved = current.partsLanded === page && current.status === 'copying';
+      if (!moved) return undefined;
+      return {
+        cursor: next ?? '',
+        partsLanded: page + 1,
+        partCount: next ? page + 2 : page + 1,
+        bytesLanded: current.bytesLanded + landed.bytes,
+        recordsLanded: (current.recordsLanded ?? 0) + landed.records,
+        lastRequestedAt: runtime.now().toISOString(),
+        lastError: '',
+        ...(current.mode === 'delta' && landed.newestEvent
+          ? { nextSince: laterOf(current.nextSince ?? current.since ?? '', sliceAfter(landed.newestEvent)) }
+          : {}),
+      };
+    });
+    if (!moved || !updated) {
       throw new MdvmError(
         'transient',
         `${exportId} ${snapshotId}: another reader moved past page ${page}; this one stops`,
@@ -349,12 +363,12 @@ async function landPageWithRetries(
   runtime: Runtime,
   endpoint: Endpoint,
   url: URL,
-  blobName: string,
+  target: { blobName: string; metadata: Record<string, string> },
   options: { abortSignal?: AbortSignal },
 ): Promise<LandedPage> {
   for (let attempt = 1; ; attempt++) {
     try {
-      return { ...(await landPage(runtime, endpoint, url, blobName, options)), attempts: attempt };
+      return { ...(await landPage(runtime, endpoint, url, target, options)), attempts: attempt };
     } catch (error) {
       // Only a body that broke off is asked for again here: the client has already retried the request itself.
       if (!brokenBodies.has(error as Error) || attempt >= PAGE_ATTEMPTS || options.abortSignal?.aborted) {
@@ -374,11 +388,17 @@ async function landPage(
   runtime: Runtime,
   endpoint: Endpoint,
   url: URL,
-  blobName: string,
+  target: { blobName: string; metadata: Record<string, string> },
   options: { abortSignal?: AbortSignal },
 ): Promise<Omit<LandedPage, 'attempts'>> {
+  const { blobName } = target;
   const started = Date.now();
-  const body = await runtime.defender.openPage(url, endpoint, options);
+  const body = await runtime.defender.openPage(url, endpoint, options).catch((error: unknown) => {
+    if (error instanceof MdvmError && (error.statusCode === 400 || error.kind === 'invalid-input')) {
+      refusedByDefender.add(error);
+    }
+    throw error;
+  });
   let newestEvent: string | undefined;
   const records = new ODataRecordsTransform({
     what: endpoint.path,
@@ -412,7 +432,7 @@ async function landPage(
     if (error instanceof MdvmError) throw error;
     throw classifyStorageError(error, 'land a page');
   }
-  const { md5, bytes } = await sink.commit({ contentType: 'application/gzip' });
+  const { md5, bytes } = await sink.commit({ contentType: 'application/gzip', metadata: target.metadata });
   const props = await blob.getProperties({ abortSignal: options.abortSignal }).catch((error: unknown) => {
     throw classifyStorageError(error, 'read back a landed page');
   });

@@ -30,6 +30,7 @@ import { generateRecords, seededRng } from './records.js';
  * via-files endpoints (case-insensitive paths, `sasValidHours` bounds), 5 calls/min and 20 calls/h per
  * endpoint with 429 + Retry-After, the documented error body, and SAS URLs to gzip JSON-lines part files
  * held in an Azurite account that plays Microsoft's export storage. Faults can be switched on per export.
+ * The paged JSON endpoints (`…ByMachine`) and the delta are in pagedEndpoints.ts, behind the same token check.
  */
 export interface SourceAccount {
   readonly name: string;

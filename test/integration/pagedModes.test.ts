@@ -109,6 +109,38 @@ describe('JSON mode: a full snapshot through the paged …ByMachine endpoint', (
     expect(new Set(canonical(lines)).size).toBe(total);
   });
 
+  it('two readers resuming the same read at once land every record exactly once, under one manifest', async () => {
+    const snap = await stack.simulator.publish('secure-configuration', {
+      generatedTime: '2026-11-20T09:01:00Z',
+      recordsPerPart: 10,
+    });
+    const app = await createApp(stack, {
+      MDVM_EXPORTS: 'secure-configuration',
+      MDVM_JSON_EXPORTS: 'secure-configuration',
+      MDVM_JSON_PAGE_SIZE: '10',
+      MDVM_DEFENDER_MAX_RETRIES: '0',
+    });
+    stack.simulator.injectPageFault('secure-configuration', { kind: 'status', status: 500 }, { afterPages: 1 });
+    await app.runner.tick();
+    const ticks = await Promise.all([app.runner.tick(), app.runner.tick()]);
+    // A reader that loses a race stops (the row moved on, or its blocks went with the other's commit) and leaves the
+    // read open; a later tick finishes whatever is left.
+    for (const [tick] of ticks)
+      if (tick?.error) expect(tick.error).toMatch(/another reader moved past page|block list/);
+    const [read] = (await app.runtime.store.listSnapshots('secure-configuration')).map((r) => r.value);
+    if (read?.status === 'copying') await app.runner.tick();
+    const rows = (await app.runtime.store.listSnapshots('secure-configuration')).map((r) => r.value);
+    expect(rows.map((r) => [r.snapshotId, r.status])).toEqual([[read?.snapshotId, 'complete']]);
+    const manifest = await latestManifest(app, 'secure-configuration');
+    const total = snap.parts.reduce((sum, p) => sum + p.records, 0);
+    const lines = await recordsOf(app, manifest);
+    expect(lines).toHaveLength(total);
+    expect(new Set(canonical(lines)).size).toBe(total);
+    expect(manifest.parts.map((p) => p.part)).toEqual(
+      Array.from({ length: total / 10 }, (_, i) => `json/page-${String(i).padStart(5, '0')}.json.gz`),
+    );
+  });
+
   it('never follows a nextLink off the Defender API (the token would go with it)', async () => {
     await stack.simulator.publish('browser-extensions', { generatedTime: '2026-11-20T08:01:00Z', recordsPerPart: 10 });
     const app = await createApp(stack, {

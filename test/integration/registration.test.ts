@@ -43,6 +43,23 @@ describe('what the app declares for the Functions host', () => {
     });
   });
 
+  it('a JSON-mode export keeps its timer; the delta adds its own timer on its own schedule', async () => {
+    const app = await createApp(stack, {
+      MDVM_EXPORTS: 'certificates,software-vulnerabilities',
+      MDVM_JSON_EXPORTS: 'certificates',
+      MDVM_DELTA_SCHEDULE: '0 30 */6 * * *',
+    });
+    const timers = app.runner.functions.filter((f) => f.kind === 'timer');
+    expect(timers.map((f) => [f.name, f.trigger.schedule]).sort()).toEqual([
+      ['export-certificates', '0 17 * * * *'],
+      ['export-software-vulnerabilities', '0 17 * * * *'],
+      ['export-software-vulnerabilities-delta', '0 30 */6 * * *'],
+    ]);
+    expect(() => loadConfig({ ...stackSettings(), MDVM_DELTA_SCHEDULE: 'every six hours' })).toThrow(
+      /MDVM_DELTA_SCHEDULE/,
+    );
+  });
+
   it('declares all nine timers by default', async () => {
     const app = await createApp(stack);
     const names = app.runner.functions.map((f) => f.name);
