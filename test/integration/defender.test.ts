@@ -158,3 +158,68 @@ describe('Defender export client against the simulator', () => {
     expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(0);
   });
 });
+
+describe('the paged JSON and delta endpoints (simulator and client)', () => {
+  async function page(path: string, query: string): Promise<{ status: number; body: Record<string, unknown> }> {
+    const token = (await new ManagedIdentityCredential().getToken(scope))?.token;
+    const response = await fetch(`${stack.simulator.baseUrl}${path}${query}`, {
+      headers: { authorization: `Bearer ${token}` },
+    });
+    return { status: response.status, body: (await response.json()) as Record<string, unknown> };
+  }
+  const byMachine = '/api/machines/SoftwareInventoryByMachine';
+  const changes = '/api/machines/SoftwareVulnerabilityChangesByMachine';
+
+  it('pages through the snapshot by nextLink; $top returns that many rows and no nextLink', async () => {
+    const records: unknown[] = [];
+    let query = '?pageSize=7';
+    let pages = 0;
+    for (;;) {
+      const { status, body } = await page(byMachine, query);
+      expect(status).toBe(200);
+      records.push(...(body.value as unknown[]));
+      pages++;
+      const next = body['@odata.nextLink'] as string | undefined;
+      if (!next) break;
+      expect(next).toMatch(
+        /^http:\/\/127\.0\.0\.1:\d+\/api\/machines\/SoftwareInventoryByMachine\?pageSize=7&\$skiptoken=/,
+      );
+      query = next.slice(next.indexOf('?'));
+    }
+    const snapshot = stack.simulator.snapshotOf('software-inventory');
+    const total = snapshot?.parts.reduce((sum, p) => sum + p.records, 0) ?? 0;
+    expect(records).toHaveLength(total);
+    expect(pages).toBe(Math.ceil(total / 7));
+    const top = await page(byMachine, '?$top=5');
+    expect(top.body.value).toHaveLength(5);
+    expect(top.body['@odata.nextLink']).toBeUndefined();
+  });
+
+  it.each([
+    [byMachine, '?pageSize=200001', /pageSize must be a whole number from 1 to 200000/],
+    [byMachine, '?$skiptoken=not-base64-json', /invalid \$skiptoken/],
+    [changes, '', /sinceTime is required/],
+    [changes, '?sinceTime=yesterday', /not an ISO-8601 time/],
+    [changes, `?sinceTime=${new Date(Date.now() - 15 * 86_400_000).toISOString()}`, /more than 14 days in the past/],
+  ])('answers 400 to %s%s', async (path, query, message) => {
+    const { status, body } = await page(path, query);
+    expect(status).toBe(400);
+    expect(JSON.stringify(body)).toMatch(message);
+  });
+
+  it('enforces 30 calls a minute per JSON endpoint, and the client stays within it', async () => {
+    const answers: number[] = [];
+    for (let i = 0; i < 31; i++) answers.push((await page(byMachine, '?$top=1')).status);
+    expect(answers.slice(0, 30).every((s) => s === 200)).toBe(true);
+    expect(answers[30]).toBe(429);
+    stack.simulator.resetRateLimits();
+    // The client's own budget refuses the 31st call before sending it (it would wait longer than allowed).
+    const paced = client({ maxRetryWaitInMs: 1_000 });
+    const what = { path: byMachine, exportId: 'software-inventory', permission: 'Software.Read.All' };
+    for (let i = 0; i < 30; i++)
+      (await paced.openPage(new URL(`${stack.simulator.baseUrl}${byMachine}?$top=1`), what)).resume();
+    const refused = await failure(paced.openPage(new URL(`${stack.simulator.baseUrl}${byMachine}?$top=1`), what));
+    expect(refused.kind).toBe('rate-limited');
+    expect(refused.message).toMatch(/30\/min, 1000\/h/);
+  });
+});
