@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { Writable } from 'node:stream';
 import type { BlockBlobClient } from '@azure/storage-blob';
-import { classifyStorageError, landingContainerMissing } from './errors.js';
+import { classifyStorageError, isStorageCondition, landingContainerMissing } from './errors.js';
 import { BlockPool, blockId } from './streamCopy.js';
 
 /**
@@ -45,19 +45,25 @@ export class BlockUploadSink extends Writable {
     );
   }
 
-  /** Commit the staged blocks (after the stream finished); returns the blob's MD5 (base64) and length. */
+  /**
+   * Commit the staged blocks (after the stream finished); returns the blob's MD5 (base64) and length. With
+   * `conditions`, a blob changed by someone else since answers 412/409 (thrown as the storage error, unclassified).
+   */
   async commit(options: {
     contentType: string;
     metadata?: Record<string, string>;
+    conditions?: { ifMatch?: string; ifNoneMatch?: string };
   }): Promise<{ md5: string; bytes: number }> {
     const md5 = this.hash.digest();
     try {
       await this.dest.commitBlockList(this.ids, {
         ...(options.metadata ? { metadata: options.metadata } : {}),
         blobHTTPHeaders: { blobContentType: options.contentType, blobContentMD5: md5 },
+        ...(options.conditions ? { conditions: options.conditions } : {}),
         abortSignal: this.abortSignal,
       });
     } catch (error) {
+      if (isStorageCondition(error, 'precondition-failed', 'already-exists', 'conflict')) throw error;
       throw landingContainerMissing(error, this.dest.containerName) ?? classifyStorageError(error, 'commit block list');
     }
     return { md5: md5.toString('base64'), bytes: this.bytes };
@@ -91,8 +97,13 @@ export class BlockUploadSink extends Writable {
   private stage(buffer: Buffer, length: number): void {
     const id = blockId(this.ids.length, this.attempt);
     this.ids.push(id);
+    const bytes = buffer.subarray(0, length);
+    // The service checks each block against its MD5 as it arrives: what is committed is what was hashed.
     const staged = this.dest
-      .stageBlock(id, buffer.subarray(0, length), length, { abortSignal: this.abortSignal })
+      .stageBlock(id, bytes, length, {
+        abortSignal: this.abortSignal,
+        transactionalContentMD5: createHash('md5').update(bytes).digest(),
+      })
       .then(() => undefined)
       .catch((error: unknown) => {
         this.failure ??= error;

@@ -107,7 +107,7 @@ export class DefenderExportClient {
     what: { path: string; exportId: string; permission: string },
     options: GetExportFilesOptions = {},
   ): Promise<Readable> {
-    if (url.origin !== new URL(this.endpoint).origin) {
+    if (!sameApi(url, new URL(this.endpoint))) {
       throw new MdvmError(
         'invalid-input',
         `${what.path}: the next page is on ${url.origin}, not on the Defender API (${new URL(this.endpoint).origin}); the token is never sent there`,
@@ -222,6 +222,21 @@ export class DefenderExportClient {
     return Math.round(ceiling / 2 + (Math.random() * ceiling) / 2);
   }
 }
+
+/**
+ * Whether a page link may carry the token: the configured API origin, or (for links Defender writes with another
+ * of its own hosts: the geo hosts, the legacy and US Gov ones) https on a documented Defender API host.
+ */
+export function sameApi(url: URL, api: URL): boolean {
+  if (url.origin === api.origin) return true;
+  return url.protocol === 'https:' && url.port === '' && DEFENDER_API_HOSTS.some((host) => host.test(url.hostname));
+}
+
+const DEFENDER_API_HOSTS = [
+  /^([a-z]{2,3}\.)?api\.security\.microsoft\.com$/,
+  /^api(-[a-z]{2,3})?\.securitycenter\.microsoft\.com$/,
+  /^api-(gcc|gov)\.securitycenter\.microsoft\.us$/,
+];
 
 function parseExportFiles(text: string, exportType: ExportType): ExportFilesResponse {
   let json: unknown;

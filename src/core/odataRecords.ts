@@ -16,6 +16,10 @@ export class ODataRecordsTransform extends Transform {
   records = 0;
 
   private depth = 0;
+  /** The opening bracket at each depth (index = depth), so `{…]` is refused. */
+  private readonly openers: number[] = [];
+  /** Whether the page's top-level `value` array was opened and closed: a page without one is not a page. */
+  private valueArrays = 0;
   private inString = false;
   private escaped = false;
   private started = false;
@@ -60,6 +64,13 @@ export class ODataRecordsTransform extends Transform {
       callback(this.malformed(this.started ? 'the response ended before its JSON did (truncated)' : 'empty response'));
       return;
     }
+    if (this.valueArrays !== 1) {
+      // `{"error": …}`, `{"value": null}` or two `value` arrays: not a page, and never an empty last one.
+      callback(
+        this.malformed(`the page has ${this.valueArrays === 0 ? 'no' : 'more than one'} top-level "value" array`),
+      );
+      return;
+    }
     if (this.outLength > 0) this.push(Buffer.from(this.out.subarray(0, this.outLength)));
     this.outLength = 0;
     callback();
@@ -73,6 +84,8 @@ export class ODataRecordsTransform extends Transform {
     for (let i = 0; i < chunk.length; i++) {
       const c = chunk[i] as number;
       if (this.inString) {
+        // JSON strings carry no raw control characters; one here (a raw newline) would also split a JSON line.
+        if (c < 0x20) throw this.malformed('a control character inside a string');
         if (this.capturing) this.keep(c);
         else if (this.topString) {
           if (this.topString.length >= 64 * 1024) throw this.malformed('a top-level string is longer than 64 KiB');
@@ -92,6 +105,7 @@ export class ODataRecordsTransform extends Transform {
         if (c !== 0x7b) throw this.malformed('the response is not a JSON object');
         this.started = true;
         this.depth = 1;
+        this.openers[1] = c;
         continue;
       }
       if (this.capturing) this.keep(c);
@@ -103,11 +117,15 @@ export class ODataRecordsTransform extends Transform {
             // After a ':' the string is the key's value; otherwise it is the next key.
             if (this.awaitingTopValue) this.collectingTopValue = true;
             this.topString = [0x22];
+          } else if (!this.capturing && this.depth === 2 && this.inValueArray) {
+            throw this.malformed('an element of "value" is not an object');
           }
           break;
         case 0x7b: // {
         case 0x5b: // [
           this.depth++;
+          if (this.depth > 256) throw this.malformed('nested deeper than 256 levels');
+          this.openers[this.depth] = c;
           if (this.depth === 2 && this.awaitingTopValue && this.topKey === 'value') {
             if (c !== 0x5b) throw this.malformed('"value" is not an array');
             this.inValueArray = true;
@@ -121,10 +139,15 @@ export class ODataRecordsTransform extends Transform {
           break;
         case 0x7d: // }
         case 0x5d: // ]
+          if (this.depth === 0 || this.openers[this.depth] !== (c === 0x7d ? 0x7b : 0x5b)) {
+            throw this.malformed('unbalanced brackets');
+          }
           this.depth--;
-          if (this.depth < 0) throw this.malformed('unbalanced brackets');
           if (this.capturing && this.depth === 2) this.emitRecord();
-          if (this.depth === 1 && this.inValueArray) this.inValueArray = false;
+          if (this.depth === 1 && this.inValueArray) {
+            this.inValueArray = false;
+            this.valueArrays++;
+          }
           if (this.depth === 0) {
             if (c !== 0x7d) throw this.malformed('unbalanced brackets');
             this.ended = true;

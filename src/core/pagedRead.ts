@@ -4,11 +4,11 @@ import { BlockUploadSink } from './blockUpload.js';
 import { DELTA_EXPORT, type ExportId, getExportType } from './catalog.js';
 import { completeSnapshotIfReady } from './completion.js';
 import type { PartRow, SnapshotRow } from './contracts.js';
-import { classifyStorageError, errorMessage, isNetworkError, MdvmError } from './errors.js';
+import { classifyStorageError, errorMessage, isNetworkError, isStorageCondition, MdvmError } from './errors.js';
 import { annotate, inSpan, record, SPAN_NAMES } from './observability.js';
 import { ODataRecordsTransform } from './odataRecords.js';
 import { canonicalGeneratedTime, compareGeneratedTime, landingPath, snapshotIdOf } from './parts.js';
-import { redact } from './redact.js';
+import { carriesCredential, redact } from './redact.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
 
@@ -52,6 +52,22 @@ const PAGE_ATTEMPTS = 3;
 const brokenBodies = new WeakSet<Error>();
 /** Errors of a page request Defender refused (400) or that the client would not send (a foreign nextLink). */
 const refusedByDefender = new WeakSet<Error>();
+/** Errors of a reader that lost a race with another reader of the same page. */
+const overlapping = new WeakSet<Error>();
+
+function refused(error: MdvmError): MdvmError {
+  refusedByDefender.add(error);
+  return error;
+}
+
+/** The row's cursor as a URL; a link that is not absolute cannot be followed and fails the read. */
+function pageUrl(cursor: string, endpoint: Endpoint): URL {
+  try {
+    return new URL(cursor);
+  } catch {
+    throw refused(new MdvmError('invalid-input', `${endpoint.path}: the next page's link is not an absolute URL`));
+  }
+}
 
 /** A full snapshot of `exportId` through its paged JSON endpoint; resumes an unfinished one first. */
 export async function requestJsonSnapshot(
@@ -174,10 +190,19 @@ async function deltaStart(runtime: Runtime): Promise<{ since: string; note?: str
 }
 
 async function unfinishedRead(runtime: Runtime, exportId: string): Promise<SnapshotRow | undefined> {
-  return (await runtime.store.listSnapshots(exportId))
+  const unfinished = (await runtime.store.listSnapshots(exportId))
     .map((s) => s.value)
-    .filter((s) => (s.mode === 'json' || s.mode === 'delta') && (s.status === 'copying' || s.status === 'requested'))
-    .at(-1);
+    .filter((s) => (s.mode === 'json' || s.mode === 'delta') && (s.status === 'copying' || s.status === 'requested'));
+  const newest = unfinished.at(-1);
+  // Two reads started at once (two first ticks): the newest goes on, the others are superseded, never left open.
+  for (const older of unfinished.slice(0, -1)) {
+    await runtime.store.mutateSnapshot(exportId, older.generatedTime, (row) =>
+      row.status === 'copying' || row.status === 'requested'
+        ? { status: 'superseded', supersededBy: newest?.generatedTime ?? row.generatedTime }
+        : undefined,
+    );
+  }
+  return newest;
 }
 
 async function startRead(
@@ -244,31 +269,44 @@ async function landPages(
     const relativePath = `json/page-${String(page).padStart(5, '0')}.json.gz`;
     let landed: LandedPage;
     try {
+      const url = pageUrl(row.cursor, endpoint);
       landed = await landPageWithRetries(
         runtime,
         endpoint,
-        new URL(row.cursor),
+        url,
         {
           blobName: landingPath(exportId, snapshotId, relativePath),
           // The same metadata as a copied part; the source is the page's URL path and query (no credential in it).
           metadata: {
             mdvm_export: exportId,
             mdvm_generated_time: generatedTime,
-            mdvm_source_path: sourcePathOf(new URL(row.cursor)).slice(0, 2000),
+            mdvm_source_path: sourcePathOf(url).slice(0, 2000),
             mdvm_mode: row.mode ?? 'json',
           },
         },
         options,
       );
+      if (landed.nextLink && carriesCredential(landed.nextLink)) {
+        throw refused(
+          new MdvmError(
+            'invalid-input',
+            `${endpoint.path}: the next page's link carries a credential; it is neither stored nor followed`,
+          ),
+        );
+      }
     } catch (error) {
       const reason = `page ${page}: ${errorMessage(error)}`;
-      // A page Defender refuses (400: a skiptoken it no longer accepts) or a nextLink off its origin will not work on
-      // resume either: the read fails, and the next tick starts a new one. Anything else (throttling, storage, an
-      // overlapping reader) resumes at this page.
-      const final = refusedByDefender.has(error as Error);
+      // Throttling, a broken connection, an expired token, an overlapping reader: resume at this page on the next
+      // tick. Anything that will fail again the same way (Defender refusing the page, a malformed page, a nextLink
+      // off the API) fails the read instead, and the next tick starts a new one: never a read stuck for good.
+      const resumable =
+        overlapping.has(error as Error) ||
+        (error instanceof MdvmError &&
+          !refusedByDefender.has(error) &&
+          (error.retryable || error.kind === 'forbidden'));
       await runtime.store.mutateSnapshot(exportId, generatedTime, (current) =>
         current.status === 'copying'
-          ? { lastError: reason, ...(final ? { status: 'failed' as const } : {}) }
+          ? { lastError: reason, ...(resumable ? {} : { status: 'failed' as const }) }
           : undefined,
       );
       record.failure(exportId, error instanceof MdvmError ? error.kind : 'transient');
@@ -279,13 +317,13 @@ async function landPages(
         outcome: 'failed',
         reason,
       });
-      throw error;
+      throw error instanceof MdvmError ? error : new MdvmError('fatal', reason, { cause: error });
     }
     await upsertLandedPart(runtime, {
       exportId,
       snapshotId,
       path: relativePath,
-      sourcePath: sourcePathOf(new URL(row.cursor)),
+      sourcePath: sourcePathOf(pageUrl(row.cursor, endpoint)),
       landingPath: landingPath(exportId, snapshotId, relativePath),
       status: 'landed',
       attempts: landed.attempts,
@@ -313,15 +351,17 @@ async function landPages(
         lastRequestedAt: runtime.now().toISOString(),
         lastError: '',
         ...(current.mode === 'delta' && landed.newestEvent
-          ? { nextSince: laterOf(current.nextSince ?? current.since ?? '', sliceAfter(landed.newestEvent)) }
+          ? { nextSince: laterOf(current.nextSince ?? current.since ?? '', sliceStartOf(landed.newestEvent)) }
           : {}),
       };
     });
     if (!moved || !updated) {
-      throw new MdvmError(
+      const lost = new MdvmError(
         'transient',
         `${exportId} ${snapshotId}: another reader moved past page ${page}; this one stops`,
       );
+      overlapping.add(lost);
+      throw lost;
     }
     row = updated;
     record.partOutcome(exportId, 'landed');
@@ -412,6 +452,15 @@ async function landPage(
       : {}),
   });
   const blob = runtime.landing.getBlockBlobClient(blobName);
+  // The blob as it is before this attempt (absent, or left by a crashed one): the commit replaces exactly that, so a
+  // reader that overlapped and committed first makes this commit fail instead of overwriting a landed page.
+  const before = await blob.getProperties({ abortSignal: options.abortSignal }).then(
+    (props) => props.etag,
+    (error: unknown) => {
+      if (isStorageCondition(error, 'not-found')) return undefined;
+      throw classifyStorageError(error, 'read a page blob before landing it');
+    },
+  );
   const sink = new BlockUploadSink(blob, {
     blockBytes: runtime.config.copy.streamBufferBytes,
     blocks: runtime.config.copy.streamBuffers,
@@ -432,7 +481,22 @@ async function landPage(
     if (error instanceof MdvmError) throw error;
     throw classifyStorageError(error, 'land a page');
   }
-  const { md5, bytes } = await sink.commit({ contentType: 'application/gzip', metadata: target.metadata });
+  let committed: { md5: string; bytes: number };
+  try {
+    committed = await sink.commit({
+      contentType: 'application/gzip',
+      metadata: target.metadata,
+      conditions: before ? { ifMatch: before } : { ifNoneMatch: '*' },
+    });
+  } catch (error) {
+    if (!isStorageCondition(error, 'precondition-failed', 'already-exists', 'conflict')) throw error;
+    const lost = new MdvmError('transient', `${blobName}: another reader landed this page first; this one stops`, {
+      cause: error,
+    });
+    overlapping.add(lost);
+    throw lost;
+  }
+  const { md5, bytes } = committed;
   const props = await blob.getProperties({ abortSignal: options.abortSignal }).catch((error: unknown) => {
     throw classifyStorageError(error, 'read back a landed page');
   });
@@ -478,10 +542,14 @@ function eventTimestampOf(record: Buffer): string | undefined {
   return undefined;
 }
 
-/** Start of the 6-hour slice after the one `time` falls in: where the next window's sinceTime goes. */
-function sliceAfter(time: string): string {
+/**
+ * Start of the 6-hour slice `time` falls in: where the next window's sinceTime goes. Defender answers from the slice
+ * that sinceTime falls in, so the next window reads the newest slice again: a slice that gained changes after this
+ * window read it loses none (downstream sees that slice's changes twice and de-duplicates them).
+ */
+function sliceStartOf(time: string): string {
   const slice = DELTA_EXPORT.sliceInMs;
-  return new Date((Math.floor(Date.parse(time) / slice) + 1) * slice).toISOString();
+  return new Date(Math.floor(Date.parse(time) / slice) * slice).toISOString();
 }
 
 function laterOf(a: string, b: string): string {

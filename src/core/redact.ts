@@ -19,6 +19,13 @@ export function redact(text: string): string {
     .replace(ACCESS_TOKEN_JSON, `$1${REDACTED}$2`);
 }
 
+/** Whether a text carries something `redact` treats as a credential other than a plain URL query (a SAS signature, a token, a key). */
+export function carriesCredential(text: string): boolean {
+  return [SIG_PARAM, BEARER, ACCOUNT_KEY, ACCESS_TOKEN_JSON].some((pattern) =>
+    new RegExp(pattern.source, 'i').test(text),
+  );
+}
+
 /** The URL without its query string: what we log and store instead of a SAS URL. */
 export function stripQuery(url: string): string {
   const at = url.indexOf('?');

@@ -126,7 +126,7 @@ describe('JSON mode: a full snapshot through the paged …ByMachine endpoint', (
     // A reader that loses a race stops (the row moved on, or its blocks went with the other's commit) and leaves the
     // read open; a later tick finishes whatever is left.
     for (const [tick] of ticks)
-      if (tick?.error) expect(tick.error).toMatch(/another reader moved past page|block list/);
+      if (tick?.error) expect(tick.error).toMatch(/another reader (moved past page|landed this page)/);
     const [read] = (await app.runtime.store.listSnapshots('secure-configuration')).map((r) => r.value);
     if (read?.status === 'copying') await app.runner.tick();
     const rows = (await app.runtime.store.listSnapshots('secure-configuration')).map((r) => r.value);
@@ -139,6 +139,28 @@ describe('JSON mode: a full snapshot through the paged …ByMachine endpoint', (
     expect(manifest.parts.map((p) => p.part)).toEqual(
       Array.from({ length: total / 10 }, (_, i) => `json/page-${String(i).padStart(5, '0')}.json.gz`),
     );
+  });
+
+  it('a page that fails the same way every time fails the read, and the next tick starts a new one', async () => {
+    await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-20T10:01:00Z',
+      recordsPerPart: 10,
+    });
+    const app = await createApp(stack, {
+      MDVM_EXPORTS: 'software-inventory-noncpe',
+      MDVM_JSON_EXPORTS: 'software-inventory-noncpe',
+      MDVM_JSON_PAGE_SIZE: '40',
+    });
+    stack.simulator.injectPageFault('software-inventory-noncpe', { kind: 'status', status: 404 }, { afterPages: 1 });
+    const [first] = await app.runner.tick();
+    expect(first?.error).toMatch(/unexpected 404/);
+    await app.runner.tick();
+    const rows = (await app.runtime.store.listSnapshots('software-inventory-noncpe')).map((r) => r.value);
+    expect(rows.map((r) => [r.status, r.partsLanded])).toEqual([
+      ['failed', 1],
+      ['complete', 3],
+    ]);
+    expect((await latestManifest(app, 'software-inventory-noncpe')).snapshot).toBe(rows[1]?.snapshotId);
   });
 
   it('never follows a nextLink off the Defender API (the token would go with it)', async () => {
@@ -235,20 +257,23 @@ describe('the software-vulnerability delta', () => {
       ok: true,
       findings: [],
     });
+    // The watermark is the start of the newest slice landed: the next window reads that slice again, so changes
+    // Defender adds to it later are not lost.
     const [complete] = (await app.runtime.store.listSnapshots(DELTA_EXPORT.id)).map((s) => s.value);
-    expect(complete).toMatchObject({ status: 'complete', nextSince: iso(s0) });
+    expect(complete).toMatchObject({ status: 'complete', nextSince: iso(s0 - SLICE) });
 
-    // The next window starts at the watermark: only the slice published since.
-    stack.simulator.publishDeltaSlice({ at: iso(s0), records: 3 });
+    // A late change in that slice, and a new slice: the next window has both, and the newest slice once more.
+    const late: DeltaSlice = { at: iso(s0 - SLICE + 2 * 3_600_000), records: 2 };
+    const newest: DeltaSlice = { at: iso(s0), records: 3 };
+    stack.simulator.publishDeltaSlice(late);
+    stack.simulator.publishDeltaSlice(newest);
     await app.runner.tick([DELTA_EXPORT.id]);
     const next = await latestManifest(app, DELTA_EXPORT.id);
-    expect(next.window?.since).toBe(iso(s0));
-    expect(canonical(await recordsOf(app, next))).toEqual(
-      canonical(stack.simulator.deltaRecordsOf({ at: iso(s0), records: 3 })),
-    );
-    // Its watermark is the next slice, which has not been produced: the next tick has nothing to ask.
-    await app.runner.tick([DELTA_EXPORT.id]);
-    expect(app.events.at(-1)).toMatchObject({ export: DELTA_EXPORT.id, outcome: 'unchanged' });
+    expect(next.window?.since).toBe(iso(s0 - SLICE));
+    const again = [slices[2], late, newest].flatMap((s) => (s ? stack.simulator.deltaRecordsOf(s) : []));
+    expect(canonical(await recordsOf(app, next))).toEqual(canonical(again));
+    const windows = (await app.runtime.store.listSnapshots(DELTA_EXPORT.id)).map((s) => s.value);
+    expect(windows.at(-1)).toMatchObject({ status: 'complete', since: iso(s0 - SLICE), nextSince: iso(s0) });
   });
 
   it('a watermark older than 14 days falls back to a full snapshot, and says so until there is one', async () => {

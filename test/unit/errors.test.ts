@@ -36,3 +36,32 @@ describe('storage conditions are named once', () => {
     expect(classifyStorageError(restError(503, 'ServerBusy'), 'write')).toMatchObject({ retryable: true });
   });
 });
+
+describe('which page links may carry the Defender token', () => {
+  it('the configured origin and documented Defender API hosts over https, nothing else', async () => {
+    const { sameApi } = await import('../../src/core/defenderClient.js');
+    const api = new URL('https://api.security.microsoft.com');
+    for (const ok of [
+      'https://api.security.microsoft.com/api/machines/X?$skiptoken=a',
+      'https://eu.api.security.microsoft.com/api/machines/X',
+      'https://api.securitycenter.microsoft.com/api/machines/X',
+      'https://api-us.securitycenter.microsoft.com/api/machines/X',
+      'https://api-gcc.securitycenter.microsoft.us/api/machines/X',
+    ]) {
+      expect(sameApi(new URL(ok), api), ok).toBe(true);
+    }
+    for (const bad of [
+      'http://api.security.microsoft.com/api/machines/X',
+      'https://api.security.microsoft.com:8443/api/machines/X',
+      'https://api.security.microsoft.com.evil.example/api',
+      'https://evil.example/api.security.microsoft.com',
+      'https://user@evil.example/api',
+      'https://xapi.security.microsoft.com/api',
+      'https://wpatdadi-eus-stg.cloudapp.net/api/machines/X',
+    ]) {
+      expect(sameApi(new URL(bad), api), bad).toBe(false);
+    }
+    expect(sameApi(new URL('http://127.0.0.1:4000/api/x'), new URL('http://127.0.0.1:4000'))).toBe(true);
+    expect(sameApi(new URL('http://127.0.0.1:4001/api/x'), new URL('http://127.0.0.1:4000'))).toBe(false);
+  });
+});

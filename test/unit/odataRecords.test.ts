@@ -65,6 +65,12 @@ describe('ODataRecordsTransform (a Defender JSON page to JSON Lines, streaming)'
     ['an element that is not an object', '{"value":[{"a":1}, 2]}', /not an object/],
     ['content after the end', '{"value":[]} {"value":[]}', /after the end/],
     ['unbalanced brackets', '{"value":[{"a":1}]]}', /unbalanced/],
+    ['mismatched brackets inside a record', '{"value":[{"a":[1}]}', /unbalanced/],
+    ['an error body with status 200', '{"error":{"code":"InternalServerError","message":"x"}}', /no top-level "value"/],
+    ['"value": null', '{"value":null}', /no top-level "value"/],
+    ['two value arrays', '{"value":[],"value":[]}', /more than one/],
+    ['a string element', '{"value":["a"]}', /not an object/],
+    ['a raw newline inside a string', '{"value":[{"a":"x\ny"}]}', /control character/],
   ])('refuses %s', async (_what, text, message) => {
     await expect(scan(text)).rejects.toThrow(message);
   });
