@@ -47,7 +47,12 @@ const SOFTWARE = [
   ['7-zip', '7-zip', '24.08'],
 ] as const;
 
-export function makeDevice(rng: Rng, rbacGroupId: number, index: number): Device {
+/**
+ * Device `index` of an RBAC group: the same device in every export type and snapshot of the simulated tenant (its
+ * fields come from its own seed), so downstream joins across exports by device find each other, as in a real tenant.
+ */
+export function makeDevice(rbacGroupId: number, index: number): Device {
+  const rng = seededRng(`device/${rbacGroupId}/${index}`);
   const platform = pick(rng, ['Windows11', 'Windows10', 'WindowsServer2022', 'WindowsServer2019'] as const);
   return {
     deviceId: hex(rng, 40),
@@ -249,7 +254,7 @@ const makers: Record<ExportId, RecordMaker> = {
 /** `count` JSON lines for one part, newline-terminated. */
 export function generateRecords(exportId: ExportId, seed: string, rbacGroupId: number, count: number): string {
   const rng = seededRng(seed);
-  const devices = Array.from({ length: Math.max(1, Math.ceil(count / 8)) }, (_, i) => makeDevice(rng, rbacGroupId, i));
+  const devices = Array.from({ length: Math.max(1, Math.ceil(count / 8)) }, (_, i) => makeDevice(rbacGroupId, i));
   const maker = makers[exportId];
   const lines: string[] = [];
   for (let i = 0; i < count; i++) lines.push(JSON.stringify(maker(rng, devices[i % devices.length] as Device, i)));
