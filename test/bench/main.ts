@@ -38,7 +38,7 @@ import type { CopyOptions } from '../../src/core/copier.js';
 import { blockId } from '../../src/core/streamCopy.js';
 import type { LocalAzurite } from '../../src/local/azurite.js';
 import { generateRecords } from '../../src/simulator/records.js';
-import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
+import { appSettings, createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
 import type { ByteJob, ByteJobKind, ByteJobResult } from './byteJob.js';
 import { RequestCounter, total } from './requestCounter.js';
 
@@ -491,18 +491,11 @@ async function pagedSection(stack: Stack, records: number): Promise<void> {
   console.log('done');
   const suffix = randomBytes(4).toString('hex');
   const env = {
-    AzureWebJobsStorage: stack.azurite.customer.connectionString,
-    MDVM_LANDING_CONNECTION_STRING: stack.azurite.customer.connectionString,
-    MDVM_DEFENDER_API_BASE_URL: stack.simulator.baseUrl,
-    MDVM_ALLOW_LOOPBACK: 'true',
+    ...appSettings(stack, suffix),
     MDVM_EXPORTS: 'software-vulnerabilities',
     MDVM_JSON_EXPORTS: 'software-vulnerabilities',
     MDVM_JSON_PAGE_SIZE: '200000',
     MDVM_DEFENDER_TIMEOUT_MS: '600000',
-    MDVM_PARTS_QUEUE: `bench-parts-${suffix}`,
-    MDVM_SNAPSHOTS_TABLE: `benchsnapshots${suffix}`,
-    MDVM_PARTS_TABLE: `benchparts${suffix}`,
-    MDVM_LANDING_CONTAINER: `bench-json-${suffix}`,
     ...stack.simulator.identityEnvironment,
   };
   const jobs = [

@@ -44,6 +44,20 @@ export interface TestApp {
   readonly env: Record<string, string>;
 }
 
+/** The settings of an app on this stack, with its own queue, tables and landing container (named by `suffix`). */
+export function appSettings(stack: Stack, suffix: string): Record<string, string> {
+  return {
+    AzureWebJobsStorage: stack.azurite.customer.connectionString,
+    MDVM_LANDING_CONNECTION_STRING: stack.azurite.customer.connectionString,
+    MDVM_DEFENDER_API_BASE_URL: stack.simulator.baseUrl,
+    MDVM_ALLOW_LOOPBACK: 'true',
+    MDVM_PARTS_QUEUE: `parts-${suffix}`,
+    MDVM_SNAPSHOTS_TABLE: `snapshots${suffix}`,
+    MDVM_PARTS_TABLE: `parts${suffix}`,
+    MDVM_LANDING_CONTAINER: `landing-${suffix}`,
+  };
+}
+
 export async function createApp(
   stack: Stack,
   settings: Record<string, string> = {},
@@ -56,17 +70,7 @@ export async function createApp(
   } = {},
 ): Promise<TestApp> {
   const suffix = randomBytes(4).toString('hex');
-  const env = {
-    AzureWebJobsStorage: stack.azurite.customer.connectionString,
-    MDVM_LANDING_CONNECTION_STRING: stack.azurite.customer.connectionString,
-    MDVM_DEFENDER_API_BASE_URL: stack.simulator.baseUrl,
-    MDVM_ALLOW_LOOPBACK: 'true',
-    MDVM_PARTS_QUEUE: `parts-${suffix}`,
-    MDVM_SNAPSHOTS_TABLE: `snapshots${suffix}`,
-    MDVM_PARTS_TABLE: `parts${suffix}`,
-    MDVM_LANDING_CONTAINER: `landing-${suffix}`,
-    ...settings,
-  };
+  const env = { ...appSettings(stack, suffix), ...settings };
   const config = loadConfig(env);
   const real = createRuntime(config, {
     // Fresh budget per app (each test is its own "process"), fast backoff for 5xx retries.
