@@ -4,6 +4,8 @@ import { DELTA_EXPORT } from '../../src/core/catalog.js';
 import { latestSchema, manifestSchema, type SnapshotManifest } from '../../src/core/contracts.js';
 import { verifyLanding } from '../../src/ops/verify.js';
 import type { DeltaSlice } from '../../src/simulator/pagedEndpoints.js';
+import { generateRecords } from '../../src/simulator/records.js';
+import type { SimulatedSnapshot } from '../../src/simulator/simulator.js';
 import { createApp, md5, type Stack, startStack, type TestApp } from '../helpers/stack.js';
 
 let stack: Stack;
@@ -41,6 +43,15 @@ async function recordsOf(app: TestApp, manifest: SnapshotManifest): Promise<stri
 }
 
 const canonical = (lines: readonly string[]) => lines.map((l) => JSON.stringify(JSON.parse(l))).sort();
+
+/** Every record of a simulated snapshot's part files, as Defender would serve them (the source of truth). */
+function sourceRecords(snap: SimulatedSnapshot): string[] {
+  return snap.parts.flatMap((p) =>
+    generateRecords(snap.exportId, p.generator.seed, p.generator.rbacGroupId, p.records)
+      .split('\n')
+      .filter((l) => l !== ''),
+  );
+}
 
 describe('JSON mode: a full snapshot through the paged …ByMachine endpoint', () => {
   it('lands the same records as via files for the same snapshot, in the same layout and manifest contract', async () => {
@@ -102,11 +113,8 @@ describe('JSON mode: a full snapshot through the paged …ByMachine endpoint', (
     expect(second?.error).toBeUndefined();
     const manifest = await latestManifest(app, 'hardware-firmware');
     expect(manifest.snapshot).toBe(stuck?.snapshotId);
-    const total = snap.parts.reduce((sum, p) => sum + p.records, 0);
-    const lines = await recordsOf(app, manifest);
     // Every record exactly once: the broken page was not landed twice, the resumed read did not start over.
-    expect(lines).toHaveLength(total);
-    expect(new Set(canonical(lines)).size).toBe(total);
+    expect(canonical(await recordsOf(app, manifest))).toEqual(canonical(sourceRecords(snap)));
   });
 
   it('two readers resuming the same read at once land every record exactly once, under one manifest', async () => {
@@ -133,9 +141,7 @@ describe('JSON mode: a full snapshot through the paged …ByMachine endpoint', (
     expect(rows.map((r) => [r.snapshotId, r.status])).toEqual([[read?.snapshotId, 'complete']]);
     const manifest = await latestManifest(app, 'secure-configuration');
     const total = snap.parts.reduce((sum, p) => sum + p.records, 0);
-    const lines = await recordsOf(app, manifest);
-    expect(lines).toHaveLength(total);
-    expect(new Set(canonical(lines)).size).toBe(total);
+    expect(canonical(await recordsOf(app, manifest))).toEqual(canonical(sourceRecords(snap)));
     expect(manifest.parts.map((p) => p.part)).toEqual(
       Array.from({ length: total / 10 }, (_, i) => `json/page-${String(i).padStart(5, '0')}.json.gz`),
     );
