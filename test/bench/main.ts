@@ -9,7 +9,7 @@
  * - tick: one tick that records and enqueues --tick-parts parts, beside its floor (the same Defender call, the same
  *   part rows inserted 100 to a transaction, the same messages sent at the same concurrency).
  * - bytes: one part of --size-mib MiB (valid gzip JSON lines) through each copy mode, each in a fresh child process
- *   (peak RSS = that process's maxrss), beside bare Put Block From URL, download-to-nowhere, upload from memory,
+ *   (peak RSS = that process's VmHWM), beside bare Put Block From URL, download-to-nowhere, upload from memory,
  *   bare download+gunzip+count and the naive download-then-upload; every landed copy is checked by MD5.
  * - paged: a JSON-mode snapshot of --paged-records software vulnerabilities in pages of 200,000 records, in a fresh
  *   process, beside the same pages downloaded to nowhere; peak RSS of each.
