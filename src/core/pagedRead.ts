@@ -268,8 +268,10 @@ async function landPages(
     const page = row.partsLanded;
     const relativePath = `json/page-${String(page).padStart(5, '0')}.json.gz`;
     let landed: LandedPage;
+    let sourcePath = '';
     try {
       const url = pageUrl(row.cursor, endpoint);
+      sourcePath = sourcePathOf(url);
       landed = await landPageWithRetries(
         runtime,
         endpoint,
@@ -280,7 +282,7 @@ async function landPages(
           metadata: {
             mdvm_export: exportId,
             mdvm_generated_time: generatedTime,
-            mdvm_source_path: sourcePathOf(url).slice(0, 2000),
+            mdvm_source_path: sourcePath.slice(0, 2000),
             mdvm_mode: row.mode ?? 'json',
           },
         },
@@ -323,7 +325,7 @@ async function landPages(
       exportId,
       snapshotId,
       path: relativePath,
-      sourcePath: sourcePathOf(pageUrl(row.cursor, endpoint)),
+      sourcePath,
       landingPath: landingPath(exportId, snapshotId, relativePath),
       status: 'landed',
       attempts: landed.attempts,
