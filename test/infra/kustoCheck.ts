@@ -70,15 +70,36 @@ const KNOWN_METRICS = new Set<string>(Object.values(METRIC_NAMES));
 const KNOWN_PROPERTIES = new Set<string>([...TELEMETRY_PROPERTY_NAMES, ...METRIC_DIMENSIONS]);
 const KNOWN_EVENTS = new Set<string>(TELEMETRY_EVENTS);
 
-/** Parse and bind one query; then check the names it takes from the app's telemetry. */
-export function checkKusto(query: string): KustoDiagnostic[] {
-  const { kusto, state } = kustoGlobals();
+function kqlErrors(query: string, state: unknown): KustoDiagnostic[] {
+  const { kusto } = kustoGlobals();
   const found: KustoDiagnostic[] = [];
   const diagnostics = kusto.KustoCode.ParseAndAnalyze(query, state).GetDiagnostics();
   for (let i = 0; i < diagnostics.Count; i++) {
     const d = diagnostics.getItem(i);
     if (d.Severity === 'Error') found.push({ line: lineAt(query, d.Start), rule: 'kql', message: d.Message });
   }
+  return found;
+}
+
+/**
+ * Parse and bind a query or control command against a Data Explorer database holding only `tables` (name to
+ * `[column, type]` pairs): the downstream scripts, checked without a cluster.
+ */
+export function checkKustoAgainst(query: string, tables: Record<string, readonly (readonly [string, string])[]>) {
+  const { kusto } = kustoGlobals();
+  const symbols = Object.entries(tables).map(
+    ([name, columns]) =>
+      new kusto.Symbols.TableSymbol.$ctor7(name, `(${columns.map(([c, t]) => `['${c}']:${t}`).join(', ')})`, null),
+  );
+  const database = new kusto.Symbols.DatabaseSymbol.$ctor1('mdvm', symbols, false);
+  const cluster = new kusto.Symbols.ClusterSymbol.ctor('adx', [database]);
+  return kqlErrors(query, kusto.GlobalState.Default.WithCluster(cluster).WithDatabase(database));
+}
+
+/** Parse and bind one query; then check the names it takes from the app's telemetry. */
+export function checkKusto(query: string): KustoDiagnostic[] {
+  const { state } = kustoGlobals();
+  const found = kqlErrors(query, state);
   const at = (index: number) => lineAt(query, index);
   for (const m of query.matchAll(/"(mdvm\.[a-z.]+)"/g)) {
     if (!KNOWN_METRICS.has(m[1] ?? '')) {
