@@ -1,3 +1,4 @@
+import { enqueueDerivations } from '../derive/derive.js';
 import { exportTitle } from './catalog.js';
 import {
   contractProblems,
@@ -72,6 +73,9 @@ export async function completeSnapshotIfReady(
     telemetry.track('snapshot', { export: exportId, snapshot: snapshot.value.snapshotId, outcome: 'error', reason });
     throw error;
   }
+
+  // Before the snapshot is marked complete, so a crash here enqueues them again on the next completion attempt.
+  await enqueueDerivations(runtime, manifest);
 
   let completedNow = false;
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => {

@@ -172,6 +172,18 @@ const jsonExportsList = z
     return parsed.exports;
   });
 
+/** Derived data is opt-in per export type: '' (off, the default), `all`, or a list of export ids. */
+const optionalExportsList = z
+  .string()
+  .default('')
+  .transform((s, ctx): ExportId[] => {
+    if (s.trim() === '') return [];
+    const parsed = parseExportList(s);
+    if ('exports' in parsed) return parsed.exports;
+    ctx.addIssue({ code: 'custom', message: parsed.problem });
+    return z.NEVER;
+  });
+
 export const settingsSchema = z
   .object({
     // Runtime storage (queue + manifest tables): a connection string, or identity-based service URIs.
@@ -206,6 +218,10 @@ export const settingsSchema = z
     MDVM_JSON_EXPORTS: jsonExportsList,
     MDVM_JSON_PAGE_SIZE: intSetting(MAX_PAGE_SIZE, 1, MAX_PAGE_SIZE),
     MDVM_DELTA_SCHEDULE: schedule.optional(),
+    // Derived data (docs/downstream): curated Parquet and change sets, built after a snapshot completes
+    MDVM_CURATED_EXPORTS: optionalExportsList,
+    MDVM_CHANGE_SET_EXPORTS: optionalExportsList,
+    MDVM_DERIVE_QUEUE: queueName.default('mdvm-derive'),
     // Security
     MDVM_SOURCE_HOST_ALLOWLIST: hostPatterns.default(['*.blob.core.windows.net']),
     MDVM_ALLOW_LOOPBACK: booleanSetting(false),
@@ -221,6 +237,19 @@ export const settingsSchema = z
     AZURE_CLIENT_ID: z.string().optional(),
   })
   .superRefine((s, ctx) => {
+    for (const setting of ['MDVM_CURATED_EXPORTS', 'MDVM_CHANGE_SET_EXPORTS'] as const) {
+      const notLanded = s[setting].filter((id) => !s.MDVM_EXPORTS.includes(id));
+      if (notLanded.length > 0) {
+        ctx.addIssue({
+          code: 'custom',
+          path: [setting],
+          message: `${notLanded.join(', ')} is not in MDVM_EXPORTS, so no snapshot of it would complete`,
+        });
+      }
+    }
+    if (s.MDVM_DERIVE_QUEUE === s.MDVM_PARTS_QUEUE) {
+      ctx.addIssue({ code: 'custom', path: ['MDVM_DERIVE_QUEUE'], message: 'must differ from MDVM_PARTS_QUEUE' });
+    }
     const notRun = s.MDVM_JSON_EXPORTS.filter((id) => !s.MDVM_EXPORTS.includes(id));
     if (notRun.length > 0) {
       ctx.addIssue({
@@ -378,6 +407,13 @@ export interface AppConfig {
     readonly countRecords: boolean;
   };
   readonly managedIdentityClientId: string | undefined;
+  /** Derived data built after a snapshot completes, through the derive queue. */
+  readonly derive: {
+    readonly curatedExports: readonly ExportId[];
+    readonly changeSetExports: readonly ExportId[];
+    readonly queueName: string;
+    readonly poisonQueueName: string;
+  };
 }
 
 const MIB = 1024 * 1024;
@@ -447,6 +483,12 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       countRecords: s.MDVM_COUNT_RECORDS,
     },
     managedIdentityClientId: s.AZURE_CLIENT_ID,
+    derive: {
+      curatedExports: s.MDVM_CURATED_EXPORTS,
+      changeSetExports: s.MDVM_CHANGE_SET_EXPORTS,
+      queueName: s.MDVM_DERIVE_QUEUE,
+      poisonQueueName: `${s.MDVM_DERIVE_QUEUE}-poison`,
+    },
   };
 }
 

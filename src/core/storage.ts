@@ -7,6 +7,9 @@ import type { AppConfig, StorageEndpoint } from './config.js';
 export interface StorageClients {
   readonly queue: QueueClient;
   readonly poisonQueue: QueueClient;
+  /** Curated parts and change sets to build (src/derive), and where failed ones are parked. */
+  readonly deriveQueue: QueueClient;
+  readonly derivePoisonQueue: QueueClient;
   readonly snapshotsTable: TableClient;
   readonly partsTable: TableClient;
   readonly landing: ContainerClient;
@@ -38,6 +41,8 @@ export function createStorageClients(config: AppConfig, credential: TokenCredent
   return {
     queue: queues.getQueueClient(config.queueName),
     poisonQueue: queues.getQueueClient(config.poisonQueueName),
+    deriveQueue: queues.getQueueClient(config.derive.queueName),
+    derivePoisonQueue: queues.getQueueClient(config.derive.poisonQueueName),
     snapshotsTable: tableClient(config.runtimeStorage.table, config.snapshotsTable, credential),
     partsTable: tableClient(config.runtimeStorage.table, config.partsTable, credential),
     landing: blobService(config.landing.blob, credential).getContainerClient(config.landing.container),
@@ -52,6 +57,8 @@ export async function ensureStorage(clients: StorageClients): Promise<void> {
   await Promise.all([
     clients.queue.createIfNotExists(),
     clients.poisonQueue.createIfNotExists(),
+    clients.deriveQueue.createIfNotExists(),
+    clients.derivePoisonQueue.createIfNotExists(),
     clients.snapshotsTable.createTable(),
     clients.partsTable.createTable(),
     clients.landing.createIfNotExists(),

@@ -41,7 +41,8 @@ export interface TelemetryProperties {
 const WARNING_OUTCOMES: ReadonlySet<Outcome> = new Set(['failed', 'error', 'dead-lettered', 'refused']);
 
 /** The events the app writes; alert and workbook queries filter on these names. */
-export const TELEMETRY_EVENTS = ['request', 'part', 'snapshot', 'defender-retry'] as const;
+/** `derived`: a curated part or change set written (method `curated` or `changes`). */
+export const TELEMETRY_EVENTS = ['request', 'part', 'snapshot', 'defender-retry', 'derived'] as const;
 export type TelemetryEventName = (typeof TELEMETRY_EVENTS)[number];
 
 export interface TelemetryEvent extends TelemetryProperties {

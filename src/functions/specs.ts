@@ -7,6 +7,7 @@ import { requestDelta, requestJsonSnapshot } from '../core/pagedRead.js';
 import { requestSnapshot } from '../core/requestSnapshot.js';
 import type { Runtime } from '../core/runtime.js';
 import { redactingLogger, Telemetry, type TelemetryEvent } from '../core/telemetry.js';
+import { handleDeriveMessage, parkDeriveMessage } from '../derive/derive.js';
 
 /**
  * The app's functions as data: name, trigger and handler. The Functions host entry point (index.ts) registers
@@ -34,6 +35,7 @@ export type FunctionSpec = TimerFunctionSpec | QueueFunctionSpec;
 /** The queue trigger's connection: the runtime storage account the host itself uses. */
 export const QUEUE_CONNECTION = 'AzureWebJobsStorage';
 export const COPY_FUNCTION_NAME = 'copy-part';
+export const DERIVE_FUNCTION_NAME = 'derive';
 export const timerFunctionName = (exportId: LandedExportId): string => `export-${exportId}`;
 
 export interface FunctionSpecOptions {
@@ -102,7 +104,28 @@ export function functionSpecs(config: AppConfig, runtime: Runtime, options: Func
       }
     },
   };
-  return [...timers, copy];
+  const derive: QueueFunctionSpec = {
+    kind: 'storageQueue',
+    name: DERIVE_FUNCTION_NAME,
+    trigger: { queueName: config.derive.queueName, connection: QUEUE_CONNECTION },
+    handler: async (message, context) => {
+      const telemetry = telemetryFor(context, options);
+      try {
+        context.log((await handleDeriveMessage(runtime, telemetry, message)).summary);
+      } catch (error) {
+        if (error instanceof MdvmError && error.kind === 'invalid-input') {
+          // Retrying a message that names no complete snapshot's part cannot help: parked at once, with the reason.
+          await parkDeriveMessage(runtime, message, error.message);
+          telemetry.track('derived', { outcome: 'dead-lettered', reason: error.message });
+          context.warn(`derive: message parked on ${config.derive.poisonQueueName}: ${error.message}`);
+          return;
+        }
+        telemetry.track('derived', { outcome: 'failed', reason: errorMessage(error) });
+        throw redacted(error);
+      }
+    },
+  };
+  return [...timers, copy, derive];
 }
 
 function telemetryFor(context: InvocationContext, options: FunctionSpecOptions): Telemetry {

@@ -63,6 +63,7 @@ export class InProcessHost {
   private readonly options: InProcessHostOptions;
   private readonly timers: ReadonlyMap<LandedExportId, TimerFunctionSpec>;
   private readonly copy: QueueFunctionSpec;
+  private readonly derive: QueueFunctionSpec | undefined;
 
   constructor(
     private readonly runtime: Runtime,
@@ -77,9 +78,11 @@ export class InProcessHost {
     this.timers = new Map(
       this.functions.filter((f): f is TimerFunctionSpec => f.kind === 'timer').map((f) => [f.exportId, f]),
     );
-    const copy = this.functions.find((f): f is QueueFunctionSpec => f.kind === 'storageQueue');
-    if (!copy) throw new Error('the app declares no queue function');
+    const queues = this.functions.filter((f): f is QueueFunctionSpec => f.kind === 'storageQueue');
+    const copy = queues.find((f) => f.trigger.queueName === runtime.config.queueName);
+    if (!copy) throw new Error('the app declares no queue function for the parts queue');
     this.copy = copy;
+    this.derive = queues.find((f) => f.trigger.queueName === runtime.config.derive.queueName);
   }
 
   /** One tick of each timer (all enabled exports by default), in parallel like the host would. */
@@ -99,11 +102,29 @@ export class InProcessHost {
     );
   }
 
-  /** Handle queue messages until the queue is empty and nothing is in flight (or the timeout). */
+  /**
+   * Handle queue messages until the queue is empty and nothing is in flight (or the timeout): the parts queue, then
+   * the derive queue, which completions fill (curated parts and change sets, when configured).
+   */
   async drain(options: DrainOptions = {}): Promise<void> {
-    const copy = this.copy;
-    const queue = this.runtime.queue;
     const deadline = Date.now() + (options.timeoutInMs ?? 10 * 60_000);
+    await this.drainQueue(this.copy, this.runtime.queue, this.runtime.poisonQueue, { ...options, deadline });
+    if (this.derive && !options.abortSignal?.aborted) {
+      const { keepListeningUntil: _, ...rest } = options;
+      await this.drainQueue(this.derive, this.runtime.storage.deriveQueue, this.runtime.storage.derivePoisonQueue, {
+        ...rest,
+        deadline,
+      });
+    }
+  }
+
+  private async drainQueue(
+    copy: QueueFunctionSpec,
+    queue: QueueClient,
+    poisonQueue: QueueClient,
+    options: DrainOptions & { deadline: number },
+  ): Promise<void> {
+    const deadline = options.deadline;
     const inFlight = new Set<Promise<void>>();
     let failure: unknown;
     let idleInMs = MIN_IDLE_IN_MS;
@@ -130,7 +151,7 @@ export class InProcessHost {
         void release(message);
         return;
       }
-      const delivery: Promise<void> = this.deliver(copy, queue, message)
+      const delivery: Promise<void> = this.deliver(copy, queue, poisonQueue, message)
         .catch((error: unknown) => {
           failure ??= error;
         })
@@ -175,12 +196,13 @@ export class InProcessHost {
   private async deliver(
     copy: QueueFunctionSpec,
     queue: QueueClient,
+    poisonQueue: QueueClient,
     message: Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'][number],
   ): Promise<void> {
     const text = message.messageText;
     // The host decodes base64; a message that is not base64 goes straight to the poison queue.
     if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) {
-      await this.runtime.poisonQueue.sendMessage(text);
+      await poisonQueue.sendMessage(text);
       await queue.deleteMessage(message.messageId, message.popReceipt);
       return;
     }
@@ -231,7 +253,7 @@ export class InProcessHost {
       `${copy.name} failed (delivery ${message.dequeueCount}): ${(failure as Error).message}`,
     );
     if (message.dequeueCount >= MAX_DEQUEUE_COUNT) {
-      await this.runtime.poisonQueue.sendMessage(text);
+      await poisonQueue.sendMessage(text);
       await settle(queue.deleteMessage(message.messageId, popReceipt));
     } else {
       // Visible again after the retry delay, text unchanged (Azurite rejects an update without text).

@@ -68,6 +68,11 @@ export interface PublishOptions {
   largePartRecords?: number;
   /** Add a part with no records (Spark writes those). */
   emptyPart?: boolean;
+  /**
+   * Exactly these records instead of generated ones (hand-built snapshots): one part per RBAC group they name
+   * (`rbacGroupId` in either casing, else group 0), as Defender partitions its files.
+   */
+  records?: readonly Record<string, unknown>[];
 }
 
 export type Fault =
@@ -227,8 +232,21 @@ export class DefenderSimulator {
     const partsPerGroup = options.partsPerGroup ?? 2;
     const recordsPerPart = options.recordsPerPart ?? 200;
 
-    const files: { relativePath: string; records: number; rbacGroupId: number }[] = [];
-    for (const group of groups) {
+    const files: { relativePath: string; records: number; rbacGroupId: number; lines?: string }[] = [];
+    const given = new Map<number, Record<string, unknown>[]>();
+    for (const record of options.records ?? []) {
+      const group = Number(record.rbacGroupId ?? record.RbacGroupId ?? 0);
+      given.set(group, [...(given.get(group) ?? []), record]);
+    }
+    for (const [group, records] of given) {
+      files.push({
+        relativePath: `OrgId=${ORG_ID}/_RbacGroupId=${group}/part-00000-${job}.c000.json.gz`,
+        records: records.length,
+        rbacGroupId: group,
+        lines: records.map((r) => `${JSON.stringify(r)}\n`).join(''),
+      });
+    }
+    for (const group of options.records ? [] : groups) {
       for (let task = 0; task < partsPerGroup; task++) {
         const splits = task === 1 ? 2 : 1;
         for (let split = 0; split < splits; split++) {
@@ -260,7 +278,9 @@ export class DefenderSimulator {
     await containerClient.createIfNotExists();
     // Uploaded 16 at a time: a snapshot of thousands of parts (the benchmark's tick) is ready in seconds.
     const parts: SimulatedPart[] = await runBounded(files, 16, async (file) => {
-      const body = gzipSync(generateRecords(exportId, `${seed}/${file.relativePath}`, file.rbacGroupId, file.records));
+      const body = gzipSync(
+        file.lines ?? generateRecords(exportId, `${seed}/${file.relativePath}`, file.rbacGroupId, file.records),
+      );
       const blobName = `${prefix}/${file.relativePath}`;
       await containerClient.getBlockBlobClient(blobName).uploadData(body, {
         blobHTTPHeaders: { blobContentType: 'application/octet-stream' },

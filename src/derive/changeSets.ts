@@ -1,0 +1,330 @@
+import { createHash } from 'node:crypto';
+import { createInterface } from 'node:readline';
+import { Transform, type TransformCallback } from 'node:stream';
+import { finished, pipeline } from 'node:stream/promises';
+import { createGunzip, createGzip } from 'node:zlib';
+import { BlockUploadSink } from '../core/blockUpload.js';
+import type { LandedExportId } from '../core/catalog.js';
+import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
+import { classifyStorageError, isStorageCondition, MdvmError } from '../core/errors.js';
+import { compareGeneratedTime } from '../core/parts.js';
+import type { Runtime } from '../core/runtime.js';
+import type { Telemetry } from '../core/telemetry.js';
+import {
+  type ChangeKind,
+  type ChangeSetManifest,
+  changeSetManifestSchema,
+  changesDataPath,
+  changesManifestPath,
+} from './contracts.js';
+import { downloadText, writeCreateOnly } from './curate.js';
+import { recordNormaliser, type TypedRow } from './normalise.js';
+import { hasChangeSets, type RecordSchema, recordSchema } from './schemas.js';
+
+/**
+ * What appeared, disappeared or changed per device between two consecutive complete snapshots of one export type,
+ * by the type's documented key (schemas.ts). Three streaming passes keep memory to one short entry per record of the
+ * previous snapshot (a 16-byte key hash and, when the type tracks columns, their values), never whole records:
+ * 1. the previous snapshot: key hash → tracked values (and expiry);
+ * 2. the current one: `added` when the key is new, `changed` when a tracked column differs, `expired` when its expiry
+ *    date passed between the two snapshots; every key seen is marked;
+ * 3. the previous one again: `removed` for every key not seen.
+ * Rows are gzip JSON Lines: `{Change, DeviceId, Key, Changed?, Record}`, Record being the normalised row (the new one,
+ * or the old one for `removed`).
+ */
+export interface ChangeRow {
+  Change: ChangeKind;
+  DeviceId: unknown;
+  Key: Record<string, unknown>;
+  Changed?: Record<string, { from: unknown; to: unknown }>;
+  Record: TypedRow;
+}
+
+interface PreviousEntry {
+  tracked: string;
+  expiresAtMs: number | null;
+  seen: boolean;
+}
+
+export async function buildChangeSet(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  manifest: SnapshotManifest,
+  options: { abortSignal?: AbortSignal } = {},
+): Promise<ChangeSetManifest & { outcome: 'landed' | 'duplicate' }> {
+  const started = Date.now();
+  const exportId = manifest.export as LandedExportId;
+  if (!hasChangeSets(exportId)) {
+    throw new MdvmError('invalid-input', `${exportId} is a change list already; it has no change sets`);
+  }
+  const manifestPath = changesManifestPath(manifest.export, manifest.snapshot);
+  const existing = await readChangeSetManifest(runtime, manifestPath);
+  if (existing) return { ...existing, outcome: 'duplicate' };
+
+  const schema = recordSchema(exportId);
+  const normaliser = recordNormaliser(schema);
+  const previous = await previousCompleteSnapshot(runtime, manifest);
+  const keyOf = (row: TypedRow) =>
+    createHash('md5')
+      .update(JSON.stringify(schema.keyColumns.map((c) => row[c])))
+      .digest('base64');
+  const trackedOf = (row: TypedRow) =>
+    schema.trackedColumns.length ? JSON.stringify(schema.trackedColumns.map((c) => row[c])) : '';
+  const expiryOf = (row: TypedRow) => {
+    const value = schema.expiryColumn ? row[schema.expiryColumn] : null;
+    return value instanceof Date ? value.getTime() : null;
+  };
+  const before = new Map<string, PreviousEntry>();
+  let duplicateKeys = 0;
+  if (previous) {
+    await forEachRecord(runtime, previous.manifest, normaliser.normalise, options, (row) => {
+      const key = keyOf(row);
+      if (before.has(key)) duplicateKeys++;
+      else before.set(key, { tracked: trackedOf(row), expiresAtMs: expiryOf(row), seen: false });
+    });
+  }
+
+  const dataPath = changesDataPath(manifest.export, manifest.snapshot);
+  const out = new ChangeWriter(runtime, dataPath, options.abortSignal);
+  const totals = { added: 0, removed: 0, changed: 0, expired: 0 };
+  const devices = new Set<string>();
+  const emit = async (change: ChangeKind, row: TypedRow, changed?: ChangeRow['Changed']) => {
+    totals[change]++;
+    devices.add(String(row.DeviceId));
+    await out.write({
+      Change: change,
+      DeviceId: row.DeviceId,
+      Key: Object.fromEntries(schema.keyColumns.map((c) => [c, row[c]])),
+      ...(changed ? { Changed: changed } : {}),
+      Record: row,
+    });
+  };
+  const nowMs = Date.parse(manifest.generatedTime);
+  const thenMs = previous ? Date.parse(previous.manifest.generatedTime) : nowMs;
+  try {
+    if (previous) {
+      await forEachRecord(runtime, manifest, normaliser.normalise, options, async (row) => {
+        const key = keyOf(row);
+        const old = before.get(key);
+        if (!old) {
+          // Marked as seen, so a repeat of a new key is a duplicate and pass 3 never calls it removed.
+          before.set(key, { tracked: '', expiresAtMs: null, seen: true });
+          return emit('added', row);
+        }
+        if (old.seen) {
+          duplicateKeys++;
+          return;
+        }
+        old.seen = true;
+        const tracked = trackedOf(row);
+        if (tracked !== old.tracked) return emit('changed', row, trackedChanges(schema, old.tracked, row));
+        const expires = expiryOf(row);
+        if (expires !== null && expires <= nowMs && expires > thenMs) return emit('expired', row);
+      });
+      await forEachRecord(runtime, previous.manifest, normaliser.normalise, options, async (row) => {
+        const entry = before.get(keyOf(row));
+        if (entry && !entry.seen) {
+          entry.seen = true;
+          await emit('removed', row);
+        }
+      });
+    }
+    const { bytes, md5 } = await out.close();
+    const changeSet: ChangeSetManifest = {
+      v: 1,
+      kind: 'changes',
+      export: manifest.export,
+      snapshot: manifest.snapshot,
+      generatedTime: manifest.generatedTime,
+      completedAt: runtime.now().toISOString(),
+      source: `${manifest.export}/snapshot=${manifest.snapshot}/_manifest.json`,
+      previous: previous
+        ? {
+            snapshot: previous.manifest.snapshot,
+            generatedTime: previous.manifest.generatedTime,
+            manifest: previous.path,
+          }
+        : null,
+      keyColumns: [...schema.keyColumns],
+      trackedColumns: [...schema.trackedColumns],
+      totals: {
+        ...totals,
+        rows: totals.added + totals.removed + totals.changed + totals.expired,
+        devices: devices.size,
+        duplicateKeys,
+      },
+      path: dataPath,
+      bytes,
+      md5,
+    };
+    const checked = changeSetManifestSchema.safeParse(changeSet);
+    if (!checked.success)
+      throw new MdvmError('fatal', `refusing to write the change set manifest: ${contractProblems(checked.error)}`);
+    const written = await writeCreateOnly(runtime, manifestPath, changeSet);
+    if (!written) {
+      const other = await readChangeSetManifest(runtime, manifestPath);
+      if (other) return { ...other, outcome: 'duplicate' };
+    }
+    telemetry.track('derived', {
+      export: manifest.export,
+      snapshot: manifest.snapshot,
+      bytes,
+      records: changeSet.totals.rows,
+      durationMs: Date.now() - started,
+      method: 'changes',
+      outcome: 'completed',
+    });
+    return { ...changeSet, outcome: 'landed' };
+  } catch (error) {
+    out.abort();
+    throw error;
+  }
+}
+
+function trackedChanges(schema: RecordSchema, oldTracked: string, row: TypedRow): ChangeRow['Changed'] {
+  const old = JSON.parse(oldTracked) as unknown[];
+  const changed: NonNullable<ChangeRow['Changed']> = {};
+  schema.trackedColumns.forEach((column, i) => {
+    const from = old[i];
+    const to = JSON.parse(JSON.stringify(row[column] ?? null)) as unknown;
+    if (JSON.stringify(from) !== JSON.stringify(to)) changed[column] = { from, to };
+  });
+  return changed;
+}
+
+async function readChangeSetManifest(runtime: Runtime, path: string): Promise<ChangeSetManifest | undefined> {
+  let text: string;
+  try {
+    text = await downloadText(runtime, path);
+  } catch (error) {
+    if (isStorageCondition(error, 'not-found')) return undefined;
+    throw classifyStorageError(error, `read ${path}`);
+  }
+  const parsed = changeSetManifestSchema.safeParse(parseJson(text));
+  if (!parsed.success) throw new MdvmError('fatal', `${path} breaks its contract: ${contractProblems(parsed.error)}`);
+  return parsed.data;
+}
+
+/**
+ * The newest complete snapshot older than this one, from the snapshots table, whose `_manifest.json` is still there
+ * (a deleted older snapshot is skipped, and the change set says which one it compared against).
+ */
+async function previousCompleteSnapshot(
+  runtime: Runtime,
+  manifest: SnapshotManifest,
+): Promise<{ manifest: SnapshotManifest; path: string } | undefined> {
+  const rows = (await runtime.store.listSnapshots(manifest.export))
+    .map((r) => r.value)
+    .filter(
+      (r) =>
+        r.status === 'complete' && r.manifestPath && compareGeneratedTime(r.generatedTime, manifest.generatedTime) < 0,
+    )
+    .sort((a, b) => compareGeneratedTime(b.generatedTime, a.generatedTime));
+  for (const row of rows) {
+    const path = row.manifestPath ?? '';
+    let text: string;
+    try {
+      text = await downloadText(runtime, path);
+    } catch (error) {
+      if (isStorageCondition(error, 'not-found')) continue;
+      throw classifyStorageError(error, `read ${path}`);
+    }
+    const parsed = manifestSchema.safeParse(parseJson(text));
+    if (!parsed.success) throw new MdvmError('fatal', `${path} breaks its contract: ${contractProblems(parsed.error)}`);
+    return { manifest: parsed.data, path };
+  }
+  return undefined;
+}
+
+/** Every record of a snapshot, normalised, part by part; each part's bytes checked against its manifest entry. */
+export async function forEachRecord(
+  runtime: Runtime,
+  manifest: SnapshotManifest,
+  normalise: (record: Record<string, unknown>) => TypedRow,
+  options: { abortSignal?: AbortSignal },
+  visit: (row: TypedRow) => void | Promise<void>,
+): Promise<void> {
+  for (const part of manifest.parts) {
+    const response = await runtime.landing
+      .getBlobClient(part.path)
+      .download(0, undefined, { abortSignal: options.abortSignal })
+      .catch((error: unknown) => {
+        if (isStorageCondition(error, 'not-found')) {
+          throw new MdvmError('fatal', `${part.path} is listed by its manifest but is not in the landing container`);
+        }
+        throw classifyStorageError(error, `read ${part.path}`);
+      });
+    const body = response.readableStreamBody;
+    if (!body) throw new MdvmError('transient', `${part.path}: empty response body`);
+    const hash = createHash('md5');
+    let bytes = 0;
+    const counter = new Transform({
+      transform(chunk: Buffer, _encoding, callback: TransformCallback) {
+        hash.update(chunk);
+        bytes += chunk.length;
+        callback(null, chunk);
+      },
+    });
+    const gunzip = createGunzip();
+    const reading = pipeline(body, counter, gunzip);
+    reading.catch(() => undefined);
+    let line = 0;
+    try {
+      for await (const text of createInterface({ input: gunzip, crlfDelay: Number.POSITIVE_INFINITY })) {
+        line++;
+        if (text.trim() === '') continue;
+        const record = parseJson(text);
+        if (record === null || typeof record !== 'object' || Array.isArray(record)) {
+          throw new MdvmError('fatal', `${part.path}: line ${line} is not a JSON object`);
+        }
+        await visit(normalise(record as Record<string, unknown>));
+      }
+      await reading;
+    } catch (error) {
+      if (error instanceof MdvmError) throw error;
+      if ((error as { code?: string }).code?.startsWith('Z_')) {
+        throw new MdvmError('fatal', `${part.path} is not valid gzip: ${(error as Error).message}`);
+      }
+      throw classifyStorageError(error, `read ${part.path}`);
+    }
+    const md5 = hash.digest('base64');
+    if (bytes !== part.bytes || (part.md5 && md5 !== part.md5)) {
+      throw new MdvmError('fatal', `${part.path} is not the part its manifest lists (${bytes} bytes, MD5 ${md5})`);
+    }
+  }
+}
+
+/** Change rows as gzip JSON Lines into staged blocks; committed on close (it replaces an unfinished earlier attempt). */
+class ChangeWriter {
+  private readonly gzip = createGzip();
+  private readonly sink: BlockUploadSink;
+  private readonly done: Promise<void>;
+  constructor(runtime: Runtime, path: string, abortSignal?: AbortSignal) {
+    this.sink = new BlockUploadSink(runtime.landing.getBlockBlobClient(path), {
+      blockBytes: 4 * 1024 * 1024,
+      blocks: 2,
+      ...(abortSignal ? { abortSignal } : {}),
+    });
+    this.done = pipeline(this.gzip, this.sink);
+    this.done.catch(() => undefined);
+  }
+  async write(row: ChangeRow): Promise<void> {
+    if (!this.gzip.write(`${JSON.stringify(row)}\n`)) {
+      await new Promise<void>((resolve, reject) => {
+        this.gzip.once('drain', resolve);
+        this.gzip.once('error', reject);
+      });
+    }
+  }
+  async close(): Promise<{ bytes: number; md5: string }> {
+    this.gzip.end();
+    await this.done;
+    await finished(this.sink).catch(() => undefined);
+    return this.sink.commit({ contentType: 'application/x-ndjson' }).catch((error: unknown) => {
+      throw error instanceof MdvmError ? error : classifyStorageError(error, 'commit the change set');
+    });
+  }
+  abort(): void {
+    this.gzip.destroy();
+  }
+}

@@ -1,0 +1,358 @@
+import { createHash } from 'node:crypto';
+import { createInterface } from 'node:readline';
+import { Transform, type TransformCallback } from 'node:stream';
+import { finished, pipeline } from 'node:stream/promises';
+import { createGunzip } from 'node:zlib';
+import { ByteWriter, type ColumnSource, ParquetWriter, schemaFromColumnData } from 'hyparquet-writer';
+import { BlockUploadSink } from '../core/blockUpload.js';
+import type { LandedExportId } from '../core/catalog.js';
+import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
+import { classifyStorageError, isStorageCondition, MdvmError } from '../core/errors.js';
+import type { Runtime } from '../core/runtime.js';
+import type { Telemetry } from '../core/telemetry.js';
+import {
+  type CuratedManifest,
+  curatedFolder,
+  curatedManifestPath,
+  curatedManifestSchema,
+  curatedPartPath,
+} from './contracts.js';
+import { recordNormaliser, type TypedRow } from './normalise.js';
+import { ADDITIONAL_PROPERTIES, type ColumnType, type RecordSchema, recordSchema } from './schemas.js';
+
+/**
+ * One raw part to one Parquet file: the landed gzip JSON Lines are read back (length and MD5 checked against the raw
+ * manifest, so the curated copy is of exactly the bytes the manifest promises), every line is normalised to its
+ * export's columns and written in row groups through a pure-JS Parquet writer (ADR 0011) into staged blocks. Memory
+ * holds one row group of rows and one of encoded bytes, whatever the part's size. The blob is committed create-only,
+ * with its row count and the raw part's MD5 in its metadata; a duplicate delivery finds it and stops.
+ */
+export const ROW_GROUP_ROWS = 20_000;
+const BLOCK_BYTES = 4 * 1024 * 1024;
+const PARQUET_TYPES: Record<ColumnType, NonNullable<ColumnSource['type']>> = {
+  string: 'STRING',
+  long: 'INT64',
+  real: 'DOUBLE',
+  bool: 'BOOLEAN',
+  datetime: 'TIMESTAMP',
+  dynamic: 'JSON',
+};
+
+export function parquetColumns(schema: RecordSchema): { name: string; type: NonNullable<ColumnSource['type']> }[] {
+  return [
+    ...schema.columns.map((c) => ({ name: c.name, type: PARQUET_TYPES[c.type] })),
+    { name: ADDITIONAL_PROPERTIES, type: 'JSON' as const },
+  ];
+}
+
+export interface CuratePartResult {
+  readonly path: string;
+  readonly rows: number;
+  readonly bytes: number;
+  /** `duplicate`: an earlier delivery already wrote it. */
+  readonly outcome: 'landed' | 'duplicate';
+}
+
+/** The raw manifest of a snapshot, read and checked: derived data is only ever made from a complete snapshot. */
+export async function readRawManifest(
+  runtime: Runtime,
+  exportId: string,
+  snapshotId: string,
+): Promise<SnapshotManifest> {
+  const path = `${exportId}/snapshot=${snapshotId}/_manifest.json`;
+  const text = await downloadText(runtime, path).catch((error: unknown) => {
+    if (isStorageCondition(error, 'not-found')) {
+      throw new MdvmError('fatal', `${path} does not exist: ${exportId}/${snapshotId} is not a complete snapshot`);
+    }
+    throw classifyStorageError(error, `read ${path}`);
+  });
+  const parsed = manifestSchema.safeParse(parseJson(text));
+  if (!parsed.success) throw new MdvmError('fatal', `${path} breaks its contract: ${contractProblems(parsed.error)}`);
+  if (parsed.data.export !== exportId || parsed.data.snapshot !== snapshotId) {
+    throw new MdvmError('fatal', `${path} names ${parsed.data.export}/${parsed.data.snapshot}`);
+  }
+  return parsed.data;
+}
+
+export async function curatePart(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  manifest: SnapshotManifest,
+  rawPath: string,
+  options: { abortSignal?: AbortSignal } = {},
+): Promise<CuratePartResult> {
+  const started = Date.now();
+  const part = manifest.parts.find((p) => p.path === rawPath);
+  if (!part) {
+    throw new MdvmError(
+      'invalid-input',
+      `${rawPath} is not a part of ${manifest.export}/${manifest.snapshot}'s manifest`,
+    );
+  }
+  const schema = recordSchema(manifest.export as LandedExportId);
+  if (!schema) throw new MdvmError('invalid-input', `no record schema for export ${manifest.export}`);
+  const target = curatedPartPath(part.path);
+  const dest = runtime.landing.getBlockBlobClient(target);
+  const existing = await curatedPartOf(runtime, target);
+  if (existing) {
+    if (existing.source !== sourceIdentity(part)) {
+      throw new MdvmError('fatal', `${target} exists but was made from other bytes than ${part.path}`);
+    }
+    return { path: target, rows: existing.rows, bytes: existing.bytes, outcome: 'duplicate' };
+  }
+
+  const response = await runtime.landing
+    .getBlobClient(part.path)
+    .download(0, undefined, { abortSignal: options.abortSignal })
+    .catch((error: unknown) => {
+      if (isStorageCondition(error, 'not-found')) {
+        throw new MdvmError('fatal', `${part.path} is listed by its manifest but is not in the landing container`);
+      }
+      throw classifyStorageError(error, `read ${part.path}`);
+    });
+  const body = response.readableStreamBody;
+  if (!body) throw new MdvmError('transient', `${part.path}: empty response body`);
+  const check = new SourceCheck();
+  const gunzip = createGunzip();
+  // pipeline() destroys every stage on a failure, so a broken download or gzip ends the line reader with its error.
+  const reading = pipeline(body, check, gunzip);
+  reading.catch(() => undefined);
+  const lines = createInterface({ input: gunzip, crlfDelay: Number.POSITIVE_INFINITY });
+  const sink = new BlockUploadSink(dest, { blockBytes: BLOCK_BYTES, blocks: 2, abortSignal: options.abortSignal });
+  const writer = new SinkWriter(sink);
+  const columns = parquetColumns(schema);
+  const parquet = new ParquetWriter({
+    writer,
+    schema: schemaFromColumnData({ columnData: columns.map((c) => ({ ...c, data: [] })) }),
+    createdBy: 'mdvm-ingest',
+    kvMetadata: [
+      { key: 'mdvm.export', value: manifest.export },
+      { key: 'mdvm.snapshot', value: manifest.snapshot },
+      { key: 'mdvm.source', value: part.path },
+    ],
+  });
+  const normaliser = recordNormaliser(schema);
+  let rows = 0;
+  let batch: TypedRow[] = [];
+  const flushBatch = async () => {
+    if (batch.length === 0) return;
+    const columnData = columns.map((c) => ({
+      ...c,
+      data: batch.map((row) => toParquetValue(c.type, row[c.name])),
+    }));
+    batch = [];
+    await parquet.write({ columnData, rowGroupSize: ROW_GROUP_ROWS });
+  };
+  try {
+    for await (const line of lines) {
+      if (line.trim() === '') continue;
+      const record = parseJson(line);
+      if (record === null || typeof record !== 'object' || Array.isArray(record)) {
+        throw new MdvmError('fatal', `${part.path}: line ${rows + 1} is not a JSON object`);
+      }
+      batch.push(normaliser.normalise(record as Record<string, unknown>));
+      rows++;
+      if (batch.length >= ROW_GROUP_ROWS) await flushBatch();
+    }
+    await flushBatch();
+    await reading;
+    await parquet.finish();
+  } catch (error) {
+    sink.destroy();
+    if (error instanceof MdvmError) throw error;
+    if ((error as { code?: string }).code?.startsWith('Z_')) {
+      throw new MdvmError('fatal', `${part.path} is not valid gzip: ${(error as Error).message}`);
+    }
+    throw classifyStorageError(error, `read ${part.path}`);
+  }
+  check.verify(part);
+  if (part.records !== null && part.records !== rows) {
+    throw new MdvmError('fatal', `${part.path}: ${rows} lines, but the manifest counted ${part.records} records`);
+  }
+  sink.end();
+  await finished(sink);
+  try {
+    const { bytes } = await sink.commit({
+      contentType: 'application/vnd.apache.parquet',
+      metadata: { rows: String(rows), source: sourceIdentity(part) },
+      conditions: { ifNoneMatch: '*' },
+    });
+    telemetry.track('derived', {
+      export: manifest.export,
+      snapshot: manifest.snapshot,
+      part: part.part,
+      bytes,
+      records: rows,
+      durationMs: Date.now() - started,
+      method: 'curated',
+      outcome: 'landed',
+    });
+    return { path: target, rows, bytes, outcome: 'landed' };
+  } catch (error) {
+    if (isStorageCondition(error, 'precondition-failed', 'already-exists', 'conflict')) {
+      // Another delivery committed first: the same bytes in, the same rows out.
+      const other = await curatedPartOf(runtime, target);
+      if (other?.source === sourceIdentity(part))
+        return { path: target, rows: other.rows, bytes: other.bytes, outcome: 'duplicate' };
+    }
+    throw error instanceof MdvmError ? error : classifyStorageError(error, `commit ${target}`);
+  }
+}
+
+/** What a curated part was made from: the raw part's MD5 when the manifest has one, else its length. */
+function sourceIdentity(part: SnapshotManifest['parts'][number]): string {
+  return part.md5 ? `md5:${part.md5}` : `bytes:${part.bytes}`;
+}
+
+async function curatedPartOf(
+  runtime: Runtime,
+  path: string,
+): Promise<{ rows: number; bytes: number; source: string } | undefined> {
+  try {
+    const props = await runtime.landing.getBlobClient(path).getProperties();
+    return {
+      rows: Number(props.metadata?.rows ?? Number.NaN),
+      bytes: props.contentLength ?? 0,
+      source: props.metadata?.source ?? '',
+    };
+  } catch (error) {
+    if (isStorageCondition(error, 'not-found')) return undefined;
+    throw classifyStorageError(error, `read ${path}`);
+  }
+}
+
+/**
+ * When every part of the raw manifest has its curated file, write the curated `_manifest.json` (create-only). One
+ * listing with metadata; safe to call after every part, concurrently, and again after a crash.
+ */
+export async function completeCuratedIfReady(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  manifest: SnapshotManifest,
+): Promise<CuratedManifest | undefined> {
+  const found = new Map<string, { rows: number; bytes: number; source: string; md5: string }>();
+  for await (const blob of runtime.landing.listBlobsFlat({
+    prefix: `${curatedFolder(manifest.export, manifest.snapshot)}/`,
+    includeMetadata: true,
+  })) {
+    found.set(blob.name, {
+      rows: Number(blob.metadata?.rows ?? Number.NaN),
+      bytes: blob.properties.contentLength ?? 0,
+      source: blob.metadata?.source ?? '',
+      md5: blob.properties.contentMD5 ? Buffer.from(blob.properties.contentMD5).toString('base64') : '',
+    });
+  }
+  const parts: CuratedManifest['parts'] = [];
+  for (const raw of manifest.parts) {
+    const path = curatedPartPath(raw.path);
+    const curated = found.get(path);
+    if (!curated || curated.source !== sourceIdentity(raw) || !Number.isSafeInteger(curated.rows)) return undefined;
+    parts.push({ path, source: raw.path, rows: curated.rows, bytes: curated.bytes, md5: curated.md5 || 'unknown' });
+  }
+  const schema = recordSchema(manifest.export as LandedExportId);
+  const curated: CuratedManifest = {
+    v: 1,
+    kind: 'curated',
+    export: manifest.export,
+    snapshot: manifest.snapshot,
+    generatedTime: manifest.generatedTime,
+    completedAt: runtime.now().toISOString(),
+    source: `${manifest.export}/snapshot=${manifest.snapshot}/_manifest.json`,
+    format: 'parquet',
+    columns: [
+      ...schema.columns.map((c) => ({ name: c.name, type: c.type })),
+      { name: ADDITIONAL_PROPERTIES, type: 'dynamic' },
+    ],
+    totals: {
+      parts: parts.length,
+      rows: parts.reduce((s, p) => s + p.rows, 0),
+      bytes: parts.reduce((s, p) => s + p.bytes, 0),
+    },
+    parts,
+  };
+  const checked = curatedManifestSchema.safeParse(curated);
+  if (!checked.success) {
+    throw new MdvmError('fatal', `refusing to write the curated manifest: ${contractProblems(checked.error)}`);
+  }
+  const written = await writeCreateOnly(runtime, curatedManifestPath(manifest.export, manifest.snapshot), curated);
+  if (written) {
+    telemetry.track('derived', {
+      export: manifest.export,
+      snapshot: manifest.snapshot,
+      bytes: curated.totals.bytes,
+      records: curated.totals.rows,
+      method: 'curated',
+      outcome: 'completed',
+    });
+  }
+  return curated;
+}
+
+/** Create-only JSON write; false when it was already there (another completion wrote it). */
+export async function writeCreateOnly(runtime: Runtime, path: string, value: unknown): Promise<boolean> {
+  const body = `${JSON.stringify(value, null, 2)}\n`;
+  try {
+    await runtime.landing.getBlockBlobClient(path).upload(body, Buffer.byteLength(body), {
+      blobHTTPHeaders: { blobContentType: 'application/json; charset=utf-8' },
+      conditions: { ifNoneMatch: '*' },
+    });
+    return true;
+  } catch (error) {
+    if (isStorageCondition(error, 'already-exists', 'precondition-failed', 'conflict')) return false;
+    throw classifyStorageError(error, `write ${path}`);
+  }
+}
+
+export async function downloadText(runtime: Runtime, path: string): Promise<string> {
+  const buffer = await runtime.landing.getBlobClient(path).downloadToBuffer();
+  return buffer.toString('utf8');
+}
+
+function toParquetValue(type: NonNullable<ColumnSource['type']>, value: unknown): unknown {
+  if (value === null || value === undefined) return null;
+  if (type === 'INT64') return BigInt(value as number);
+  return value;
+}
+
+/** Counts and hashes the raw bytes on their way to gunzip: the curated file is of the bytes the manifest lists. */
+class SourceCheck extends Transform {
+  private readonly hash = createHash('md5');
+  private bytes = 0;
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    this.hash.update(chunk);
+    this.bytes += chunk.length;
+    callback(null, chunk);
+  }
+  verify(part: SnapshotManifest['parts'][number]): void {
+    if (this.bytes !== part.bytes) {
+      throw new MdvmError('fatal', `${part.path} has ${this.bytes} bytes, its manifest says ${part.bytes}`);
+    }
+    const md5 = this.hash.digest('base64');
+    if (part.md5 && md5 !== part.md5) {
+      throw new MdvmError(
+        'fatal',
+        `${part.path} is not the part its manifest lists (MD5 ${md5}, manifest ${part.md5})`,
+      );
+    }
+  }
+}
+
+/**
+ * hyparquet-writer's Writer, flushed into a block sink after every row group: `offset` keeps counting the whole file
+ * (the footer's column offsets need it) while the buffer is emptied.
+ */
+class SinkWriter extends ByteWriter {
+  constructor(private readonly sink: BlockUploadSink) {
+    super(1024 * 1024);
+  }
+  flush(): Promise<void> {
+    const chunk = Buffer.from(this.getBytes());
+    this.index = 0;
+    return new Promise((resolve, reject) => {
+      this.sink.write(chunk, (error) => (error ? reject(error) : resolve()));
+    });
+  }
+  override finish(): Promise<void> {
+    return this.flush();
+  }
+}

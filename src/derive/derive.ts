@@ -1,0 +1,85 @@
+import { isExportId } from '../core/catalog.js';
+import type { SnapshotManifest } from '../core/contracts.js';
+import { MdvmError } from '../core/errors.js';
+import type { DeadLetter } from '../core/messages.js';
+import { redact } from '../core/redact.js';
+import type { Runtime } from '../core/runtime.js';
+import type { Telemetry } from '../core/telemetry.js';
+import { buildChangeSet } from './changeSets.js';
+import { completeCuratedIfReady, curatePart, readRawManifest } from './curate.js';
+import { type DeriveMessage, encodeDeriveMessage, parseDeriveMessage } from './messages.js';
+
+/**
+ * The derive queue's two jobs, fanned out like the copy: one message per raw part to curate, one per snapshot for its
+ * change set. Enqueued by the completion of a raw snapshot (or by `mdvm-ingest derive` for existing ones); each
+ * handler re-reads the raw manifest, so a message can only name work on a complete snapshot's own parts.
+ */
+export function derivationsOf(runtime: Runtime, manifest: SnapshotManifest): DeriveMessage[] {
+  const { curatedExports, changeSetExports } = runtime.config.derive;
+  if (!isExportId(manifest.export)) return [];
+  const base = { v: 1 as const, export: manifest.export, snapshot: manifest.snapshot };
+  return [
+    ...(curatedExports.includes(manifest.export)
+      ? manifest.parts.map((p) => ({ ...base, kind: 'curate-part' as const, part: p.path }))
+      : []),
+    ...(changeSetExports.includes(manifest.export) ? [{ ...base, kind: 'change-set' as const }] : []),
+  ];
+}
+
+/** Called by completion before the snapshot is marked complete: a crash in between enqueues again (duplicates are harmless). */
+export async function enqueueDerivations(runtime: Runtime, manifest: SnapshotManifest): Promise<number> {
+  const messages = derivationsOf(runtime, manifest);
+  const queue = runtime.storage.deriveQueue;
+  for (let i = 0; i < messages.length; i += 16) {
+    await Promise.all(
+      messages.slice(i, i + 16).map((m) => queue.sendMessage(encodeDeriveMessage(m), { messageTimeToLive: -1 })),
+    );
+  }
+  return messages.length;
+}
+
+/** A derive message that can never succeed, on the derive poison queue with why (derive messages carry no credential). */
+export async function parkDeriveMessage(runtime: Runtime, input: unknown, reason: string): Promise<void> {
+  const original =
+    typeof input === 'string' ? input : Buffer.isBuffer(input) ? input.toString('utf8') : JSON.stringify(input);
+  const letter: DeadLetter = {
+    v: 1,
+    reason: redact(reason),
+    deadLetteredAt: runtime.now().toISOString(),
+    original: redact(original ?? ''),
+  };
+  await runtime.storage.derivePoisonQueue.sendMessage(Buffer.from(JSON.stringify(letter)).toString('base64'));
+}
+
+export interface DeriveOutcome {
+  readonly kind: DeriveMessage['kind'];
+  readonly outcome: 'landed' | 'duplicate';
+  readonly summary: string;
+}
+
+export async function handleDeriveMessage(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  input: unknown,
+  options: { abortSignal?: AbortSignal } = {},
+): Promise<DeriveOutcome> {
+  const message = parseDeriveMessage(input);
+  if (!isExportId(message.export)) throw new MdvmError('invalid-input', `unknown export type '${message.export}'`);
+  const manifest = await readRawManifest(runtime, message.export, message.snapshot);
+  if (message.kind === 'curate-part') {
+    const result = await curatePart(runtime, telemetry, manifest, message.part, options);
+    const curated = await completeCuratedIfReady(runtime, telemetry, manifest);
+    return {
+      kind: message.kind,
+      outcome: result.outcome,
+      summary: `${result.path}: ${result.rows} rows ${result.outcome}${curated ? '; curated snapshot complete' : ''}`,
+    };
+  }
+  const changes = await buildChangeSet(runtime, telemetry, manifest, options);
+  const t = changes.totals;
+  return {
+    kind: message.kind,
+    outcome: changes.outcome,
+    summary: `${changes.path}: ${t.added} added, ${t.removed} removed, ${t.changed} changed, ${t.expired} expired (${changes.outcome})`,
+  };
+}

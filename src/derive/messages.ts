@@ -1,0 +1,51 @@
+import { z } from 'zod';
+import { contractProblems } from '../core/contracts.js';
+import { MdvmError } from '../core/errors.js';
+
+/**
+ * The derive-queue message: one curated part, or one snapshot's change set. It names only landing-container paths the
+ * handler re-derives and checks against the raw manifest; it carries no credential.
+ */
+export const DERIVE_KINDS = ['curate-part', 'change-set'] as const;
+
+export const deriveMessageSchema = z.discriminatedUnion('kind', [
+  z.object({
+    v: z.literal(1),
+    kind: z.literal('curate-part'),
+    export: z.string().min(1).max(64),
+    snapshot: z.string().regex(/^\d{4}-\d{2}-\d{2}T\d{4}(\d{2}(\.\d{3})?)?Z$/),
+    /** The raw part's landing path, as the raw manifest lists it. */
+    part: z.string().min(1).max(1024),
+  }),
+  z.object({
+    v: z.literal(1),
+    kind: z.literal('change-set'),
+    export: z.string().min(1).max(64),
+    snapshot: z.string().regex(/^\d{4}-\d{2}-\d{2}T\d{4}(\d{2}(\.\d{3})?)?Z$/),
+  }),
+]);
+
+export type DeriveMessage = z.output<typeof deriveMessageSchema>;
+
+export function encodeDeriveMessage(message: DeriveMessage): string {
+  return Buffer.from(JSON.stringify(deriveMessageSchema.parse(message)), 'utf8').toString('base64');
+}
+
+export function parseDeriveMessage(input: unknown): DeriveMessage {
+  let value = Buffer.isBuffer(input) ? input.toString('utf8') : input;
+  if (typeof value === 'string') {
+    try {
+      value = JSON.parse(value);
+    } catch {
+      throw new MdvmError('invalid-input', 'derive message is not JSON');
+    }
+  }
+  const parsed = deriveMessageSchema.safeParse(value);
+  if (!parsed.success) {
+    throw new MdvmError(
+      'invalid-input',
+      `message does not match the v1 derive schema: ${contractProblems(parsed.error)}`,
+    );
+  }
+  return parsed.data;
+}
