@@ -122,6 +122,12 @@ param jsonExports string = ''
 @description('Six-field NCRONTAB schedule of the software-vulnerability delta (MDVM_DELTA_SCHEDULE), e.g. 0 30 */6 * * *. Empty: the delta is off.')
 param deltaSchedule string = ''
 
+@description('Export ids whose completed snapshots are also written as curated Parquet under curated/ (MDVM_CURATED_EXPORTS): all, a comma-separated list, or empty (off). Each must be in exports.')
+param curatedExports string = ''
+
+@description('Export ids whose completed snapshots get a change set against the previous complete one under changes/ (MDVM_CHANGE_SET_EXPORTS): all, a comma-separated list, or empty (off). Each must be in exports.')
+param changeSetExports string = ''
+
 @description('E-mail address that receives the alerts (poison queue, function failures, late snapshot, Defender 401/403). Empty: the alert rules fire into the Azure portal only.')
 param alertEmail string = ''
 
@@ -228,6 +234,7 @@ module functionApp 'modules/function-app.bicep' = {
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     partsQueueName: runtimeStorage.outputs.PARTS_QUEUE_NAME
+    deriveQueueName: runtimeStorage.outputs.DERIVE_QUEUE_NAME
     snapshotsTableName: runtimeStorage.outputs.SNAPSHOTS_TABLE_NAME
     partsTableName: runtimeStorage.outputs.PARTS_TABLE_NAME
     defenderApiBaseUrl: defenderApiBaseUrl
@@ -238,6 +245,8 @@ module functionApp 'modules/function-app.bicep' = {
     copyMode: copyMode
     jsonExports: jsonExports
     deltaSchedule: deltaSchedule
+    curatedExports: curatedExports
+    changeSetExports: changeSetExports
   }
 }
 

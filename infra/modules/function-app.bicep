@@ -52,6 +52,9 @@ param maximumInstanceCount int = 40
 @description('Parts queue (MDVM_PARTS_QUEUE).')
 param partsQueueName string = 'mdvm-parts'
 
+@description('Derive queue (MDVM_DERIVE_QUEUE).')
+param deriveQueueName string = 'mdvm-derive'
+
 @description('Snapshots table (MDVM_SNAPSHOTS_TABLE).')
 param snapshotsTableName string = 'snapshots'
 
@@ -87,6 +90,12 @@ param jsonExports string = ''
 
 @description('NCRONTAB schedule of the software-vulnerability delta (MDVM_DELTA_SCHEDULE); empty: off.')
 param deltaSchedule string = ''
+
+@description('Export ids whose completed snapshots are converted to curated Parquet (MDVM_CURATED_EXPORTS): all, a list, or empty (off).')
+param curatedExports string = ''
+
+@description('Export ids whose completed snapshots get a change set against the previous one (MDVM_CHANGE_SET_EXPORTS): all, a list, or empty (off).')
+param changeSetExports string = ''
 
 resource runtimeStorage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: runtimeStorageAccountName
@@ -185,6 +194,9 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     MDVM_COPY_MODE: copyMode
     MDVM_JSON_EXPORTS: jsonExports
     MDVM_DELTA_SCHEDULE: deltaSchedule
+    MDVM_DERIVE_QUEUE: deriveQueueName
+    MDVM_CURATED_EXPORTS: curatedExports
+    MDVM_CHANGE_SET_EXPORTS: changeSetExports
   }
 }
 

@@ -227,7 +227,8 @@ resource queueMessageSender 'Microsoft.Authorization/roleAssignments@2022-04-01'
   }
 }
 
-// _manifest.json is written last and create-only, so one BlobCreated on it means "snapshot complete".
+// _manifest.json is written last and create-only, so one BlobCreated on it means "snapshot complete". Curated and
+// change-set manifests (curated/…, changes/…) arrive here too: the subject says which.
 resource snapshotReadySubscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-02-15' = if (enableEventGrid) {
   parent: systemTopic
   name: 'snapshot-ready'

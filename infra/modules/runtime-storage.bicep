@@ -23,6 +23,11 @@ param deploymentContainerName string
 @maxLength(56)
 param partsQueueName string = 'mdvm-parts'
 
+@description('Derive queue (app setting MDVM_DERIVE_QUEUE): curated parts and change sets to build. Its poison queue, <name>-poison, is created beside it.')
+@minLength(3)
+@maxLength(56)
+param deriveQueueName string = 'mdvm-derive'
+
 @description('Snapshots table (app setting MDVM_SNAPSHOTS_TABLE).')
 @minLength(3)
 @maxLength(63)
@@ -48,6 +53,8 @@ var storageTableDataContributorRoleId = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
 var queueNames = [
   partsQueueName
   '${partsQueueName}-poison'
+  deriveQueueName
+  '${deriveQueueName}-poison'
 ]
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -149,7 +156,7 @@ resource blobDataOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-// Queue trigger, enqueueing and dead-lettering: only the parts queue and its poison queue.
+// Queue triggers, enqueueing and dead-lettering: only the parts and derive queues and their poison queues.
 resource queueDataContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
   for i in range(0, length(queueNames)): {
     name: guid(queues[i].id, identityPrincipalId, storageQueueDataContributorRoleId)
@@ -206,6 +213,9 @@ output PARTS_QUEUE_NAME string = queues[0].name
 
 @description('Poison queue name.')
 output POISON_QUEUE_NAME string = queues[1].name
+
+@description('Name of the derive queue (app setting MDVM_DERIVE_QUEUE).')
+output DERIVE_QUEUE_NAME string = queues[2].name
 
 @description('Snapshots table name.')
 output SNAPSHOTS_TABLE_NAME string = snapshotsTable.name

@@ -2,16 +2,18 @@
 /**
  * mdvm-ingest — the operator CLI. Same settings (by app-setting name), same schema, same core code as the
  * Functions app: `run` drives the registered handlers in-process, `status`/`verify`/`requeue` read and repair
- * what the app wrote. Exit codes: 0 all well, 1 the command worked but found a problem, 2 bad input.
+ * what the app wrote, `derive` builds curated data and change sets for snapshots that already completed. Exit codes: 0 all well, 1 the command worked but found a problem, 2 bad input.
  */
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import ora from 'ora';
-import { DELTA_EXPORT, type LandedExportId, landedExports } from '../core/catalog.js';
+import { DELTA_EXPORT, type ExportId, type LandedExportId, landedExports } from '../core/catalog.js';
 import { ConfigError, loadConfig, parseExportList } from '../core/config.js';
 import { errorMessage, isStorageCondition } from '../core/errors.js';
 import { redact } from '../core/redact.js';
 import { createRuntime, type Runtime } from '../core/runtime.js';
 import { ensureStorage } from '../core/storage.js';
+import { redactingLogger, Telemetry } from '../core/telemetry.js';
+import { type BackfillProgress, backfillDerived } from '../ops/derive.js';
 import { requeuePoisoned } from '../ops/requeue.js';
 import { runIngestion } from '../ops/run.js';
 import { exportStatus, renderStatus } from '../ops/status.js';
@@ -124,6 +126,71 @@ async function runCommand(
   }
 }
 
+/** Derived data exists for the via-files types only (the delta is a change list already). */
+function viaFilesList(value: string): ExportId[] {
+  const parsed = parseExportList(value);
+  if ('problem' in parsed) throw new InvalidArgumentError(parsed.problem);
+  return parsed.exports;
+}
+
+async function deriveCommand(
+  global: GlobalOptions,
+  options: { exports?: ExportId[]; only?: 'curated' | 'changes'; since?: string; workers: number; json?: boolean },
+): Promise<number> {
+  if (options.since !== undefined && Number.isNaN(Date.parse(options.since))) {
+    err(`mdvm-ingest: --since '${options.since}' is not an ISO time (e.g. 2026-11-01T00:00:00Z)`);
+    return 2;
+  }
+  const runtime = openRuntime(global);
+  const controller = new AbortController();
+  const onSigint = () => {
+    err('interrupted: finishing the parts in flight; run again to resume (what exists is skipped)');
+    controller.abort();
+  };
+  process.on('SIGINT', onSigint);
+  const tty = process.stdout.isTTY === true && !options.json;
+  const spinner = tty ? ora({ text: 'listing complete snapshots…', stream: process.stdout }).start() : undefined;
+  let lastPlain = 0;
+  const line = (p: BackfillProgress) =>
+    `derive: ${p.snapshots} snapshots; curated parts ${p.curatedParts.built + p.curatedParts.existing + p.curatedParts.failed}/${p.curatedParts.total} (${p.curatedParts.rows.toLocaleString('en-US')} rows); change sets ${p.changeSets.built + p.changeSets.existing + p.changeSets.failed}/${p.changeSets.total}`;
+  const telemetry = new Telemetry(
+    redactingLogger((level, text) => {
+      if (global.verbose && level !== 'info') err(text);
+    }),
+  );
+  try {
+    const report = await backfillDerived(runtime, telemetry, {
+      exports: options.exports ?? runtime.config.exports,
+      curated: options.only !== 'changes',
+      changes: options.only !== 'curated',
+      ...(options.since ? { since: options.since } : {}),
+      workers: options.workers,
+      abortSignal: controller.signal,
+      onProgress: (p) => {
+        if (spinner) spinner.text = line(p);
+        else if (!options.json && Date.now() - lastPlain > 5_000) {
+          lastPlain = Date.now();
+          out(line(p));
+        }
+      },
+    });
+    spinner?.stop();
+    if (options.json) out(JSON.stringify(report, null, 2));
+    else {
+      out(line(report));
+      out(
+        `built ${report.curatedParts.built} curated parts and ${report.changeSets.built} change sets; ${report.curatedParts.existing + report.changeSets.existing} already there; ${report.failures.length} failed; ${report.seconds.toFixed(1)} s`,
+      );
+      for (const f of report.failures) out(`failed  ${f.export} ${f.snapshot} ${f.what}: ${oneLine(f.reason)}`);
+      if (report.interrupted) out('interrupted: run again to resume');
+    }
+    return report.failures.length > 0 || report.interrupted ? 1 : 0;
+  } finally {
+    spinner?.stop();
+    process.off('SIGINT', onSigint);
+  }
+}
+
 async function main(argv: string[]): Promise<number> {
   const program = new Command()
     .name('mdvm-ingest')
@@ -184,6 +251,28 @@ async function main(argv: string[]): Promise<number> {
       }
       code = report.ok ? 0 : 1;
     });
+
+  program
+    .command('derive')
+    .description('build curated Parquet and change sets for snapshots that already completed (backfill)')
+    .addOption(
+      new Option('--exports <list>', 'comma-separated export ids (default: MDVM_EXPORTS)').argParser(viaFilesList),
+    )
+    .addOption(new Option('--only <what>', 'build only one of the two').choices(['curated', 'changes']))
+    .option('--since <time>', 'only snapshots generated at or after this ISO time')
+    .addOption(new Option('--workers <n>', 'parts converted at once').argParser(positiveInt('--workers')).default(4))
+    .option('--json', 'print the documented JSON shape')
+    .action(
+      async (options: {
+        exports?: ExportId[];
+        only?: 'curated' | 'changes';
+        since?: string;
+        workers: number;
+        json?: boolean;
+      }) => {
+        code = await deriveCommand(global(), options);
+      },
+    );
 
   program
     .command('requeue')

@@ -52,6 +52,7 @@ export function appSettings(stack: Stack, suffix: string): Record<string, string
     MDVM_DEFENDER_API_BASE_URL: stack.simulator.baseUrl,
     MDVM_ALLOW_LOOPBACK: 'true',
     MDVM_PARTS_QUEUE: `parts-${suffix}`,
+    MDVM_DERIVE_QUEUE: `derive-${suffix}`,
     MDVM_SNAPSHOTS_TABLE: `snapshots${suffix}`,
     MDVM_PARTS_TABLE: `parts${suffix}`,
     MDVM_LANDING_CONTAINER: `landing-${suffix}`,

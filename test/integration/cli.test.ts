@@ -5,10 +5,12 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EXPORT_IDS } from '../../src/core/catalog.js';
 import type { DeadLetter } from '../../src/core/messages.js';
+import { curatedPartPath as curatedPathOf } from '../../src/derive/contracts.js';
+import type { BackfillReport } from '../../src/ops/derive.js';
 import type { RequeueReport } from '../../src/ops/requeue.js';
 import type { StatusReport } from '../../src/ops/status.js';
 import type { VerifyReport } from '../../src/ops/verify.js';
-import { createApp, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
+import { createApp, listBlobNames, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
 
 const CLI = new URL('../../dist/src/cli/main.js', import.meta.url).pathname;
 let stack: Stack;
@@ -428,5 +430,43 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
       expect(result.code).toBe(0);
       expect(result.stdout).toMatch(/^Usage: mdvm-ingest/);
     }
+  });
+  it('derive backfills curated Parquet and change sets for snapshots that completed before, reports progress, and skips what exists', async () => {
+    const app = await appFor('secure-configuration');
+    for (const generatedTime of ['2026-11-10T06:01:00Z', '2026-11-11T06:01:00Z']) {
+      await stack.simulator.publish('secure-configuration', { generatedTime, recordsPerPart: 20 });
+      await app.runner.tick();
+      await app.runner.drain();
+    }
+    const first = await cli(['derive', '--exports', 'secure-configuration', '--json'], app.env);
+    expect(first.stderr).toBe('');
+    expect(first.code).toBe(0);
+    const report = JSON.parse(first.stdout) as BackfillReport;
+    expect(report.snapshots).toBe(2);
+    expect(report.curatedParts).toMatchObject({ built: report.curatedParts.total, failed: 0, rows: 2 * 9 * 20 });
+    expect(report.changeSets).toMatchObject({ total: 2, built: 2, failed: 0 });
+    const names = await listBlobNames(app);
+    expect(names.filter((n) => /^(curated|changes)\/.*_manifest\.json$/.test(n))).toHaveLength(4);
+
+    const again = await cli(['derive', '--exports', 'secure-configuration'], app.env);
+    expect(again.code).toBe(0);
+    expect(again.stdout).toMatch(/curated parts 18\/18 \(360 rows\); change sets 2\/2/);
+    expect(again.stdout).toMatch(/built 0 curated parts and 0 change sets; 20 already there; 0 failed/);
+
+    // A raw part gone since its snapshot completed: that snapshot's curated copy cannot be made, and the command says so.
+    const gone =
+      names.find((n) => n.startsWith('secure-configuration/snapshot=2026-11-11T0601Z/') && n.endsWith('.json.gz')) ??
+      '';
+    await app.runtime.landing.getBlobClient(curatedPathOf(gone)).delete();
+    await app.runtime.landing.getBlobClient(gone).delete();
+    const broken = await cli(['derive', '--exports', 'secure-configuration', '--only', 'curated'], app.env);
+    expect(broken.code).toBe(1);
+    expect(broken.stdout).toContain(
+      `failed  secure-configuration 2026-11-11T0601Z ${gone}: ${gone} is listed by its manifest but is not in the landing container`,
+    );
+
+    const bad = await cli(['derive', '--since', 'last tuesday'], app.env);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--since 'last tuesday' is not an ISO time/);
   });
 });

@@ -9,7 +9,13 @@ import { EXPORT_IDS } from '../../src/core/catalog.js';
 import { loadConfig } from '../../src/core/config.js';
 import { createRuntime } from '../../src/core/runtime.js';
 import { buildFunctionPackage, PackageError, ZIP_NAME } from '../../src/deploy/functionPackage.js';
-import { COPY_FUNCTION_NAME, functionSpecs, QUEUE_CONNECTION, timerFunctionName } from '../../src/functions/specs.js';
+import {
+  COPY_FUNCTION_NAME,
+  DERIVE_FUNCTION_NAME,
+  functionSpecs,
+  QUEUE_CONNECTION,
+  timerFunctionName,
+} from '../../src/functions/specs.js';
 import { exampleAppSettings } from '../infra/bicepSettings.js';
 
 /**
@@ -100,10 +106,10 @@ describe('the deployment package (npm run package)', () => {
 
     const functions = report.functions ?? [];
     const trigger = (name: string) => Object.values(functions.find((f) => f.name === name)?.bindings ?? {})[0];
-    // MDVM_EXPORTS from the Bicep is 'all': one timer per export type, and the copy-part queue trigger.
+    // MDVM_EXPORTS from the Bicep is 'all': one timer per export type, the copy-part and derive queue triggers.
     expect(settings.MDVM_EXPORTS).toBe('all');
     expect(functions.map((f) => f.name).sort()).toEqual(
-      [...EXPORT_IDS.map(timerFunctionName), COPY_FUNCTION_NAME].sort(),
+      [...EXPORT_IDS.map(timerFunctionName), COPY_FUNCTION_NAME, DERIVE_FUNCTION_NAME].sort(),
     );
     for (const f of functions) expect(f.handlerType, f.name).toBe('function');
     for (const id of EXPORT_IDS) {
@@ -121,6 +127,12 @@ describe('the deployment package (npm run package)', () => {
       queueName: settings.MDVM_PARTS_QUEUE,
       connection: QUEUE_CONNECTION,
     });
+    expect(trigger(DERIVE_FUNCTION_NAME)).toMatchObject({
+      type: 'queueTrigger',
+      direction: 'in',
+      queueName: settings.MDVM_DERIVE_QUEUE,
+      connection: QUEUE_CONNECTION,
+    });
     // The connection is identity-based: the host builds it from <connection>__queueServiceUri + credential.
     expect(settings[`${QUEUE_CONNECTION}__queueServiceUri`]).toMatch(/^https:\/\/.+\.queue\.core\.windows\.net\/$/);
     expect(settings[`${QUEUE_CONNECTION}__credential`]).toBe('managedidentity');
@@ -128,6 +140,7 @@ describe('the deployment package (npm run package)', () => {
     // ...and the queue it listens on is the one the runtime storage module creates.
     const runtimeStorage = readFileSync(join(infra, 'modules/runtime-storage.bicep'), 'utf8');
     expect(runtimeStorage).toContain(`param partsQueueName string = '${settings.MDVM_PARTS_QUEUE}'`);
+    expect(runtimeStorage).toContain(`param deriveQueueName string = '${settings.MDVM_DERIVE_QUEUE}'`);
   });
 
   it('registers exactly the function specs the in-process host drives (mdvm-ingest run, npm start, the tests)', () => {
@@ -163,7 +176,7 @@ describe('the deployment package (npm run package)', () => {
     const topLevel = new Set(zipFiles.map((f) => f.split('/')[0]));
     expect([...topLevel].sort()).toEqual(['dist', 'host.json', 'node_modules', 'package.json']);
     const distFolders = new Set(zipFiles.filter((f) => f.startsWith('dist/')).map((f) => f.split('/')[2]));
-    expect([...distFolders].sort()).toEqual(['core', 'functions']);
+    expect([...distFolders].sort()).toEqual(['core', 'derive', 'functions']);
 
     const project = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
     // A dev dependency ships only when a production dependency needs it too (e.g. @types/node under the

@@ -27,6 +27,7 @@ describe('what the app declares for the Functions host', () => {
     const functions = app.runner.functions;
     expect(functions.map((f) => f.name).sort()).toEqual([
       'copy-part',
+      'derive',
       'export-certificates',
       'export-software-vulnerabilities',
     ]);
@@ -40,6 +41,10 @@ describe('what the app declares for the Functions host', () => {
     expect(functions.find((f) => f.name === 'copy-part')).toMatchObject({
       kind: 'storageQueue',
       trigger: { queueName: `parts-${app.suffix}`, connection: 'AzureWebJobsStorage' },
+    });
+    expect(functions.find((f) => f.name === 'derive')).toMatchObject({
+      kind: 'storageQueue',
+      trigger: { queueName: `derive-${app.suffix}`, connection: 'AzureWebJobsStorage' },
     });
   });
 
