@@ -1,4 +1,6 @@
 import { z } from 'zod';
+import { changeSetManifestSchema, curatedManifestSchema } from '../derive/contracts.js';
+import { deriveMessageSchema } from '../derive/messages.js';
 
 /**
  * The pipeline's last edge, as schemas: the rows of the `snapshots` and `parts` tables, `_manifest.json` and
@@ -145,6 +147,9 @@ export const PUBLISHED_CONTRACTS = {
   'latest.schema.json': latestSchema,
   'snapshot-row.schema.json': snapshotRowSchema,
   'part-row.schema.json': partRowSchema,
+  'curated-manifest.schema.json': curatedManifestSchema,
+  'change-set-manifest.schema.json': changeSetManifestSchema,
+  'derive-message.schema.json': deriveMessageSchema,
 } as const;
 
 /** Why a value does not match its contract, in one line: `field: problem; field: problem`. */

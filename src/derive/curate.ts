@@ -27,7 +27,7 @@ import { ADDITIONAL_PROPERTIES, type ColumnType, type RecordSchema, recordSchema
  * holds one row group of rows and one of encoded bytes, whatever the part's size. The blob is committed create-only,
  * with its row count and the raw part's MD5 in its metadata; a duplicate delivery finds it and stops.
  */
-export const ROW_GROUP_ROWS = 20_000;
+export const ROW_GROUP_ROWS = 5000;
 const BLOCK_BYTES = 4 * 1024 * 1024;
 const PARQUET_TYPES: Record<ColumnType, NonNullable<ColumnSource['type']>> = {
   string: 'STRING',

@@ -1,6 +1,7 @@
 import { z } from 'zod';
-import { contractProblems } from '../core/contracts.js';
 import { MdvmError } from '../core/errors.js';
+
+// core/contracts.ts publishes this schema, so nothing here may import it back (a cycle would leave it undefined).
 
 /**
  * The derive-queue message: one curated part, or one snapshot's change set. It names only landing-container paths the
@@ -44,7 +45,7 @@ export function parseDeriveMessage(input: unknown): DeriveMessage {
   if (!parsed.success) {
     throw new MdvmError(
       'invalid-input',
-      `message does not match the v1 derive schema: ${contractProblems(parsed.error)}`,
+      `message does not match the v1 derive schema: ${parsed.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')}`,
     );
   }
   return parsed.data;

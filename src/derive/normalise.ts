@@ -20,14 +20,27 @@ export function recordNormaliser(schema: RecordSchema): RecordNormaliser {
     byKey.set(column.name.toLowerCase(), column);
     for (const key of column.keys) byKey.set(key.toLowerCase(), column);
   }
+  // Files repeat the same few spellings on every line: each exact key is lower-cased and looked up once.
+  const resolved = new Map<string, Column | null>();
+  const columnOf = (key: string): Column | null => {
+    let column = resolved.get(key);
+    if (column === undefined) {
+      column = byKey.get(key.toLowerCase()) ?? null;
+      if (resolved.size < 10_000) resolved.set(key, column);
+    }
+    return column;
+  };
+  const names = schema.columns.map((c) => c.name);
   return {
     schema,
     normalise(record) {
       const row: TypedRow = {};
-      for (const column of schema.columns) row[column.name] = null;
+      for (const name of names) row[name] = null;
       let extra: Record<string, unknown> | null = null;
-      for (const [key, value] of Object.entries(record)) {
-        const column = byKey.get(key.toLowerCase());
+      for (const key in record) {
+        if (!Object.hasOwn(record, key)) continue;
+        const value = record[key];
+        const column = columnOf(key);
         if (!column) {
           extra ??= {};
           extra[key] = value;

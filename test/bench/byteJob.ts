@@ -4,7 +4,10 @@
  * Copy modes go through PartCopier exactly as the app does; the baselines are the least code that does the same
  * transfer with the storage SDK.
  */
-import { readFileSync } from 'node:fs';
+import { createWriteStream, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
@@ -19,6 +22,7 @@ import { createCredential, createRuntime } from '../../src/core/runtime.js';
 import { ensureStorage } from '../../src/core/storage.js';
 import { blockId } from '../../src/core/streamCopy.js';
 import { Telemetry } from '../../src/core/telemetry.js';
+import { curatePart, readRawManifest } from '../../src/derive/curate.js';
 
 export type ByteJobKind =
   | 'copier'
@@ -29,7 +33,10 @@ export type ByteJobKind =
   | 'naive-download-then-upload'
   | 'idle-sdk'
   | 'json-pages'
-  | 'bare-json-pages';
+  | 'bare-json-pages'
+  | 'curate-hyparquet'
+  | 'curate-duckdb'
+  | 'bare-download-gunzip-parse';
 
 export interface ByteJob {
   readonly kind: ByteJobKind;
@@ -64,6 +71,9 @@ interface JobOutcome {
 
 async function run(job: ByteJob): Promise<JobOutcome> {
   if (job.kind === 'json-pages' || job.kind === 'bare-json-pages') return runPaged(job);
+  if (job.kind === 'curate-hyparquet' || job.kind === 'curate-duckdb' || job.kind === 'bare-download-gunzip-parse') {
+    return runCurate(job);
+  }
   const landing = new ContainerClient(job.landingUrl);
   const source = new BlobClient(job.sourceUrl);
   switch (job.kind) {
@@ -176,6 +186,63 @@ async function runPaged(job: ByteJob): Promise<JobOutcome> {
     next = /"@odata\.nextLink":"([^"]+)"/.exec(tail)?.[1];
   }
   return { bytes };
+}
+
+/**
+ * One raw part to Parquet. `curate-hyparquet` is the app's own path (curatePart: read back, normalise, row groups into
+ * staged blocks). `curate-duckdb` is the candidate it was chosen over: the part downloaded to a temp file, DuckDB's
+ * read_json (its own schema inference, no casing normalisation: less work than the app does) and COPY TO Parquet, the
+ * file uploaded. The baseline is the least any JSON conversion in this process must do: download, gunzip, parse every
+ * line.
+ */
+async function runCurate(job: ByteJob): Promise<JobOutcome> {
+  Object.assign(process.env, job.env);
+  const runtime = createRuntime(loadConfig(process.env));
+  const exportId = job.exportId ?? 'software-vulnerabilities';
+  const snapshot = job.landingPath.split('/')[1]?.replace('snapshot=', '') ?? '';
+  if (job.kind === 'curate-hyparquet') {
+    const manifest = await readRawManifest(runtime, exportId, snapshot);
+    const telemetry = new Telemetry({ info() {}, warn() {}, error() {} });
+    const result = await curatePart(runtime, telemetry, manifest, job.landingPath);
+    return { bytes: result.bytes, records: result.rows, method: 'hyparquet-writer' };
+  }
+  const body = (await runtime.landing.getBlobClient(job.landingPath).download()).readableStreamBody;
+  if (!body) throw new Error('no body');
+  if (job.kind === 'bare-download-gunzip-parse') {
+    const gunzip = createGunzip();
+    const reading = pipeline(body, gunzip);
+    let records = 0;
+    for await (const line of createInterface({ input: gunzip, crlfDelay: Number.POSITIVE_INFINITY })) {
+      if (line !== '') {
+        JSON.parse(line);
+        records++;
+      }
+    }
+    await reading;
+    return { bytes: 0, records };
+  }
+  const folder = mkdtempSync(join(tmpdir(), 'bench-duckdb-'));
+  try {
+    const input = join(folder, 'part.json.gz');
+    const output = join(folder, 'part.parquet');
+    await pipeline(body, createWriteStream(input));
+    const { DuckDBInstance } = await import('@duckdb/node-api');
+    const db = await DuckDBInstance.create(':memory:');
+    const sql = await db.connect();
+    await sql.run(
+      `copy (select * from read_json('${input}', format = 'newline_delimited')) to '${output}' (format parquet)`,
+    );
+    const counted = await sql.runAndReadAll(`select count(*)::INTEGER as n from read_parquet('${output}')`);
+    const records = Number(counted.getRowObjectsJS()[0]?.n ?? 0);
+    sql.closeSync();
+    db.closeSync();
+    await runtime.landing
+      .getBlockBlobClient(`bench-duckdb/${job.landingPath.replace(/\.json\.gz$/, '.parquet')}`)
+      .uploadFile(output);
+    return { bytes: statSync(output).size, records, method: 'duckdb' };
+  } finally {
+    rmSync(folder, { recursive: true, force: true });
+  }
 }
 
 /**

@@ -13,16 +13,20 @@
  *   bare download+gunzip+count and the naive download-then-upload; every landed copy is checked by MD5.
  * - paged: a JSON-mode snapshot of --paged-records software vulnerabilities in pages of 200,000 records, in a fresh
  *   process, beside the same pages downloaded to nowhere; peak RSS of each.
+ * - curate: one landed part of --curate-records software vulnerabilities converted to Parquet by the app (curatePart,
+ *   hyparquet-writer) and by DuckDB, each in a fresh process, beside download+gunzip+parse; MiB/s, CPU, peak RSS and
+ *   the size each library adds to the deployment package (ADR 0011).
  */
 import { execFile, execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism, cpus, totalmem } from 'node:os';
 import { dirname, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { pipeline as pipelineAsync } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs, promisify } from 'node:util';
-import { gzipSync } from 'node:zlib';
+import { createGunzip, gzipSync } from 'node:zlib';
 import { TableClient } from '@azure/data-tables';
 import {
   BlobSASPermissions,
@@ -51,7 +55,8 @@ const { values: flags } = parseArgs({
     'size-mib': { type: 'string', default: '1024' },
     'byte-runs': { type: 'string', default: '1' },
     'paged-records': { type: 'string', default: '400000' },
-    only: { type: 'string', default: 'pipeline,tick,bytes,paged' },
+    'curate-records': { type: 'string', default: '200000' },
+    only: { type: 'string', default: 'pipeline,tick,bytes,paged,curate' },
   },
 });
 const sections = new Set(flags.only.split(','));
@@ -557,6 +562,127 @@ async function pagedSection(stack: Stack, records: number): Promise<void> {
   );
 }
 
+/** Bytes on disk under these node_modules folders: what a library adds to the Functions package. */
+function packageMiB(folders: readonly string[]): number {
+  let bytes = 0;
+  const walk = (dir: string) => {
+    for (const entry of readdirSync(dir, { withFileTypes: true })) {
+      const path = join(dir, entry.name);
+      if (entry.isDirectory()) walk(path);
+      else if (entry.isFile()) bytes += statSync(path).size;
+    }
+  };
+  for (const folder of folders) if (existsSync(join('node_modules', folder))) walk(join('node_modules', folder));
+  return bytes / MiB;
+}
+
+async function curateSection(stack: Stack, records: number): Promise<void> {
+  process.stdout.write(`\nlanding a part of ${records} software-vulnerability records (stream mode, counted)… `);
+  const app = await createApp(stack, {
+    MDVM_EXPORTS: 'software-vulnerabilities',
+    MDVM_COPY_MODE: 'stream',
+    MDVM_COUNT_RECORDS: 'true',
+  });
+  await stack.simulator.publish('software-vulnerabilities', {
+    groups: [0],
+    partsPerGroup: 1,
+    recordsPerPart: 10,
+    largePartRecords: records,
+  });
+  stack.simulator.resetRateLimits();
+  await app.runner.tick(['software-vulnerabilities']);
+  await app.runner.drain({ timeoutInMs: 30 * 60_000 });
+  const latest = JSON.parse(
+    (await app.runtime.landing.getBlobClient('software-vulnerabilities/_latest.json').downloadToBuffer()).toString(),
+  ) as { manifest: string };
+  const manifest = JSON.parse(
+    (await app.runtime.landing.getBlobClient(latest.manifest).downloadToBuffer()).toString(),
+  ) as { parts: { path: string; bytes: number; records: number | null }[] };
+  const part = [...manifest.parts].sort((a, b) => b.bytes - a.bytes)[0];
+  if (!part || part.records !== records) {
+    failures.push(`curate: the landed part has ${part?.records} records, expected ${records}`);
+    return;
+  }
+  let jsonBytes = 0;
+  const body = (await app.runtime.landing.getBlobClient(part.path).download()).readableStreamBody;
+  if (body) {
+    const gunzip = createGunzip();
+    gunzip.on('data', (chunk: Buffer) => {
+      jsonBytes += chunk.length;
+    });
+    await pipelineAsync(body, gunzip);
+  }
+  console.log(`done: ${(part.bytes / MiB).toFixed(1)} MiB gzip, ${(jsonBytes / MiB).toFixed(0)} MiB JSON`);
+  const jobs = [
+    {
+      label: 'curated Parquet: the app (hyparquet-writer)',
+      kind: 'curate-hyparquet' as const,
+      library: ['hyparquet-writer', 'hyparquet'],
+    },
+    { label: 'curated Parquet: DuckDB read_json + COPY', kind: 'curate-duckdb' as const, library: ['@duckdb'] },
+    {
+      label: 'baseline: download + gunzip + parse every line',
+      kind: 'bare-download-gunzip-parse' as const,
+      library: [],
+    },
+  ];
+  const results = new Map<string, ByteJobResult>();
+  for (const job of jobs) {
+    process.stdout.write(`  ${job.label}… `);
+    const result = await runJobAsync({
+      kind: job.kind,
+      sourceUrl: '',
+      landingUrl: '',
+      landingPath: part.path,
+      sizeBytes: part.bytes,
+      blockSizeBytes: 0,
+      blockConcurrency: 0,
+      env: app.env,
+      exportId: 'software-vulnerabilities',
+    });
+    console.log(`${(result.ms / 1000).toFixed(1)} s, ${(result.maxRssBytes / MiB).toFixed(0)} MiB peak RSS`);
+    results.set(job.label, result);
+    if (result.records !== records) failures.push(`${job.label}: ${result.records} rows, the part has ${records}`);
+  }
+  const baseline = results.get(jobs[2]?.label ?? '');
+  const rows: string[][] = [];
+  for (const job of jobs) {
+    const r = results.get(job.label);
+    if (!r) continue;
+    const figure = {
+      section: 'curate',
+      label: job.label,
+      records,
+      gzipMiB: part.bytes / MiB,
+      jsonMiB: jsonBytes / MiB,
+      seconds: r.ms / 1000,
+      jsonMiBPerSecond: jsonBytes / MiB / (r.ms / 1000),
+      recordsPerSecond: records / (r.ms / 1000),
+      cpuSeconds: r.cpuMs / 1000,
+      peakRssMiB: r.maxRssBytes / MiB,
+      parquetMiB: job.kind === 'bare-download-gunzip-parse' ? null : r.bytes / MiB,
+      packageMiB: job.library.length ? packageMiB(job.library) : null,
+      timeVsBaseline: baseline ? r.ms / baseline.ms : null,
+    };
+    figures.push(figure);
+    rows.push([
+      job.label,
+      figure.jsonMiBPerSecond.toFixed(1),
+      Math.round(figure.recordsPerSecond).toString(),
+      figure.cpuSeconds.toFixed(1),
+      figure.peakRssMiB.toFixed(0),
+      figure.parquetMiB === null ? '' : figure.parquetMiB.toFixed(1),
+      figure.packageMiB === null ? '' : figure.packageMiB.toFixed(1),
+      figure.timeVsBaseline === null ? '' : `${figure.timeVsBaseline.toFixed(2)}x`,
+    ]);
+  }
+  printTable(
+    `curate: one part of ${records} records (${(part.bytes / MiB).toFixed(1)} MiB gzip, ${(jsonBytes / MiB).toFixed(0)} MiB JSON), each job in a fresh process`,
+    ['', 'JSON MiB/s', 'records/s', 'CPU s', 'peak RSS MiB', 'Parquet MiB', 'package MiB', 'time vs baseline'],
+    rows,
+  );
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 
 function keyFigures(): string {
@@ -592,6 +718,11 @@ function keyFigures(): string {
     parts.push(
       `JSON mode ${paged.records} records: peak RSS ${Math.round(paged.peakRssMiB ?? 0)} MiB, ${paged.timeVsBare?.toFixed(2)}x bare time`,
     );
+  const curated = get('curated Parquet: the app (hyparquet-writer)');
+  if (curated)
+    parts.push(
+      `curate ${curated.records} records: ${curated.jsonMiBPerSecond?.toFixed(1)} JSON MiB/s, peak RSS ${Math.round(curated.peakRssMiB ?? 0)} MiB, ${curated.timeVsBaseline?.toFixed(2)}x parse time`,
+    );
   return `key figures: ${parts.join('; ')}`;
 }
 
@@ -606,6 +737,7 @@ async function main(): Promise<number> {
     if (sections.has('tick')) await tickSection(stack, Number(flags['tick-parts']));
     if (sections.has('bytes')) await bytesSection(stack.azurite, Number(flags['size-mib']), Number(flags['byte-runs']));
     if (sections.has('paged')) await pagedSection(stack, Number(flags['paged-records']));
+    if (sections.has('curate')) await curateSection(stack, Number(flags['curate-records']));
   } finally {
     await stack.stop();
   }

@@ -112,6 +112,42 @@ describe('Data Explorer scripts', () => {
   });
 });
 
+describe('docs/downstream/README.md', () => {
+  const doc = readFileSync(new URL('../../docs/downstream/README.md', import.meta.url), 'utf8');
+
+  it('lists the key and tracked columns of every export type exactly as the schemas define them', () => {
+    const rows = new Map(
+      [...doc.matchAll(/^\| `([a-z-]+)` \| ([^|]+) \| ([^|]+) \|$/gm)].map((m) => [m[1], [m[2]?.trim(), m[3]?.trim()]]),
+    );
+    for (const id of ALL_IDS) {
+      const schema = recordSchema(id);
+      const [key, tracked] = rows.get(id) ?? [];
+      expect(key, id).toBe(schema.keyColumns.join(', '));
+      const listed = tracked?.startsWith('—') || tracked?.startsWith('(') ? [] : (tracked ?? '').split(', ');
+      expect(listed, id).toEqual(schema.trackedColumns);
+    }
+  });
+
+  it('every Kusto example parses and binds against the tables the scripts create', () => {
+    const tables: Record<string, (readonly [string, string])[]> = {};
+    for (const id of ALL_IDS) {
+      const schema = recordSchema(id);
+      tables[rawTableName(schema)] = [
+        [RAW_RECORD_COLUMN, 'dynamic'],
+        [SOURCE_PATH_COLUMN, 'string'],
+      ];
+      tables[schema.table] = [
+        ...schema.columns.map((c) => [c.name, c.type] as const),
+        [ADDITIONAL_PROPERTIES, 'dynamic'],
+        [SOURCE_PATH_COLUMN, 'string'],
+      ];
+    }
+    const blocks = [...doc.matchAll(/```kusto\n([\s\S]*?)```/g)].map((m) => m[1] ?? '');
+    expect(blocks.length).toBeGreaterThanOrEqual(2);
+    for (const block of blocks) expect(checkKustoAgainst(block, tables), block).toEqual([]);
+  });
+});
+
 describe('record normaliser (curated columns)', () => {
   it.each(ALL_IDS)('%s: sample records give the same typed row in every casing, nothing left over', (id) => {
     const normaliser = recordNormaliser(recordSchema(id));
