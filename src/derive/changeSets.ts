@@ -16,8 +16,9 @@ import {
   changeSetManifestSchema,
   changesDataPath,
   changesManifestPath,
+  sourceDigest,
 } from './contracts.js';
-import { downloadText, writeCreateOnly } from './curate.js';
+import { downloadText, writeDerivedManifest } from './curate.js';
 import { recordNormaliser, type TypedRow } from './normalise.js';
 import { hasChangeSets, type RecordSchema, recordSchema } from './schemas.js';
 
@@ -58,8 +59,10 @@ export async function buildChangeSet(
     throw new MdvmError('invalid-input', `${exportId} is a change list already; it has no change sets`);
   }
   const manifestPath = changesManifestPath(manifest.export, manifest.snapshot);
+  const digest = sourceDigest(manifest.parts);
   const existing = await readChangeSetManifest(runtime, manifestPath);
-  if (existing) return { ...existing, outcome: 'duplicate' };
+  // One made from an older raw part list (the raw manifest was since replaced with more parts) is rebuilt.
+  if (existing?.sourceDigest === digest) return { ...existing, outcome: 'duplicate' };
 
   const schema = recordSchema(exportId);
   const normaliser = recordNormaliser(schema);
@@ -138,6 +141,7 @@ export async function buildChangeSet(
       generatedTime: manifest.generatedTime,
       completedAt: runtime.now().toISOString(),
       source: `${manifest.export}/snapshot=${manifest.snapshot}/_manifest.json`,
+      sourceDigest: digest,
       previous: previous
         ? {
             snapshot: previous.manifest.snapshot,
@@ -160,7 +164,7 @@ export async function buildChangeSet(
     const checked = changeSetManifestSchema.safeParse(changeSet);
     if (!checked.success)
       throw new MdvmError('fatal', `refusing to write the change set manifest: ${contractProblems(checked.error)}`);
-    const written = await writeCreateOnly(runtime, manifestPath, changeSet);
+    const written = await writeDerivedManifest(runtime, manifestPath, changeSet);
     if (!written) {
       const other = await readChangeSetManifest(runtime, manifestPath);
       if (other) return { ...other, outcome: 'duplicate' };

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { z } from 'zod';
 import { manifestPath, snapshotFolder } from '../core/parts.js';
 
@@ -34,6 +35,17 @@ export function changesManifestPath(exportId: string, snapshotId: string): strin
   return `${CHANGES_PREFIX}/${manifestPath(exportId, snapshotId)}`;
 }
 
+/**
+ * What a derived dataset was made from: the raw manifest's parts, by path and MD5 (or length). If Defender later lists
+ * more files for the same snapshot, the raw manifest is replaced and this digest changes, so derived manifests made
+ * from the old list are rebuilt instead of standing as complete.
+ */
+export function sourceDigest(parts: readonly { path: string; md5: string | null; bytes: number }[]): string {
+  const hash = createHash('sha256');
+  for (const p of parts) hash.update(`${p.path}\t${p.md5 ?? `bytes:${p.bytes}`}\n`);
+  return hash.digest('base64');
+}
+
 const isoTime = z.iso.datetime({ offset: true });
 const count = z.number().int().nonnegative();
 
@@ -47,6 +59,8 @@ export const curatedManifestSchema = z
     completedAt: isoTime,
     /** The raw snapshot's `_manifest.json` these parts were converted from. */
     source: z.string().min(1),
+    /** Digest of the raw manifest's part list: a raw manifest replaced with more parts makes this one stale. */
+    sourceDigest: z.string().min(1),
     format: z.literal('parquet'),
     columns: z.array(z.object({ name: z.string().min(1), type: z.string().min(1) })),
     totals: z.object({ parts: count, rows: count, bytes: count }),
@@ -84,6 +98,8 @@ export const changeSetManifestSchema = z
     generatedTime: isoTime,
     completedAt: isoTime,
     source: z.string().min(1),
+    /** Digest of the raw manifest's part list: a raw manifest replaced with more parts makes this one stale. */
+    sourceDigest: z.string().min(1),
     /** The complete snapshot compared against; null for the first snapshot of an export (nothing to compare). */
     previous: z.object({ snapshot: z.string().min(1), generatedTime: isoTime, manifest: z.string().min(1) }).nullable(),
     keyColumns: z.array(z.string().min(1)),

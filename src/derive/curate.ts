@@ -16,6 +16,7 @@ import {
   curatedManifestPath,
   curatedManifestSchema,
   curatedPartPath,
+  sourceDigest,
 } from './contracts.js';
 import { recordNormaliser, type TypedRow } from './normalise.js';
 import { ADDITIONAL_PROPERTIES, type ColumnType, type RecordSchema, recordSchema } from './schemas.js';
@@ -258,6 +259,7 @@ export async function completeCuratedIfReady(
     generatedTime: manifest.generatedTime,
     completedAt: runtime.now().toISOString(),
     source: `${manifest.export}/snapshot=${manifest.snapshot}/_manifest.json`,
+    sourceDigest: sourceDigest(manifest.parts),
     format: 'parquet',
     columns: [
       ...schema.columns.map((c) => ({ name: c.name, type: c.type })),
@@ -274,7 +276,7 @@ export async function completeCuratedIfReady(
   if (!checked.success) {
     throw new MdvmError('fatal', `refusing to write the curated manifest: ${contractProblems(checked.error)}`);
   }
-  const written = await writeCreateOnly(runtime, curatedManifestPath(manifest.export, manifest.snapshot), curated);
+  const written = await writeDerivedManifest(runtime, curatedManifestPath(manifest.export, manifest.snapshot), curated);
   if (written) {
     telemetry.track('derived', {
       export: manifest.export,
@@ -288,19 +290,51 @@ export async function completeCuratedIfReady(
   return curated;
 }
 
-/** Create-only JSON write; false when it was already there (another completion wrote it). */
-export async function writeCreateOnly(runtime: Runtime, path: string, value: unknown): Promise<boolean> {
+/**
+ * A derived `_manifest.json`, create-only. One already there from the same raw part list is another delivery's
+ * identical result (false); one from an older raw part list (the raw manifest was replaced with more parts) is stale
+ * and replaced under its ETag (true).
+ */
+export async function writeDerivedManifest(
+  runtime: Runtime,
+  path: string,
+  value: { sourceDigest: string },
+): Promise<boolean> {
   const body = `${JSON.stringify(value, null, 2)}\n`;
-  try {
-    await runtime.landing.getBlockBlobClient(path).upload(body, Buffer.byteLength(body), {
-      blobHTTPHeaders: { blobContentType: 'application/json; charset=utf-8' },
-      conditions: { ifNoneMatch: '*' },
-    });
-    return true;
-  } catch (error) {
-    if (isStorageCondition(error, 'already-exists', 'precondition-failed', 'conflict')) return false;
-    throw classifyStorageError(error, `write ${path}`);
+  const blob = runtime.landing.getBlockBlobClient(path);
+  for (let attempt = 0; attempt < 5; attempt++) {
+    let conditions: { ifNoneMatch: string } | { ifMatch: string } = { ifNoneMatch: '*' };
+    if (attempt > 0) {
+      const existing = await blob.download().catch((error: unknown) => {
+        if (isStorageCondition(error, 'not-found')) return undefined;
+        throw classifyStorageError(error, `read ${path}`);
+      });
+      if (existing?.etag) {
+        const text = existing.readableStreamBody ? await streamText(existing.readableStreamBody) : '';
+        const digest = (parseJson(text) as { sourceDigest?: unknown } | undefined)?.sourceDigest;
+        if (digest === value.sourceDigest) return false;
+        conditions = { ifMatch: existing.etag };
+      }
+    }
+    try {
+      await blob.upload(body, Buffer.byteLength(body), {
+        blobHTTPHeaders: { blobContentType: 'application/json; charset=utf-8' },
+        conditions,
+      });
+      return true;
+    } catch (error) {
+      if (!isStorageCondition(error, 'already-exists', 'precondition-failed', 'conflict')) {
+        throw classifyStorageError(error, `write ${path}`);
+      }
+    }
   }
+  throw new MdvmError('transient', `${path} kept changing under us`);
+}
+
+async function streamText(stream: NodeJS.ReadableStream): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk));
+  return Buffer.concat(chunks).toString('utf8');
 }
 
 export async function downloadText(runtime: Runtime, path: string): Promise<string> {

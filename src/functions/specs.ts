@@ -36,6 +36,7 @@ export type FunctionSpec = TimerFunctionSpec | QueueFunctionSpec;
 export const QUEUE_CONNECTION = 'AzureWebJobsStorage';
 export const COPY_FUNCTION_NAME = 'copy-part';
 export const DERIVE_FUNCTION_NAME = 'derive';
+const PARK_AT_ONCE: ReadonlySet<string> = new Set(['invalid-input', 'not-found', 'fatal']);
 export const timerFunctionName = (exportId: LandedExportId): string => `export-${exportId}`;
 
 export interface FunctionSpecOptions {
@@ -113,8 +114,9 @@ export function functionSpecs(config: AppConfig, runtime: Runtime, options: Func
       try {
         context.log((await handleDeriveMessage(runtime, telemetry, message)).summary);
       } catch (error) {
-        if (error instanceof MdvmError && error.kind === 'invalid-input') {
-          // Retrying a message that names no complete snapshot's part cannot help: parked at once, with the reason.
+        if (error instanceof MdvmError && PARK_AT_ONCE.has(error.kind)) {
+          // A message naming no complete snapshot's part, or a raw part that no longer matches its manifest: retrying
+          // cannot help. Parked at once with the reason; `mdvm-ingest derive` builds it once the cause is fixed.
           await parkDeriveMessage(runtime, message, error.message);
           telemetry.track('derived', { outcome: 'dead-lettered', reason: error.message });
           context.warn(`derive: message parked on ${config.derive.poisonQueueName}: ${error.message}`);

@@ -189,6 +189,43 @@ describe('curated Parquet', () => {
     expect(names.filter((n) => !n.startsWith(`curated/certificates/snapshot=${raw.snapshot}/`))).toEqual([]);
   });
 
+  it('rebuilds curated and change-set manifests when Defender later lists more files for the same snapshot', async () => {
+    const app = await createApp(stack, {
+      MDVM_EXPORTS: 'certificates',
+      MDVM_CURATED_EXPORTS: 'certificates',
+      MDVM_CHANGE_SET_EXPORTS: 'certificates',
+    });
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T10:01:00Z', recordsPerPart: 10 });
+    await app.runner.tick();
+    await app.runner.drain();
+    const before = await rawManifest(app, 'certificates');
+    const curatedBefore = curatedManifestSchema.parse(
+      await readJson(app, curatedManifestPath('certificates', before.snapshot)),
+    );
+    expect(curatedBefore.totals.parts).toBe(before.parts.length);
+
+    // The same snapshot, listed again with one more (empty) part: the raw manifest is replaced under its ETag.
+    await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-21T10:01:00Z',
+      recordsPerPart: 10,
+      emptyPart: true,
+    });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    const after = await rawManifest(app, 'certificates');
+    expect(after.parts.length).toBe(before.parts.length + 1);
+    const curatedAfter = curatedManifestSchema.parse(
+      await readJson(app, curatedManifestPath('certificates', after.snapshot)),
+    );
+    expect(curatedAfter.parts.map((p) => p.source)).toEqual(after.parts.map((p) => p.path));
+    expect(curatedAfter.sourceDigest).not.toBe(curatedBefore.sourceDigest);
+    const changes = changeSetManifestSchema.parse(
+      await readJson(app, changesManifestPath('certificates', after.snapshot)),
+    );
+    expect(changes.sourceDigest).toBe(curatedAfter.sourceDigest);
+  });
+
   it('refuses a raw part whose bytes are not the ones its manifest lists, or whose gzip is truncated', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
     await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-21T09:01:00Z', recordsPerPart: 10 });
