@@ -154,6 +154,16 @@ async function main(): Promise<number> {
       `  (+ {export}/_latest.json for each export; manifest rows in tables '${config.snapshotsTable}' and '${config.partsTable}')`,
     );
     say('  The same run against any deployment: npx mdvm-ingest run (see README "Operating it")');
+    const derived: string[] = [];
+    for (const prefix of ['curated/', 'changes/']) {
+      for await (const blob of runtime.landing.listBlobsFlat({ prefix })) {
+        if (blob.name.endsWith('/_manifest.json')) derived.push(blob.name);
+      }
+    }
+    if (derived.length > 0) {
+      say('\nDerived data (MDVM_CURATED_EXPORTS, MDVM_CHANGE_SET_EXPORTS; docs/downstream/README.md):');
+      for (const name of derived) say(`  ${name}`);
+    }
 
     if (telemetry) say(`\n${await telemetry.summary()}`);
     const complete = second.rows.filter((r) => r.status === 'complete').length;
