@@ -42,6 +42,8 @@ export interface DrainOptions {
   abortSignal?: AbortSignal;
   /** Keep listening, even on an empty queue, until this settles (ticks still enqueueing while copies run). */
   keepListeningUntil?: Promise<unknown>;
+  /** Drain only this queue (tests that need derive messages to pile up before they run). Default: both. */
+  only?: 'parts' | 'derive';
 }
 
 export interface TickReport {
@@ -108,8 +110,10 @@ export class InProcessHost {
    */
   async drain(options: DrainOptions = {}): Promise<void> {
     const deadline = Date.now() + (options.timeoutInMs ?? 10 * 60_000);
-    await this.drainQueue(this.copy, this.runtime.queue, this.runtime.poisonQueue, { ...options, deadline });
-    if (this.derive && !options.abortSignal?.aborted) {
+    if (options.only !== 'derive') {
+      await this.drainQueue(this.copy, this.runtime.queue, this.runtime.poisonQueue, { ...options, deadline });
+    }
+    if (this.derive && options.only !== 'parts' && !options.abortSignal?.aborted) {
       const { keepListeningUntil: _, ...rest } = options;
       await this.drainQueue(this.derive, this.runtime.storage.deriveQueue, this.runtime.storage.derivePoisonQueue, {
         ...rest,

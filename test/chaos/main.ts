@@ -24,12 +24,22 @@ import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { gunzipSync } from 'node:zlib';
 import { BlobClient, BlobSASPermissions, BlobServiceClient, BlockBlobClient } from '@azure/storage-blob';
 import type { ExportId } from '../../src/core/catalog.js';
 import { latestSchema, manifestSchema, parseJson, type SnapshotManifest } from '../../src/core/contracts.js';
 import { MdvmError } from '../../src/core/errors.js';
 import { encodeMessage, type PartMessage } from '../../src/core/messages.js';
 import { compareGeneratedTime, latestPath } from '../../src/core/parts.js';
+import {
+  CHANGES_PREFIX,
+  CURATED_PREFIX,
+  changeSetManifestSchema,
+  changesManifestPath,
+  curatedManifestPath,
+  curatedManifestSchema,
+  sourceDigest,
+} from '../../src/derive/contracts.js';
 import { requeuePoisoned } from '../../src/ops/requeue.js';
 import { runIngestion } from '../../src/ops/run.js';
 import type { SimulatedSnapshot } from '../../src/simulator/simulator.js';
@@ -37,6 +47,7 @@ import { captureOpenTelemetry } from '../helpers/otel.js';
 import {
   createApp,
   duplicateQueuedMessages,
+  listBlobNames,
   type Stack,
   startStack,
   type TestApp,
@@ -468,6 +479,65 @@ const SCENARIOS: Scenario[] = [
     },
   },
   {
+    name: 'derived data over two snapshots, every derive message delivered three times',
+    async run(ctx) {
+      const exportId = 'software-inventory';
+      const app = await createApp(ctx.stack, {
+        MDVM_EXPORTS: exportId,
+        MDVM_CURATED_EXPORTS: exportId,
+        MDVM_CHANGE_SET_EXPORTS: exportId,
+        MDVM_COPY_MODE: 'stream',
+        MDVM_COUNT_RECORDS: 'true',
+      });
+      const derive = app.runtime.storage.deriveQueue;
+      for (let i = 0; i < 2; i++) {
+        await ctx.stack.simulator.publish(exportId, { recordsPerPart: 15 + i });
+        ctx.stack.simulator.resetRateLimits();
+        await app.runner.tick();
+        // Copies first: completion enqueues the derive messages; then every one of them is there three times.
+        await app.runner.drain({ only: 'parts' });
+        const texts: string[] = [];
+        for (;;) {
+          const batch = await derive.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 300 });
+          if (batch.receivedMessageItems.length === 0) break;
+          for (const m of batch.receivedMessageItems) {
+            texts.push(m.messageText);
+            await derive.deleteMessage(m.messageId, m.popReceipt);
+          }
+        }
+        ctx.expect(texts.length > 0, 'completion enqueued derive messages');
+        for (const text of [...texts, ...texts, ...texts]) await derive.sendMessage(text);
+        await app.runner.drain();
+      }
+      const rows = await tableRows(app.runtime.storage.snapshotsTable);
+      const ids = rows.filter((r) => r.status === 'complete').map((r) => String(r.snapshotId));
+      ctx.expect(ids.length === 2, 'both snapshots complete');
+      for (const id of ids) {
+        const names = await listBlobNames(app);
+        ctx.expect(names.includes(curatedManifestPath(exportId, id)), `curated manifest of ${id}`);
+        ctx.expect(names.includes(changesManifestPath(exportId, id)), `change set of ${id}`);
+      }
+      ctx.judge(app);
+    },
+  },
+  {
+    name: 'derived data when Defender lists one file, then all of them',
+    async run(ctx) {
+      const app = await createApp(ctx.stack, {
+        MDVM_EXPORTS: 'hardware-firmware',
+        MDVM_CURATED_EXPORTS: 'hardware-firmware',
+        MDVM_CHANGE_SET_EXPORTS: 'hardware-firmware',
+      });
+      await ctx.stack.simulator.publish('hardware-firmware', { recordsPerPart: 5 });
+      ctx.stack.simulator.injectFault('hardware-firmware', {
+        kind: 'rewrite',
+        rewrite: (b) => ({ ...b, exportFiles: b.exportFiles.slice(0, 1) }),
+      });
+      await settle(app, ctx.stack, 3);
+      ctx.judge(app);
+    },
+  },
+  {
     name: 'the same snapshot respelled half a second later',
     async run(ctx) {
       const app = await createApp(ctx.stack, { MDVM_EXPORTS: 'security-baselines' });
@@ -675,6 +745,8 @@ async function judgeApp(stack: Stack, app: TestApp, secrets: Set<string>, captur
   const recorded = new Set(parts.map((p) => String(p.landingPath)));
   for (const name of blobs.keys()) {
     if (name.endsWith('/_latest.json') || name.endsWith('/_manifest.json')) continue;
+    // Derived data is judged on its own below.
+    if (name.startsWith(`${CURATED_PREFIX}/`) || name.startsWith(`${CHANGES_PREFIX}/`)) continue;
     if (!recorded.has(name)) {
       found.push(`duplicated: ${name} is in the landing container but no part row records it`);
       totals.duplicated++;
@@ -740,6 +812,62 @@ async function judgeApp(stack: Stack, app: TestApp, secrets: Set<string>, captur
       }
     }
   }
+  // Derived manifests tell the truth about the raw snapshot they name, and what they list is there.
+  for (const [name] of blobs) {
+    if (!name.endsWith('/_manifest.json')) continue;
+    const curated = name.startsWith(`${CURATED_PREFIX}/`);
+    if (!curated && !name.startsWith(`${CHANGES_PREFIX}/`)) continue;
+    const body = (await download(name)).toString();
+    const parsed = curated
+      ? curatedManifestSchema.safeParse(parseJson(body))
+      : changeSetManifestSchema.safeParse(parseJson(body));
+    if (!parsed.success) {
+      found.push(`manifest wrong: ${name} breaks its contract`);
+      totals.manifestsWrong++;
+      continue;
+    }
+    const derived = parsed.data;
+    const raw = blobs.has(derived.source)
+      ? manifestSchema.safeParse(parseJson((await download(derived.source)).toString()))
+      : undefined;
+    if (!raw?.success || derived.sourceDigest !== sourceDigest(raw.data.parts)) {
+      found.push(`manifest wrong: ${name} is not made from the raw manifest now at ${derived.source}`);
+      totals.manifestsWrong++;
+      continue;
+    }
+    if (derived.kind === 'curated') {
+      const wrong =
+        derived.parts.map((p) => p.source).join('\n') !== raw.data.parts.map((p) => p.path).join('\n') ||
+        derived.parts.some((p, i) => {
+          const blob = blobs.get(p.path);
+          const records = raw.data.parts[i]?.records;
+          return !blob || blob.bytes !== p.bytes || (records !== null && records !== undefined && records !== p.rows);
+        });
+      if (wrong) {
+        found.push(`manifest wrong: ${name} does not list one Parquet file per raw part with its rows`);
+        totals.manifestsWrong++;
+      }
+    } else {
+      const data = blobs.has(derived.path) ? await download(derived.path) : undefined;
+      if (!data || data.length !== derived.bytes || md5(data) !== derived.md5) {
+        found.push(`manifest wrong: ${name} names ${derived.path}, which is not there as listed`);
+        totals.manifestsWrong++;
+      } else if (
+        gunzipSync(data)
+          .toString()
+          .split('\n')
+          .filter((l) => l !== '').length !== derived.totals.rows
+      ) {
+        found.push(`manifest wrong: ${name} counts ${derived.totals.rows} changes, its file has others`);
+        totals.manifestsWrong++;
+      }
+    }
+  }
+  // Derive dead letters are ours too: scanned for secrets.
+  const derivePoison = await app.runtime.storage.derivePoisonQueue
+    .peekMessages({ numberOfMessages: 32 })
+    .catch(() => undefined);
+  for (const m of derivePoison?.peekedMessageItems ?? []) text.push(Buffer.from(m.messageText, 'base64').toString());
   // _latest.json never behind the newest complete snapshot.
   const exportsSeen = new Set(snapshots.map((s) => String(s.partitionKey)));
   for (const exportId of exportsSeen) {
