@@ -260,6 +260,7 @@ module alerts 'modules/alerts.bicep' = {
     tags: tags
     logAnalyticsWorkspaceId: monitoring.outputs.LOG_ANALYTICS_ID
     poisonQueueName: runtimeStorage.outputs.POISON_QUEUE_NAME
+    derivePoisonQueueName: runtimeStorage.outputs.DERIVE_POISON_QUEUE_NAME
     alertEmail: alertEmail
     snapshotCompleteWithinHours: snapshotCompleteWithinHours
   }

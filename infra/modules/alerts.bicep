@@ -23,6 +23,9 @@ param logAnalyticsWorkspaceId string
 @description('Poison queue of the parts queue (runtime storage); a message put on it is a part given up on.')
 param poisonQueueName string
 
+@description('Poison queue of the derive queue (runtime storage); a message put on it is a curated part or change set given up on.')
+param derivePoisonQueueName string
+
 @description('E-mail address that receives every alert. Empty: no action group, the alerts fire into the portal only.')
 param alertEmail string = ''
 
@@ -52,7 +55,11 @@ var actionGroups = empty(alertEmail) ? [] : [actionGroup.id]
 
 // The queries live in infra/queries/*.kql (checked offline with the Kusto language service and shown in the
 // README's Monitoring section); placeholders in capitals are filled here.
-var poisonQuery = replace(loadTextContent('../queries/alert-poison.kql'), '__POISON_QUEUE__', poisonQueueName)
+var poisonQuery = replace(
+  replace(loadTextContent('../queries/alert-poison.kql'), '__POISON_QUEUE__', poisonQueueName),
+  '__DERIVE_POISON_QUEUE__',
+  derivePoisonQueueName
+)
 var failuresQuery = loadTextContent('../queries/alert-function-failures.kql')
 var lateSnapshotQuery = replace(
   loadTextContent('../queries/alert-snapshot-late.kql'),
@@ -68,7 +75,7 @@ resource poisonAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
   kind: 'LogAlert'
   properties: {
     displayName: 'mdvm-ingest: parts dead-lettered'
-    description: 'A message was put on ${poisonQueueName}: a part is not landing. Find the reason with `mdvm-ingest status` and the dead letter, fix it, then `mdvm-ingest requeue` (docs/contracts.md, "Failure semantics").'
+    description: 'A message was put on ${poisonQueueName} or ${derivePoisonQueueName}: a part, curated part or change set is not landing. Find the reason with `mdvm-ingest status` and the dead letter, fix it, then `mdvm-ingest requeue` (parts) or `mdvm-ingest derive` (derived data) (docs/contracts.md, "Failure semantics").'
     severity: 2
     enabled: true
     evaluationFrequency: 'PT5M'

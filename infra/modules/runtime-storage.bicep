@@ -217,6 +217,9 @@ output POISON_QUEUE_NAME string = queues[1].name
 @description('Name of the derive queue (app setting MDVM_DERIVE_QUEUE).')
 output DERIVE_QUEUE_NAME string = queues[2].name
 
+@description('Name of the derive queue\'s poison queue.')
+output DERIVE_POISON_QUEUE_NAME string = queues[3].name
+
 @description('Snapshots table name.')
 output SNAPSHOTS_TABLE_NAME string = snapshotsTable.name
 

@@ -270,7 +270,7 @@ describe('infrastructure (offline Bicep checks)', () => {
       file: 'modules/alerts.bicep',
       edit: (t: string) =>
         t.replace(
-          /var poisonQuery = replace\([^\n]*\n/,
+          /var poisonQuery = replace\([\s\S]*?derivePoisonQueueName\n\)\n/,
           "var poisonQuery = loadTextContent('../queries/alert-poison.kql')\n",
         ),
       rule: 'kql-placeholder',
