@@ -142,6 +142,15 @@ async function deriveCommand(
     return 2;
   }
   const runtime = openRuntime(global);
+  const curatedExports = options.only === 'changes' ? [] : (options.exports ?? runtime.config.derive.curatedExports);
+  const changeSetExports =
+    options.only === 'curated' ? [] : (options.exports ?? runtime.config.derive.changeSetExports);
+  if (curatedExports.length === 0 && changeSetExports.length === 0) {
+    err(
+      'mdvm-ingest: nothing to build: pass --exports, or set MDVM_CURATED_EXPORTS / MDVM_CHANGE_SET_EXPORTS (README "Derived data")',
+    );
+    return 2;
+  }
   const controller = new AbortController();
   const onSigint = () => {
     err('interrupted: finishing the parts in flight; run again to resume (what exists is skipped)');
@@ -160,9 +169,8 @@ async function deriveCommand(
   );
   try {
     const report = await backfillDerived(runtime, telemetry, {
-      exports: options.exports ?? runtime.config.exports,
-      curated: options.only !== 'changes',
-      changes: options.only !== 'curated',
+      curatedExports,
+      changeSetExports,
       ...(options.since ? { since: options.since } : {}),
       workers: options.workers,
       abortSignal: controller.signal,
@@ -256,7 +264,10 @@ async function main(argv: string[]): Promise<number> {
     .command('derive')
     .description('build curated Parquet and change sets for snapshots that already completed (backfill)')
     .addOption(
-      new Option('--exports <list>', 'comma-separated export ids (default: MDVM_EXPORTS)').argParser(viaFilesList),
+      new Option(
+        '--exports <list>',
+        'comma-separated export ids (default: MDVM_CURATED_EXPORTS and MDVM_CHANGE_SET_EXPORTS)',
+      ).argParser(viaFilesList),
     )
     .addOption(new Option('--only <what>', 'build only one of the two').choices(['curated', 'changes']))
     .option('--since <time>', 'only snapshots generated at or after this ISO time')

@@ -1,13 +1,13 @@
 import { createHash } from 'node:crypto';
 import { createInterface } from 'node:readline';
-import { Transform, type TransformCallback } from 'node:stream';
+import { type Readable, Transform, type TransformCallback } from 'node:stream';
 import { finished, pipeline } from 'node:stream/promises';
 import { createGunzip, createGzip } from 'node:zlib';
 import { BlockUploadSink } from '../core/blockUpload.js';
 import type { LandedExportId } from '../core/catalog.js';
 import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
 import { classifyStorageError, isStorageCondition, MdvmError } from '../core/errors.js';
-import { compareGeneratedTime } from '../core/parts.js';
+import { compareGeneratedTime, manifestPath as rawManifestPath } from '../core/parts.js';
 import type { Runtime } from '../core/runtime.js';
 import type { Telemetry } from '../core/telemetry.js';
 import {
@@ -18,7 +18,7 @@ import {
   changesManifestPath,
   sourceDigest,
 } from './contracts.js';
-import { downloadText, writeDerivedManifest } from './curate.js';
+import { currentRawDigest, downloadText, writeDerivedManifest } from './curate.js';
 import { recordNormaliser, type TypedRow } from './normalise.js';
 import { hasChangeSets, type RecordSchema, recordSchema } from './schemas.js';
 
@@ -52,7 +52,7 @@ export async function buildChangeSet(
   telemetry: Telemetry,
   manifest: SnapshotManifest,
   options: { abortSignal?: AbortSignal } = {},
-): Promise<ChangeSetManifest & { outcome: 'landed' | 'duplicate' }> {
+): Promise<ChangeSetManifest & { outcome: 'landed' | 'duplicate' | 'superseded' }> {
   const started = Date.now();
   const exportId = manifest.export as LandedExportId;
   if (!hasChangeSets(exportId)) {
@@ -60,13 +60,25 @@ export async function buildChangeSet(
   }
   const manifestPath = changesManifestPath(manifest.export, manifest.snapshot);
   const digest = sourceDigest(manifest.parts);
+  const previous = await previousCompleteSnapshot(runtime, manifest);
+  const previousRef = previous
+    ? {
+        snapshot: previous.manifest.snapshot,
+        generatedTime: previous.manifest.generatedTime,
+        manifest: previous.path,
+        sourceDigest: sourceDigest(previous.manifest.parts),
+      }
+    : null;
+  const identity = changeSetIdentity({ sourceDigest: digest, previous: previousRef });
   const existing = await readChangeSetManifest(runtime, manifestPath);
-  // One made from an older raw part list (the raw manifest was since replaced with more parts) is rebuilt.
-  if (existing?.sourceDigest === digest) return { ...existing, outcome: 'duplicate' };
+  // The same inputs (this raw part list, the same previous snapshot) and its data file as listed: done. Anything else
+  // (the raw manifest replaced with more parts, a previous snapshot that completed since) is built again.
+  if (existing && changeSetIdentity(existing) === identity && (await dataAsListed(runtime, existing))) {
+    return { ...existing, outcome: 'duplicate' };
+  }
 
   const schema = recordSchema(exportId);
   const normaliser = recordNormaliser(schema);
-  const previous = await previousCompleteSnapshot(runtime, manifest);
   const keyOf = (row: TypedRow) =>
     createHash('md5')
       .update(JSON.stringify(schema.keyColumns.map((c) => row[c])))
@@ -87,7 +99,8 @@ export async function buildChangeSet(
     });
   }
 
-  const dataPath = changesDataPath(manifest.export, manifest.snapshot);
+  // One data file per set of inputs: a build from other inputs never overwrites the file a manifest names.
+  const dataPath = changesDataPath(manifest.export, manifest.snapshot, identity);
   const out = new ChangeWriter(runtime, dataPath, options.abortSignal);
   const totals = { added: 0, removed: 0, changed: 0, expired: 0 };
   const devices = new Set<string>();
@@ -142,13 +155,7 @@ export async function buildChangeSet(
       completedAt: runtime.now().toISOString(),
       source: `${manifest.export}/snapshot=${manifest.snapshot}/_manifest.json`,
       sourceDigest: digest,
-      previous: previous
-        ? {
-            snapshot: previous.manifest.snapshot,
-            generatedTime: previous.manifest.generatedTime,
-            manifest: previous.path,
-          }
-        : null,
+      previous: previousRef,
       keyColumns: [...schema.keyColumns],
       trackedColumns: [...schema.trackedColumns],
       totals: {
@@ -164,10 +171,25 @@ export async function buildChangeSet(
     const checked = changeSetManifestSchema.safeParse(changeSet);
     if (!checked.success)
       throw new MdvmError('fatal', `refusing to write the change set manifest: ${contractProblems(checked.error)}`);
-    const written = await writeDerivedManifest(runtime, manifestPath, changeSet);
+    const written = await writeDerivedManifest(runtime, manifestPath, changeSet, {
+      identity: (m) =>
+        changeSetManifestSchema.safeParse(m).success ? changeSetIdentity(m as ChangeSetManifest) : undefined,
+      stillCurrent: async () => {
+        if ((await currentRawDigest(runtime, manifest.export, manifest.snapshot)) !== digest) return false;
+        const now = await previousCompleteSnapshot(runtime, manifest);
+        return (
+          (now?.manifest.snapshot ?? null) === (previousRef?.snapshot ?? null) &&
+          (now ? sourceDigest(now.manifest.parts) : null) === (previousRef?.sourceDigest ?? null)
+        );
+      },
+    });
     if (!written) {
+      // Another delivery wrote the same, or this one's inputs changed while it ran (the message of the newer inputs
+      // builds it).
       const other = await readChangeSetManifest(runtime, manifestPath);
-      if (other) return { ...other, outcome: 'duplicate' };
+      return other && changeSetIdentity(other) === identity
+        ? { ...other, outcome: 'duplicate' }
+        : { ...changeSet, outcome: 'superseded' };
     }
     telemetry.track('derived', {
       export: manifest.export,
@@ -182,6 +204,25 @@ export async function buildChangeSet(
   } catch (error) {
     out.abort();
     throw error;
+  }
+}
+
+/** What a change set was made from: this raw part list and the previous snapshot's. */
+function changeSetIdentity(m: {
+  sourceDigest: string;
+  previous: { snapshot: string; sourceDigest: string } | null;
+}): string {
+  return `${m.sourceDigest}|${m.previous?.snapshot ?? '-'}|${m.previous?.sourceDigest ?? '-'}`;
+}
+
+async function dataAsListed(runtime: Runtime, m: ChangeSetManifest): Promise<boolean> {
+  try {
+    const props = await runtime.landing.getBlobClient(m.path).getProperties();
+    const md5 = props.contentMD5 ? Buffer.from(props.contentMD5).toString('base64') : undefined;
+    return props.contentLength === m.bytes && (md5 === undefined || md5 === m.md5);
+  } catch (error) {
+    if (isStorageCondition(error, 'not-found')) return false;
+    throw classifyStorageError(error, `read ${m.path}`);
   }
 }
 
@@ -210,8 +251,9 @@ async function readChangeSetManifest(runtime: Runtime, path: string): Promise<Ch
 }
 
 /**
- * The newest complete snapshot older than this one, from the snapshots table, whose `_manifest.json` is still there
- * (a deleted older snapshot is skipped, and the change set says which one it compared against).
+ * The newest snapshot older than this one whose raw `_manifest.json` exists (by the contract, that is what complete
+ * means; a row's status can lag behind it, e.g. while a snapshot whose file list grew is copied again). Snapshots whose
+ * manifest is gone (deleted by retention) are skipped; the change set says which one it compared against.
  */
 async function previousCompleteSnapshot(
   runtime: Runtime,
@@ -219,13 +261,10 @@ async function previousCompleteSnapshot(
 ): Promise<{ manifest: SnapshotManifest; path: string } | undefined> {
   const rows = (await runtime.store.listSnapshots(manifest.export))
     .map((r) => r.value)
-    .filter(
-      (r) =>
-        r.status === 'complete' && r.manifestPath && compareGeneratedTime(r.generatedTime, manifest.generatedTime) < 0,
-    )
+    .filter((r) => compareGeneratedTime(r.generatedTime, manifest.generatedTime) < 0)
     .sort((a, b) => compareGeneratedTime(b.generatedTime, a.generatedTime));
   for (const row of rows) {
-    const path = row.manifestPath ?? '';
+    const path = rawManifestPath(manifest.export, row.snapshotId);
     let text: string;
     try {
       text = await downloadText(runtime, path);
@@ -238,6 +277,18 @@ async function previousCompleteSnapshot(
     return { manifest: parsed.data, path };
   }
   return undefined;
+}
+
+/**
+ * The snapshot after this one that already completed: its change set was compared against an older snapshot than
+ * this one (this one completed late, or again after its file list grew), so it is built again.
+ */
+export async function nextCompleteSnapshot(runtime: Runtime, manifest: SnapshotManifest): Promise<string | undefined> {
+  const newer = (await runtime.store.listSnapshots(manifest.export))
+    .map((r) => r.value)
+    .filter((r) => r.status === 'complete' && compareGeneratedTime(r.generatedTime, manifest.generatedTime) > 0)
+    .sort((a, b) => compareGeneratedTime(a.generatedTime, b.generatedTime));
+  return newer[0]?.snapshotId;
 }
 
 /** Every record of a snapshot, normalised, part by part; each part's bytes checked against its manifest entry. */
@@ -285,6 +336,9 @@ export async function forEachRecord(
       }
       await reading;
     } catch (error) {
+      // Leaving early (a bad line, a failed write) must not leave the download half-read and open.
+      (body as Readable).destroy();
+      gunzip.destroy();
       if (error instanceof MdvmError) throw error;
       if ((error as { code?: string }).code?.startsWith('Z_')) {
         throw new MdvmError('fatal', `${part.path} is not valid gzip: ${(error as Error).message}`);
@@ -299,7 +353,7 @@ export async function forEachRecord(
 }
 
 /** Change rows as gzip JSON Lines into staged blocks; committed on close (it replaces an unfinished earlier attempt). */
-class ChangeWriter {
+export class ChangeWriter {
   private readonly gzip = createGzip();
   private readonly sink: BlockUploadSink;
   private readonly done: Promise<void>;
@@ -313,11 +367,17 @@ class ChangeWriter {
     this.done.catch(() => undefined);
   }
   async write(row: ChangeRow): Promise<void> {
+    // A failed upload destroys the gzip stream through the pipeline: say so instead of waiting for a 'drain' that
+    // never comes.
+    if (this.gzip.destroyed) await this.done;
+    if (this.gzip.destroyed) throw new MdvmError('transient', 'the change set upload stopped');
     if (!this.gzip.write(`${JSON.stringify(row)}\n`)) {
-      await new Promise<void>((resolve, reject) => {
-        this.gzip.once('drain', resolve);
-        this.gzip.once('error', reject);
-      });
+      await Promise.race([
+        new Promise<void>((resolve) => this.gzip.once('drain', resolve)),
+        this.done.then(() => {
+          throw new MdvmError('transient', 'the change set upload ended early');
+        }),
+      ]);
     }
   }
   async close(): Promise<{ bytes: number; md5: string }> {

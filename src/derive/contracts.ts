@@ -27,8 +27,10 @@ export function changesFolder(exportId: string, snapshotId: string): string {
   return `${CHANGES_PREFIX}/${snapshotFolder(exportId, snapshotId)}`;
 }
 
-export function changesDataPath(exportId: string, snapshotId: string): string {
-  return `${changesFolder(exportId, snapshotId)}/changes.json.gz`;
+/** One data file per set of inputs (`identity`), so a build from other inputs never overwrites the one a manifest names. */
+export function changesDataPath(exportId: string, snapshotId: string, identity: string): string {
+  const id = createHash('sha256').update(identity).digest('hex').slice(0, 16);
+  return `${changesFolder(exportId, snapshotId)}/changes-${id}.json.gz`;
 }
 
 export function changesManifestPath(exportId: string, snapshotId: string): string {
@@ -101,7 +103,15 @@ export const changeSetManifestSchema = z
     /** Digest of the raw manifest's part list: a raw manifest replaced with more parts makes this one stale. */
     sourceDigest: z.string().min(1),
     /** The complete snapshot compared against; null for the first snapshot of an export (nothing to compare). */
-    previous: z.object({ snapshot: z.string().min(1), generatedTime: isoTime, manifest: z.string().min(1) }).nullable(),
+    previous: z
+      .object({
+        snapshot: z.string().min(1),
+        generatedTime: isoTime,
+        manifest: z.string().min(1),
+        /** Digest of the previous raw manifest's part list. */
+        sourceDigest: z.string().min(1),
+      })
+      .nullable(),
     keyColumns: z.array(z.string().min(1)),
     trackedColumns: z.array(z.string().min(1)),
     totals: z.object({

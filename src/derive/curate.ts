@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { createInterface } from 'node:readline';
-import { Transform, type TransformCallback } from 'node:stream';
+import { type Readable, Transform, type TransformCallback } from 'node:stream';
 import { finished, pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import { ByteWriter, type ColumnSource, ParquetWriter, schemaFromColumnData } from 'hyparquet-writer';
@@ -120,6 +120,9 @@ export async function curatePart(
   reading.catch(() => undefined);
   const lines = createInterface({ input: gunzip, crlfDelay: Number.POSITIVE_INFINITY });
   const sink = new BlockUploadSink(dest, { blockBytes: BLOCK_BYTES, blocks: 2, abortSignal: options.abortSignal });
+  // Written to directly, not through a pipeline: its failures arrive through the write callbacks and `finished`. An
+  // 'error' event without a listener would be an uncaught exception that takes the whole worker down.
+  sink.on('error', () => undefined);
   const writer = new SinkWriter(sink);
   const columns = parquetColumns(schema);
   const parquet = new ParquetWriter({
@@ -160,6 +163,9 @@ export async function curatePart(
     await parquet.finish();
   } catch (error) {
     sink.destroy();
+    // Leaving the loop early (a bad line, a failed upload) must not leave the download half-read and open.
+    (body as Readable).destroy();
+    gunzip.destroy();
     if (error instanceof MdvmError) throw error;
     if ((error as { code?: string }).code?.startsWith('Z_')) {
       throw new MdvmError('fatal', `${part.path} is not valid gzip: ${(error as Error).message}`);
@@ -276,7 +282,16 @@ export async function completeCuratedIfReady(
   if (!checked.success) {
     throw new MdvmError('fatal', `refusing to write the curated manifest: ${contractProblems(checked.error)}`);
   }
-  const written = await writeDerivedManifest(runtime, curatedManifestPath(manifest.export, manifest.snapshot), curated);
+  const written = await writeDerivedManifest(
+    runtime,
+    curatedManifestPath(manifest.export, manifest.snapshot),
+    curated,
+    {
+      identity: (m) => (m as { sourceDigest?: string } | undefined)?.sourceDigest,
+      stillCurrent: async () =>
+        (await currentRawDigest(runtime, manifest.export, manifest.snapshot)) === curated.sourceDigest,
+    },
+  );
   if (written) {
     telemetry.track('derived', {
       export: manifest.export,
@@ -291,18 +306,23 @@ export async function completeCuratedIfReady(
 }
 
 /**
- * A derived `_manifest.json`, create-only. One already there from the same raw part list is another delivery's
- * identical result (false); one from an older raw part list (the raw manifest was replaced with more parts) is stale
- * and replaced under its ETag (true).
+ * A derived `_manifest.json`, create-only. One already there with the same identity (made from the same inputs) is
+ * another delivery's identical result: false. One with another identity is stale (the raw manifest was replaced with
+ * more parts, or the previous snapshot changed) and is replaced under its ETag: true. Before every write the inputs are
+ * checked again (`stillCurrent`): a slow delivery that started from an older raw manifest never puts its result back
+ * over a newer one's.
  */
 export async function writeDerivedManifest(
   runtime: Runtime,
   path: string,
-  value: { sourceDigest: string },
+  value: object,
+  options: { identity: (manifest: unknown) => string | undefined; stillCurrent: () => Promise<boolean> },
 ): Promise<boolean> {
   const body = `${JSON.stringify(value, null, 2)}\n`;
+  const own = options.identity(value);
   const blob = runtime.landing.getBlockBlobClient(path);
   for (let attempt = 0; attempt < 5; attempt++) {
+    if (!(await options.stillCurrent())) return false;
     let conditions: { ifNoneMatch: string } | { ifMatch: string } = { ifNoneMatch: '*' };
     if (attempt > 0) {
       const existing = await blob.download().catch((error: unknown) => {
@@ -311,8 +331,7 @@ export async function writeDerivedManifest(
       });
       if (existing?.etag) {
         const text = existing.readableStreamBody ? await streamText(existing.readableStreamBody) : '';
-        const digest = (parseJson(text) as { sourceDigest?: unknown } | undefined)?.sourceDigest;
-        if (digest === value.sourceDigest) return false;
+        if (options.identity(parseJson(text)) === own) return false;
         conditions = { ifMatch: existing.etag };
       }
     }
@@ -329,6 +348,20 @@ export async function writeDerivedManifest(
     }
   }
   throw new MdvmError('transient', `${path} kept changing under us`);
+}
+
+/** The digest of the raw manifest now in place (undefined when it is gone or unreadable). */
+export async function currentRawDigest(
+  runtime: Runtime,
+  exportId: string,
+  snapshotId: string,
+): Promise<string | undefined> {
+  try {
+    return sourceDigest((await readRawManifest(runtime, exportId, snapshotId)).parts);
+  } catch (error) {
+    if (error instanceof MdvmError && error.kind === 'fatal') return undefined;
+    throw error;
+  }
 }
 
 async function streamText(stream: NodeJS.ReadableStream): Promise<string> {

@@ -5,7 +5,7 @@ import type { DeadLetter } from '../core/messages.js';
 import { redact } from '../core/redact.js';
 import type { Runtime } from '../core/runtime.js';
 import type { Telemetry } from '../core/telemetry.js';
-import { buildChangeSet } from './changeSets.js';
+import { buildChangeSet, nextCompleteSnapshot } from './changeSets.js';
 import { completeCuratedIfReady, curatePart, readRawManifest } from './curate.js';
 import { type DeriveMessage, encodeDeriveMessage, parseDeriveMessage } from './messages.js';
 
@@ -29,6 +29,11 @@ export function derivationsOf(runtime: Runtime, manifest: SnapshotManifest): Der
 /** Called by completion before the snapshot is marked complete: a crash in between enqueues again (duplicates are harmless). */
 export async function enqueueDerivations(runtime: Runtime, manifest: SnapshotManifest): Promise<number> {
   const messages = derivationsOf(runtime, manifest);
+  if (messages.some((m) => m.kind === 'change-set')) {
+    // A later snapshot's change set compared against an older snapshot than this one: build it again.
+    const next = await nextCompleteSnapshot(runtime, manifest);
+    if (next) messages.push({ v: 1, kind: 'change-set', export: manifest.export, snapshot: next });
+  }
   const queue = runtime.storage.deriveQueue;
   for (let i = 0; i < messages.length; i += 16) {
     await Promise.all(
@@ -53,7 +58,7 @@ export async function parkDeriveMessage(runtime: Runtime, input: unknown, reason
 
 export interface DeriveOutcome {
   readonly kind: DeriveMessage['kind'];
-  readonly outcome: 'landed' | 'duplicate';
+  readonly outcome: 'landed' | 'duplicate' | 'superseded';
   readonly summary: string;
 }
 

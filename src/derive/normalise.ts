@@ -41,15 +41,18 @@ export function recordNormaliser(schema: RecordSchema): RecordNormaliser {
         if (!Object.hasOwn(record, key)) continue;
         const value = record[key];
         const column = columnOf(key);
-        if (!column) {
-          extra ??= {};
+        if (value === undefined) continue;
+        // A second spelling of a field already filled (`keyLength` and `KeySize`) is kept too, not dropped.
+        if (!column || (value !== null && row[column.name] !== null)) {
+          extra ??= Object.create(null) as Record<string, unknown>;
           extra[key] = value;
           continue;
         }
-        if (value === null || value === undefined || row[column.name] !== null) continue;
+        if (value === null) continue;
         const converted = convert(column, value);
         if (converted === INVALID) {
-          extra ??= {};
+          // A prototype-less bag: a key such as `__proto__` is kept as data.
+          extra ??= Object.create(null) as Record<string, unknown>;
           extra[key] = value;
         } else {
           row[column.name] = converted;

@@ -14,9 +14,10 @@ import { completeCuratedIfReady, curatePart, readRawManifest } from '../derive/c
  * reported with its reason and the command exits 1.
  */
 export interface BackfillOptions {
-  exports: readonly ExportId[];
-  curated: boolean;
-  changes: boolean;
+  /** Export types to build curated Parquet for. */
+  curatedExports: readonly ExportId[];
+  /** Export types to build change sets for. */
+  changeSetExports: readonly ExportId[];
   /** Only snapshots generated at or after this time. */
   since?: string;
   workers: number;
@@ -53,7 +54,8 @@ export async function backfillDerived(
   const progress = () => options.onProgress?.(report);
   const since = options.since;
   const work: { exportId: ExportId; generatedTime: string; snapshotId: string }[] = [];
-  for (const exportId of options.exports) {
+  const exports = [...new Set([...options.curatedExports, ...options.changeSetExports])];
+  for (const exportId of exports) {
     for (const { value } of await runtime.store.listSnapshots(exportId)) {
       if (value.status !== 'complete') continue;
       if (since && compareGeneratedTime(value.generatedTime, since) < 0) continue;
@@ -62,7 +64,7 @@ export async function backfillDerived(
   }
   work.sort((a, b) => compareGeneratedTime(a.generatedTime, b.generatedTime));
   report.snapshots = work.length;
-  if (options.changes) report.changeSets.total = work.length;
+  report.changeSets.total = work.filter((w) => options.changeSetExports.includes(w.exportId)).length;
   progress();
 
   for (const snapshot of work) {
@@ -79,11 +81,11 @@ export async function backfillDerived(
       manifest = await readRawManifest(runtime, snapshot.exportId, snapshot.snapshotId);
     } catch (error) {
       fail('_manifest.json', error);
-      if (options.changes) report.changeSets.failed++;
+      if (options.changeSetExports.includes(snapshot.exportId)) report.changeSets.failed++;
       progress();
       continue;
     }
-    if (options.curated) {
+    if (options.curatedExports.includes(snapshot.exportId)) {
       report.curatedParts.total += manifest.parts.length;
       progress();
       await runBounded(manifest.parts, options.workers, async (part) => {
@@ -107,7 +109,7 @@ export async function backfillDerived(
         fail('curated _manifest.json', error);
       }
     }
-    if (options.changes && !options.abortSignal?.aborted) {
+    if (options.changeSetExports.includes(snapshot.exportId) && !options.abortSignal?.aborted) {
       try {
         const result = await buildChangeSet(runtime, telemetry, manifest, {
           ...(options.abortSignal ? { abortSignal: options.abortSignal } : {}),

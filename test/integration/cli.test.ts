@@ -468,5 +468,18 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     const bad = await cli(['derive', '--since', 'last tuesday'], app.env);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/--since 'last tuesday' is not an ISO time/);
+    // Without --exports it builds what the settings opt in to; with nothing opted in it says so.
+    const nothing = await cli(['derive'], app.env);
+    expect(nothing.code).toBe(2);
+    expect(nothing.stderr).toMatch(/nothing to build: pass --exports, or set MDVM_CURATED_EXPORTS/);
+    const fromSettings = await cli(['derive', '--json'], {
+      ...app.env,
+      MDVM_CHANGE_SET_EXPORTS: 'secure-configuration',
+    });
+    expect(fromSettings.code).toBe(0);
+    expect(JSON.parse(fromSettings.stdout)).toMatchObject({
+      curatedParts: { total: 0 },
+      changeSets: { total: 2, existing: 2 },
+    });
   });
 });

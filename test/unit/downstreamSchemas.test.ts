@@ -201,6 +201,18 @@ describe('record normaliser (curated columns)', () => {
     expect(firmware.AdditionalFields).toEqual({ SystemSKU: 'X' });
   });
 
+  it('keeps a key named __proto__ and a second spelling of a filled field in AdditionalProperties', () => {
+    const certificates = recordNormaliser(RECORD_SCHEMAS.certificates);
+    const row = certificates.normalise(
+      JSON.parse('{"deviceId":"d","keyLength":2048,"KeySize":4096,"__proto__":{"x":1}}'),
+    );
+    expect(row.KeyLength).toBe(2048);
+    expect(JSON.parse(JSON.stringify(row[ADDITIONAL_PROPERTIES]))).toEqual(
+      JSON.parse('{"KeySize":4096,"__proto__":{"x":1}}'),
+    );
+    expect(Object.keys(row[ADDITIONAL_PROPERTIES] as object)).toEqual(['KeySize', '__proto__']);
+  });
+
   it.each([
     ['2020-12-30 14:17:26', '2020-12-30T14:17:26.000Z'],
     ['2021-01-11 09:47:58.854', '2021-01-11T09:47:58.854Z'],
