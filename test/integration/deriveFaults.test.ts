@@ -14,7 +14,7 @@ import {
   sourceDigest,
 } from '../../src/derive/contracts.js';
 import { completeCuratedIfReady, curatePart } from '../../src/derive/curate.js';
-import { handleDeriveMessage } from '../../src/derive/derive.js';
+import { enqueueDerivations, handleDeriveMessage } from '../../src/derive/derive.js';
 import { createApp, type Stack, startStack, type TestApp } from '../helpers/stack.js';
 
 /**
@@ -241,3 +241,56 @@ it('curatePart rejects (and does not crash the process) when staging a Parquet b
   expect(staged).toBeGreaterThan(0);
   expect(uncaught).toEqual([]);
 }, 30_000);
+
+it("when an older snapshot completes again with more files, the next snapshot's change set is built again against it", async () => {
+  const app = await createApp(stack, { MDVM_EXPORTS: 'certificates', MDVM_CHANGE_SET_EXPORTS: 'certificates' });
+  const manifests: SnapshotManifest[] = [];
+  for (const generatedTime of ['2026-11-18T06:01:00Z', '2026-11-18T12:01:00Z']) {
+    await stack.simulator.publish('certificates', { generatedTime, recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    manifests.push(await rawManifest(app, 'certificates'));
+  }
+  const [older, newer] = manifests as [SnapshotManifest, SnapshotManifest];
+  const before = changeSetManifestSchema.parse(
+    await readJson(app, changesManifestPath('certificates', newer.snapshot)),
+  );
+  expect(before.previous?.sourceDigest).toBe(sourceDigest(older.parts));
+
+  // The older snapshot gains a part (as when Defender lists more files for it) and completes again.
+  const extra = gzipSync(
+    `${JSON.stringify({ deviceId: 'late-device', thumbprint: 'FF', path: 'LocalMachine\\My\\FF' })}\n`,
+  );
+  const extraPath = `certificates/snapshot=${older.snapshot}/OrgId=late/_RbacGroupId=0/part-00009-late.c000.json.gz`;
+  await app.runtime.landing.getBlockBlobClient(extraPath).uploadData(extra);
+  const grown: SnapshotManifest = {
+    ...older,
+    totals: { ...older.totals, parts: older.totals.parts + 1, bytes: older.totals.bytes + extra.length, records: null },
+    parts: [
+      ...older.parts,
+      {
+        path: extraPath,
+        part: 'OrgId=late/_RbacGroupId=0/part-00009-late.c000.json.gz',
+        bytes: extra.length,
+        md5: createHash('md5').update(extra).digest('base64'),
+        records: null,
+        verification: 'md5',
+      },
+    ],
+  };
+  const grownText = `${JSON.stringify(grown, null, 2)}\n`;
+  await app.runtime.landing
+    .getBlockBlobClient(`certificates/snapshot=${older.snapshot}/_manifest.json`)
+    .upload(grownText, Buffer.byteLength(grownText));
+  expect(await enqueueDerivations(app.runtime, grown)).toBe(2);
+  await app.runner.drain();
+
+  const after = changeSetManifestSchema.parse(await readJson(app, changesManifestPath('certificates', newer.snapshot)));
+  expect(after.previous?.sourceDigest).toBe(sourceDigest(grown.parts));
+  expect(after.path).not.toBe(before.path);
+  // The late device is in the older snapshot only: the newer snapshot's change set now reports it removed.
+  const dataBytes = (await app.runtime.landing.getBlobClient(after.path).downloadToBuffer()).length;
+  expect(dataBytes).toBe(after.bytes);
+  expect(after.totals.removed).toBe(before.totals.removed + 1);
+});
