@@ -1,8 +1,6 @@
 import { createHash } from 'node:crypto';
-import { createInterface } from 'node:readline';
-import { type Readable, Transform, type TransformCallback } from 'node:stream';
 import { finished, pipeline } from 'node:stream/promises';
-import { createGunzip, createGzip } from 'node:zlib';
+import { createGzip } from 'node:zlib';
 import { BlockUploadSink } from '../core/blockUpload.js';
 import type { LandedExportId } from '../core/catalog.js';
 import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
@@ -20,6 +18,7 @@ import {
 } from './contracts.js';
 import { currentRawDigest, downloadText, writeDerivedManifest } from './curate.js';
 import { recordNormaliser, type TypedRow } from './normalise.js';
+import { readRawRecords } from './rawParts.js';
 import { hasChangeSets, type RecordSchema, recordSchema } from './schemas.js';
 
 /**
@@ -300,55 +299,7 @@ export async function forEachRecord(
   visit: (row: TypedRow) => void | Promise<void>,
 ): Promise<void> {
   for (const part of manifest.parts) {
-    const response = await runtime.landing
-      .getBlobClient(part.path)
-      .download(0, undefined, { abortSignal: options.abortSignal })
-      .catch((error: unknown) => {
-        if (isStorageCondition(error, 'not-found')) {
-          throw new MdvmError('fatal', `${part.path} is listed by its manifest but is not in the landing container`);
-        }
-        throw classifyStorageError(error, `read ${part.path}`);
-      });
-    const body = response.readableStreamBody;
-    if (!body) throw new MdvmError('transient', `${part.path}: empty response body`);
-    const hash = createHash('md5');
-    let bytes = 0;
-    const counter = new Transform({
-      transform(chunk: Buffer, _encoding, callback: TransformCallback) {
-        hash.update(chunk);
-        bytes += chunk.length;
-        callback(null, chunk);
-      },
-    });
-    const gunzip = createGunzip();
-    const reading = pipeline(body, counter, gunzip);
-    reading.catch(() => undefined);
-    let line = 0;
-    try {
-      for await (const text of createInterface({ input: gunzip, crlfDelay: Number.POSITIVE_INFINITY })) {
-        line++;
-        if (text.trim() === '') continue;
-        const record = parseJson(text);
-        if (record === null || typeof record !== 'object' || Array.isArray(record)) {
-          throw new MdvmError('fatal', `${part.path}: line ${line} is not a JSON object`);
-        }
-        await visit(normalise(record as Record<string, unknown>));
-      }
-      await reading;
-    } catch (error) {
-      // Leaving early (a bad line, a failed write) must not leave the download half-read and open.
-      (body as Readable).destroy();
-      gunzip.destroy();
-      if (error instanceof MdvmError) throw error;
-      if ((error as { code?: string }).code?.startsWith('Z_')) {
-        throw new MdvmError('fatal', `${part.path} is not valid gzip: ${(error as Error).message}`);
-      }
-      throw classifyStorageError(error, `read ${part.path}`);
-    }
-    const md5 = hash.digest('base64');
-    if (bytes !== part.bytes || (part.md5 && md5 !== part.md5)) {
-      throw new MdvmError('fatal', `${part.path} is not the part its manifest lists (${bytes} bytes, MD5 ${md5})`);
-    }
+    for await (const record of readRawRecords(runtime, part, options)) await visit(normalise(record));
   }
 }
 

@@ -1,8 +1,4 @@
-import { createHash } from 'node:crypto';
-import { createInterface } from 'node:readline';
-import { type Readable, Transform, type TransformCallback } from 'node:stream';
-import { finished, pipeline } from 'node:stream/promises';
-import { createGunzip } from 'node:zlib';
+import { finished } from 'node:stream/promises';
 import { ByteWriter, type ColumnSource, ParquetWriter, schemaFromColumnData } from 'hyparquet-writer';
 import { BlockUploadSink } from '../core/blockUpload.js';
 import type { LandedExportId } from '../core/catalog.js';
@@ -19,6 +15,7 @@ import {
   sourceDigest,
 } from './contracts.js';
 import { recordNormaliser, type TypedRow } from './normalise.js';
+import { readRawRecords } from './rawParts.js';
 import { ADDITIONAL_PROPERTIES, type ColumnType, type RecordSchema, recordSchema } from './schemas.js';
 
 /**
@@ -102,23 +99,6 @@ export async function curatePart(
     return { path: target, rows: existing.rows, bytes: existing.bytes, outcome: 'duplicate' };
   }
 
-  const response = await runtime.landing
-    .getBlobClient(part.path)
-    .download(0, undefined, { abortSignal: options.abortSignal })
-    .catch((error: unknown) => {
-      if (isStorageCondition(error, 'not-found')) {
-        throw new MdvmError('fatal', `${part.path} is listed by its manifest but is not in the landing container`);
-      }
-      throw classifyStorageError(error, `read ${part.path}`);
-    });
-  const body = response.readableStreamBody;
-  if (!body) throw new MdvmError('transient', `${part.path}: empty response body`);
-  const check = new SourceCheck();
-  const gunzip = createGunzip();
-  // pipeline() destroys every stage on a failure, so a broken download or gzip ends the line reader with its error.
-  const reading = pipeline(body, check, gunzip);
-  reading.catch(() => undefined);
-  const lines = createInterface({ input: gunzip, crlfDelay: Number.POSITIVE_INFINITY });
   const sink = new BlockUploadSink(dest, { blockBytes: BLOCK_BYTES, blocks: 2, abortSignal: options.abortSignal });
   // Written to directly, not through a pipeline: its failures arrive through the write callbacks and `finished`. An
   // 'error' event without a listener would be an uncaught exception that takes the whole worker down.
@@ -148,31 +128,17 @@ export async function curatePart(
     await parquet.write({ columnData, rowGroupSize: ROW_GROUP_ROWS });
   };
   try {
-    for await (const line of lines) {
-      if (line.trim() === '') continue;
-      const record = parseJson(line);
-      if (record === null || typeof record !== 'object' || Array.isArray(record)) {
-        throw new MdvmError('fatal', `${part.path}: line ${rows + 1} is not a JSON object`);
-      }
-      batch.push(normaliser.normalise(record as Record<string, unknown>));
+    for await (const record of readRawRecords(runtime, part, options)) {
+      batch.push(normaliser.normalise(record));
       rows++;
       if (batch.length >= ROW_GROUP_ROWS) await flushBatch();
     }
     await flushBatch();
-    await reading;
     await parquet.finish();
   } catch (error) {
     sink.destroy();
-    // Leaving the loop early (a bad line, a failed upload) must not leave the download half-read and open.
-    (body as Readable).destroy();
-    gunzip.destroy();
-    if (error instanceof MdvmError) throw error;
-    if ((error as { code?: string }).code?.startsWith('Z_')) {
-      throw new MdvmError('fatal', `${part.path} is not valid gzip: ${(error as Error).message}`);
-    }
-    throw classifyStorageError(error, `read ${part.path}`);
+    throw error instanceof MdvmError ? error : classifyStorageError(error, `write ${target}`);
   }
-  check.verify(part);
   if (part.records !== null && part.records !== rows) {
     throw new MdvmError('fatal', `${part.path}: ${rows} lines, but the manifest counted ${part.records} records`);
   }
@@ -379,29 +345,6 @@ function toParquetValue(type: NonNullable<ColumnSource['type']>, value: unknown)
   if (value === null || value === undefined) return null;
   if (type === 'INT64') return BigInt(value as number);
   return value;
-}
-
-/** Counts and hashes the raw bytes on their way to gunzip: the curated file is of the bytes the manifest lists. */
-class SourceCheck extends Transform {
-  private readonly hash = createHash('md5');
-  private bytes = 0;
-  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
-    this.hash.update(chunk);
-    this.bytes += chunk.length;
-    callback(null, chunk);
-  }
-  verify(part: SnapshotManifest['parts'][number]): void {
-    if (this.bytes !== part.bytes) {
-      throw new MdvmError('fatal', `${part.path} has ${this.bytes} bytes, its manifest says ${part.bytes}`);
-    }
-    const md5 = this.hash.digest('base64');
-    if (part.md5 && md5 !== part.md5) {
-      throw new MdvmError(
-        'fatal',
-        `${part.path} is not the part its manifest lists (MD5 ${md5}, manifest ${part.md5})`,
-      );
-    }
-  }
 }
 
 /**

@@ -2,6 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import type { TableClient } from '@azure/data-tables';
 import { CallBudget, pagedCallBudget } from '../../src/core/callBudget.js';
 import { loadConfig } from '../../src/core/config.js';
+import { manifestSchema, type SnapshotManifest } from '../../src/core/contracts.js';
 import type { PartCopier } from '../../src/core/copier.js';
 import { createRuntime, type Runtime } from '../../src/core/runtime.js';
 import { ensureStorage } from '../../src/core/storage.js';
@@ -129,4 +130,15 @@ export async function queueTexts(app: TestApp, which: 'parts' | 'poison'): Promi
   const queue = which === 'parts' ? app.runtime.queue : app.runtime.poisonQueue;
   const peeked = await queue.peekMessages({ numberOfMessages: 32 });
   return peeked.peekedMessageItems.map((m) => m.messageText);
+}
+
+/** A JSON blob of the landing container, parsed. */
+export async function readLandedJson(app: TestApp, path: string): Promise<unknown> {
+  return JSON.parse((await app.runtime.landing.getBlobClient(path).downloadToBuffer()).toString('utf8'));
+}
+
+/** The raw manifest `_latest.json` names for an export, checked against its contract. */
+export async function latestRawManifest(app: TestApp, exportId: string): Promise<SnapshotManifest> {
+  const latest = (await readLandedJson(app, `${exportId}/_latest.json`)) as { manifest: string };
+  return manifestSchema.parse(await readLandedJson(app, latest.manifest));
 }

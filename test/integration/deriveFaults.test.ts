@@ -2,7 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { manifestSchema, type SnapshotManifest } from '../../src/core/contracts.js';
+import type { SnapshotManifest } from '../../src/core/contracts.js';
 import type { Runtime } from '../../src/core/runtime.js';
 import { Telemetry } from '../../src/core/telemetry.js';
 import { buildChangeSet, ChangeWriter } from '../../src/derive/changeSets.js';
@@ -15,7 +15,7 @@ import {
 } from '../../src/derive/contracts.js';
 import { completeCuratedIfReady, curatePart } from '../../src/derive/curate.js';
 import { enqueueDerivations, handleDeriveMessage } from '../../src/derive/derive.js';
-import { createApp, type Stack, startStack, type TestApp } from '../helpers/stack.js';
+import { createApp, latestRawManifest, readLandedJson, type Stack, startStack } from '../helpers/stack.js';
 
 /**
  * Derived data under races and failures found in review: a slow delivery from before the raw manifest grew, a crash
@@ -29,14 +29,6 @@ afterAll(async () => {
   await stack?.stop();
 });
 const quiet = () => new Telemetry({ info() {}, warn() {}, error() {} });
-async function readJson(app: TestApp, path: string): Promise<unknown> {
-  return JSON.parse((await app.runtime.landing.getBlobClient(path).downloadToBuffer()).toString('utf8'));
-}
-async function rawManifest(app: TestApp, exportId: string): Promise<SnapshotManifest> {
-  const latest = (await readJson(app, `${exportId}/_latest.json`)) as { manifest: string };
-  return manifestSchema.parse(await readJson(app, latest.manifest));
-}
-
 /** v1 complete with derived data; then Defender lists one more file, v2 complete with derived data rebuilt. */
 async function grownSnapshot(
   generatedTime: string,
@@ -54,12 +46,12 @@ async function grownSnapshot(
   stack.simulator.resetRateLimits();
   await app.runner.tick();
   await app.runner.drain();
-  const v1 = await rawManifest(app, 'certificates');
+  const v1 = await latestRawManifest(app, 'certificates');
   await stack.simulator.publish('certificates', { generatedTime, recordsPerPart: 10, ...extra });
   stack.simulator.resetRateLimits();
   await app.runner.tick();
   await app.runner.drain();
-  const v2 = await rawManifest(app, 'certificates');
+  const v2 = await latestRawManifest(app, 'certificates');
   expect(v2.parts.length).toBe(v1.parts.length + 1);
   return { app, v1, v2 };
 }
@@ -67,10 +59,10 @@ async function grownSnapshot(
 it('a slow curate delivery that read the raw manifest before it grew does not put its stale manifest back', async () => {
   const { app, v1, v2 } = await grownSnapshot('2026-11-21T10:01:00Z');
   const path = curatedManifestPath('certificates', v2.snapshot);
-  expect(curatedManifestSchema.parse(await readJson(app, path)).parts.length).toBe(v2.parts.length);
+  expect(curatedManifestSchema.parse(await readLandedJson(app, path)).parts.length).toBe(v2.parts.length);
   // handleDeriveMessage read v1 (readRawManifest), then spent minutes in curatePart; v2's messages all finished meanwhile.
   await completeCuratedIfReady(app.runtime, quiet(), v1);
-  const now = curatedManifestSchema.parse(await readJson(app, path));
+  const now = curatedManifestSchema.parse(await readLandedJson(app, path));
   expect(
     now.parts.map((p) => p.source),
     'curated manifest lists every part of the current raw manifest',
@@ -80,8 +72,8 @@ it('a slow curate delivery that read the raw manifest before it grew does not pu
 it('a slow change-set delivery from before the raw manifest grew does not put its stale change set back', async () => {
   const { app, v1, v2 } = await grownSnapshot('2026-11-21T11:01:00Z');
   await buildChangeSet(app.runtime, quiet(), v1);
-  const m = changeSetManifestSchema.parse(await readJson(app, changesManifestPath('certificates', v2.snapshot)));
-  const raw = await rawManifest(app, 'certificates');
+  const m = changeSetManifestSchema.parse(await readLandedJson(app, changesManifestPath('certificates', v2.snapshot)));
+  const raw = await latestRawManifest(app, 'certificates');
   expect(raw.parts.length).toBe(v2.parts.length);
   expect(m.sourceDigest, 'change set digest = current raw manifest digest').toBe(sourceDigest(raw.parts));
 });
@@ -130,7 +122,7 @@ it("a crash between a stale change set's data and its manifest never leaves the 
     snapshot: v2.snapshot,
   });
   expect(again.outcome).toBe('duplicate');
-  const m = changeSetManifestSchema.parse(await readJson(app, manifestPath));
+  const m = changeSetManifestSchema.parse(await readLandedJson(app, manifestPath));
   const data = await app.runtime.landing.getBlobClient(m.path).downloadToBuffer();
   expect(
     { bytes: data.length, md5: createHash('md5').update(data).digest('base64') },
@@ -250,11 +242,11 @@ it("when an older snapshot completes again with more files, the next snapshot's 
     stack.simulator.resetRateLimits();
     await app.runner.tick();
     await app.runner.drain();
-    manifests.push(await rawManifest(app, 'certificates'));
+    manifests.push(await latestRawManifest(app, 'certificates'));
   }
   const [older, newer] = manifests as [SnapshotManifest, SnapshotManifest];
   const before = changeSetManifestSchema.parse(
-    await readJson(app, changesManifestPath('certificates', newer.snapshot)),
+    await readLandedJson(app, changesManifestPath('certificates', newer.snapshot)),
   );
   expect(before.previous?.sourceDigest).toBe(sourceDigest(older.parts));
 
@@ -286,7 +278,9 @@ it("when an older snapshot completes again with more files, the next snapshot's 
   expect(await enqueueDerivations(app.runtime, grown)).toBe(2);
   await app.runner.drain();
 
-  const after = changeSetManifestSchema.parse(await readJson(app, changesManifestPath('certificates', newer.snapshot)));
+  const after = changeSetManifestSchema.parse(
+    await readLandedJson(app, changesManifestPath('certificates', newer.snapshot)),
+  );
   expect(after.previous?.sourceDigest).toBe(sourceDigest(grown.parts));
   expect(after.path).not.toBe(before.path);
   // The late device is in the older snapshot only: the newer snapshot's change set now reports it removed.

@@ -5,7 +5,6 @@ import { gunzipSync, gzipSync } from 'node:zlib';
 import { DuckDBInstance } from '@duckdb/node-api';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ExportId } from '../../src/core/catalog.js';
-import { manifestSchema, type SnapshotManifest } from '../../src/core/contracts.js';
 import { MdvmError } from '../../src/core/errors.js';
 import { Telemetry } from '../../src/core/telemetry.js';
 import {
@@ -18,7 +17,14 @@ import {
 import { handleDeriveMessage } from '../../src/derive/derive.js';
 import { recordNormaliser } from '../../src/derive/normalise.js';
 import { ADDITIONAL_PROPERTIES, recordSchema } from '../../src/derive/schemas.js';
-import { createApp, type Stack, startStack, type TestApp } from '../helpers/stack.js';
+import {
+  createApp,
+  latestRawManifest,
+  readLandedJson,
+  type Stack,
+  startStack,
+  type TestApp,
+} from '../helpers/stack.js';
 
 let stack: Stack;
 let folder: string;
@@ -32,15 +38,6 @@ afterAll(async () => {
 });
 
 const quiet = () => new Telemetry({ info() {}, warn() {}, error() {} });
-
-async function readJson(app: TestApp, path: string): Promise<unknown> {
-  return JSON.parse((await app.runtime.landing.getBlobClient(path).downloadToBuffer()).toString('utf8'));
-}
-
-async function rawManifest(app: TestApp, exportId: string): Promise<SnapshotManifest> {
-  const latest = (await readJson(app, `${exportId}/_latest.json`)) as { manifest: string };
-  return manifestSchema.parse(await readJson(app, latest.manifest));
-}
 
 async function download(app: TestApp, path: string): Promise<string> {
   const file = join(folder, app.suffix, path);
@@ -70,8 +67,8 @@ describe('curated Parquet', () => {
     const sql = await db.connect();
     try {
       for (const id of exports.split(',') as ExportId[]) {
-        const raw = await rawManifest(app, id);
-        const curated = curatedManifestSchema.parse(await readJson(app, curatedManifestPath(id, raw.snapshot)));
+        const raw = await latestRawManifest(app, id);
+        const curated = curatedManifestSchema.parse(await readLandedJson(app, curatedManifestPath(id, raw.snapshot)));
         expect(curated.parts.map((p) => p.source)).toEqual(raw.parts.map((p) => p.path));
         expect(curated.totals.rows).toBe(raw.totals.records);
         const files: string[] = [];
@@ -149,7 +146,7 @@ describe('curated Parquet', () => {
     await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T07:01:00Z', recordsPerPart: 10 });
     await app.runner.tick();
     await app.runner.drain();
-    const raw = await rawManifest(app, 'certificates');
+    const raw = await latestRawManifest(app, 'certificates');
     const target = curatedPartPath(raw.parts[0]?.path ?? '');
     const before = await app.runtime.landing.getBlobClient(target).getProperties();
 
@@ -198,9 +195,9 @@ describe('curated Parquet', () => {
     await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T10:01:00Z', recordsPerPart: 10 });
     await app.runner.tick();
     await app.runner.drain();
-    const before = await rawManifest(app, 'certificates');
+    const before = await latestRawManifest(app, 'certificates');
     const curatedBefore = curatedManifestSchema.parse(
-      await readJson(app, curatedManifestPath('certificates', before.snapshot)),
+      await readLandedJson(app, curatedManifestPath('certificates', before.snapshot)),
     );
     expect(curatedBefore.totals.parts).toBe(before.parts.length);
 
@@ -213,15 +210,15 @@ describe('curated Parquet', () => {
     stack.simulator.resetRateLimits();
     await app.runner.tick();
     await app.runner.drain();
-    const after = await rawManifest(app, 'certificates');
+    const after = await latestRawManifest(app, 'certificates');
     expect(after.parts.length).toBe(before.parts.length + 1);
     const curatedAfter = curatedManifestSchema.parse(
-      await readJson(app, curatedManifestPath('certificates', after.snapshot)),
+      await readLandedJson(app, curatedManifestPath('certificates', after.snapshot)),
     );
     expect(curatedAfter.parts.map((p) => p.source)).toEqual(after.parts.map((p) => p.path));
     expect(curatedAfter.sourceDigest).not.toBe(curatedBefore.sourceDigest);
     const changes = changeSetManifestSchema.parse(
-      await readJson(app, changesManifestPath('certificates', after.snapshot)),
+      await readLandedJson(app, changesManifestPath('certificates', after.snapshot)),
     );
     expect(changes.sourceDigest).toBe(curatedAfter.sourceDigest);
   });
@@ -231,7 +228,7 @@ describe('curated Parquet', () => {
     await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-21T09:01:00Z', recordsPerPart: 10 });
     await app.runner.tick();
     await app.runner.drain();
-    const raw = await rawManifest(app, 'hardware-firmware');
+    const raw = await latestRawManifest(app, 'hardware-firmware');
     const [changed, truncated] = raw.parts;
     const body = await app.runtime.landing.getBlobClient(changed?.path ?? '').downloadToBuffer();
     const swapped = gzipSync(Buffer.from(gunzipSync(body).toString().replaceAll('contoso', 'CONTOSO')));
@@ -264,16 +261,20 @@ async function changesBetween(exportId: ExportId, before: Row[], after: Row[]) {
   await stack.simulator.publish(exportId, { generatedTime: '2026-11-20T06:01:00Z', records: before });
   await app.runner.tick();
   await app.runner.drain();
-  const first = await rawManifest(app, exportId);
+  const first = await latestRawManifest(app, exportId);
   await stack.simulator.publish(exportId, { generatedTime: '2026-11-22T06:01:00Z', records: after });
   await app.runner.tick();
   await app.runner.drain();
-  const second = await rawManifest(app, exportId);
+  const second = await latestRawManifest(app, exportId);
   expect(second.snapshot).not.toBe(first.snapshot);
-  const baseline = changeSetManifestSchema.parse(await readJson(app, changesManifestPath(exportId, first.snapshot)));
+  const baseline = changeSetManifestSchema.parse(
+    await readLandedJson(app, changesManifestPath(exportId, first.snapshot)),
+  );
   expect(baseline.previous).toBeNull();
   expect(baseline.totals.rows).toBe(0);
-  const manifest = changeSetManifestSchema.parse(await readJson(app, changesManifestPath(exportId, second.snapshot)));
+  const manifest = changeSetManifestSchema.parse(
+    await readLandedJson(app, changesManifestPath(exportId, second.snapshot)),
+  );
   expect(manifest.previous?.snapshot).toBe(first.snapshot);
   const data = await app.runtime.landing.getBlobClient(manifest.path).downloadToBuffer();
   expect(data.length).toBe(manifest.bytes);
