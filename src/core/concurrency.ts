@@ -54,3 +54,26 @@ export class TrailingRuns {
     return running;
   }
 }
+
+/** At most `limit` holders at a time; the others wait in arrival order. `maxInUse` is the most ever held at once. */
+export class Semaphore {
+  private inUse = 0;
+  private readonly waiting: (() => void)[] = [];
+  maxInUse = 0;
+
+  constructor(private readonly limit: number) {}
+
+  async run<T>(work: () => Promise<T>): Promise<T> {
+    if (this.inUse >= this.limit) await new Promise<void>((resolve) => this.waiting.push(resolve));
+    else this.inUse++;
+    this.maxInUse = Math.max(this.maxInUse, this.inUse);
+    try {
+      return await work();
+    } finally {
+      const next = this.waiting.shift();
+      // The slot passes straight to the next waiter, so a new arrival never jumps the queue.
+      if (next) next();
+      else this.inUse--;
+    }
+  }
+}

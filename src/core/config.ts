@@ -222,6 +222,7 @@ export const settingsSchema = z
     MDVM_CURATED_EXPORTS: optionalExportsList,
     MDVM_CHANGE_SET_EXPORTS: optionalExportsList,
     MDVM_DERIVE_QUEUE: queueName.default('mdvm-derive'),
+    MDVM_DERIVE_CONCURRENCY: intSetting(2, 1, 16),
     // Security
     MDVM_SOURCE_HOST_ALLOWLIST: hostPatterns.default(['*.blob.core.windows.net']),
     MDVM_ALLOW_LOOPBACK: booleanSetting(false),
@@ -413,6 +414,8 @@ export interface AppConfig {
     readonly changeSetExports: readonly ExportId[];
     readonly queueName: string;
     readonly poisonQueueName: string;
+    /** Conversions and change sets running at once in one process, whatever the host hands it. */
+    readonly concurrency: number;
   };
 }
 
@@ -488,6 +491,7 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
       changeSetExports: s.MDVM_CHANGE_SET_EXPORTS,
       queueName: s.MDVM_DERIVE_QUEUE,
       poisonQueueName: `${s.MDVM_DERIVE_QUEUE}-poison`,
+      concurrency: s.MDVM_DERIVE_CONCURRENCY,
     },
   };
 }

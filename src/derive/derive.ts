@@ -1,4 +1,5 @@
 import { isExportId } from '../core/catalog.js';
+import { Semaphore } from '../core/concurrency.js';
 import type { SnapshotManifest } from '../core/contracts.js';
 import { MdvmError } from '../core/errors.js';
 import type { DeadLetter } from '../core/messages.js';
@@ -62,6 +63,21 @@ export interface DeriveOutcome {
   readonly summary: string;
 }
 
+/**
+ * The host hands a queue function up to batchSize + newBatchThreshold messages at once (12, ADR 0001), sized for
+ * copies. A conversion holds one row group and a change set one entry per previous record, so this process runs at
+ * most MDVM_DERIVE_CONCURRENCY of them; the other invocations wait here, their messages kept hidden by the host.
+ */
+const slots = new WeakMap<Runtime, Semaphore>();
+export function deriveSlots(runtime: Runtime): Semaphore {
+  let semaphore = slots.get(runtime);
+  if (!semaphore) {
+    semaphore = new Semaphore(runtime.config.derive.concurrency);
+    slots.set(runtime, semaphore);
+  }
+  return semaphore;
+}
+
 export async function handleDeriveMessage(
   runtime: Runtime,
   telemetry: Telemetry,
@@ -69,6 +85,15 @@ export async function handleDeriveMessage(
   options: { abortSignal?: AbortSignal } = {},
 ): Promise<DeriveOutcome> {
   const message = parseDeriveMessage(input);
+  return deriveSlots(runtime).run(() => derive(runtime, telemetry, message, options));
+}
+
+async function derive(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  message: DeriveMessage,
+  options: { abortSignal?: AbortSignal },
+): Promise<DeriveOutcome> {
   if (!isExportId(message.export)) throw new MdvmError('invalid-input', `unknown export type '${message.export}'`);
   const manifest = await readRawManifest(runtime, message.export, message.snapshot);
   if (message.kind === 'curate-part') {

@@ -5,6 +5,7 @@ import { gunzipSync, gzipSync } from 'node:zlib';
 import { DuckDBInstance } from '@duckdb/node-api';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ExportId } from '../../src/core/catalog.js';
+import { loadConfig } from '../../src/core/config.js';
 import { MdvmError } from '../../src/core/errors.js';
 import { Telemetry } from '../../src/core/telemetry.js';
 import {
@@ -14,7 +15,7 @@ import {
   curatedManifestSchema,
   curatedPartPath,
 } from '../../src/derive/contracts.js';
-import { handleDeriveMessage } from '../../src/derive/derive.js';
+import { deriveSlots, handleDeriveMessage } from '../../src/derive/derive.js';
 import { recordNormaliser } from '../../src/derive/normalise.js';
 import { ADDITIONAL_PROPERTIES, recordSchema } from '../../src/derive/schemas.js';
 import {
@@ -184,6 +185,24 @@ describe('curated Parquet', () => {
     const names: string[] = [];
     for await (const b of app.runtime.landing.listBlobsFlat({ prefix: 'curated/' })) names.push(b.name);
     expect(names.filter((n) => !n.startsWith(`curated/certificates/snapshot=${raw.snapshot}/`))).toEqual([]);
+  });
+
+  it('runs at most MDVM_DERIVE_CONCURRENCY conversions at once in a process, whatever the host hands it', async () => {
+    const app = await createApp(stack, {
+      MDVM_EXPORTS: 'security-baselines',
+      MDVM_CURATED_EXPORTS: 'security-baselines',
+      MDVM_DERIVE_CONCURRENCY: '1',
+    });
+    await stack.simulator.publish('security-baselines', { generatedTime: '2026-11-21T11:01:00Z', recordsPerPart: 10 });
+    await app.runner.tick();
+    await app.runner.drain();
+    const raw = await latestRawManifest(app, 'security-baselines');
+    const curated = curatedManifestSchema.parse(
+      await readLandedJson(app, curatedManifestPath('security-baselines', raw.snapshot)),
+    );
+    expect(curated.totals.parts).toBe(raw.parts.length);
+    expect(deriveSlots(app.runtime).maxInUse).toBe(1);
+    expect(() => loadConfig({ ...app.env, MDVM_DERIVE_CONCURRENCY: '0' })).toThrow(/MDVM_DERIVE_CONCURRENCY/);
   });
 
   it('rebuilds curated and change-set manifests when Defender later lists more files for the same snapshot', async () => {

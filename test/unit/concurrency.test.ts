@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { TrailingRuns } from '../../src/core/concurrency.js';
+import { Semaphore, TrailingRuns } from '../../src/core/concurrency.js';
 
 describe('TrailingRuns', () => {
   it('gives every caller a run that started after it called, with far fewer runs than callers', async () => {
@@ -55,5 +55,34 @@ describe('TrailingRuns', () => {
       calls++;
     });
     expect(calls).toBe(4);
+  });
+});
+
+describe('Semaphore', () => {
+  it('never lets more than its limit run, and serves waiters in arrival order', async () => {
+    const semaphore = new Semaphore(2);
+    let running = 0;
+    let most = 0;
+    const started: number[] = [];
+    const work = (i: number) =>
+      semaphore.run(async () => {
+        started.push(i);
+        running++;
+        most = Math.max(most, running);
+        await new Promise((r) => setTimeout(r, 5 + (i % 3) * 5));
+        running--;
+        return i;
+      });
+    const results = await Promise.all(Array.from({ length: 10 }, (_, i) => work(i)));
+    expect(results).toEqual(Array.from({ length: 10 }, (_, i) => i));
+    expect(most).toBe(2);
+    expect(semaphore.maxInUse).toBe(2);
+    expect(started).toEqual(Array.from({ length: 10 }, (_, i) => i));
+  });
+
+  it('frees the slot when the work fails', async () => {
+    const semaphore = new Semaphore(1);
+    await expect(semaphore.run(async () => Promise.reject(new Error('boom')))).rejects.toThrow('boom');
+    await expect(semaphore.run(async () => 'next')).resolves.toBe('next');
   });
 });
