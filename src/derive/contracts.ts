@@ -51,18 +51,23 @@ export function sourceDigest(parts: readonly { path: string; md5: string | null;
 const isoTime = z.iso.datetime({ offset: true });
 const count = z.number().int().nonnegative();
 
+/** What every derived manifest says about the raw snapshot it was made from. */
+const derivedFrom = {
+  v: z.literal(1),
+  export: z.string().min(1),
+  snapshot: z.string().min(1),
+  generatedTime: isoTime,
+  completedAt: isoTime,
+  /** The raw snapshot's `_manifest.json` this was made from. */
+  source: z.string().min(1),
+  /** Digest of the raw manifest's part list: a raw manifest replaced with more parts makes this one stale. */
+  sourceDigest: z.string().min(1),
+};
+
 export const curatedManifestSchema = z
   .object({
-    v: z.literal(1),
+    ...derivedFrom,
     kind: z.literal('curated'),
-    export: z.string().min(1),
-    snapshot: z.string().min(1),
-    generatedTime: isoTime,
-    completedAt: isoTime,
-    /** The raw snapshot's `_manifest.json` these parts were converted from. */
-    source: z.string().min(1),
-    /** Digest of the raw manifest's part list: a raw manifest replaced with more parts makes this one stale. */
-    sourceDigest: z.string().min(1),
     format: z.literal('parquet'),
     columns: z.array(z.object({ name: z.string().min(1), type: z.string().min(1) })),
     totals: z.object({ parts: count, rows: count, bytes: count }),
@@ -93,15 +98,8 @@ export const CHANGE_KINDS = ['added', 'removed', 'changed', 'expired'] as const;
 
 export const changeSetManifestSchema = z
   .object({
-    v: z.literal(1),
+    ...derivedFrom,
     kind: z.literal('changes'),
-    export: z.string().min(1),
-    snapshot: z.string().min(1),
-    generatedTime: isoTime,
-    completedAt: isoTime,
-    source: z.string().min(1),
-    /** Digest of the raw manifest's part list: a raw manifest replaced with more parts makes this one stale. */
-    sourceDigest: z.string().min(1),
     /** The complete snapshot compared against; null for the first snapshot of an export (nothing to compare). */
     previous: z
       .object({
