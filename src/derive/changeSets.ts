@@ -152,7 +152,7 @@ export async function buildChangeSet(
       snapshot: manifest.snapshot,
       generatedTime: manifest.generatedTime,
       completedAt: runtime.now().toISOString(),
-      source: `${manifest.export}/snapshot=${manifest.snapshot}/_manifest.json`,
+      source: rawManifestPath(manifest.export, manifest.snapshot),
       sourceDigest: digest,
       previous: previousRef,
       keyColumns: [...schema.keyColumns],

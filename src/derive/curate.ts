@@ -4,6 +4,7 @@ import { BlockUploadSink } from '../core/blockUpload.js';
 import type { LandedExportId } from '../core/catalog.js';
 import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
 import { classifyStorageError, isStorageCondition, MdvmError } from '../core/errors.js';
+import { manifestPath } from '../core/parts.js';
 import type { Runtime } from '../core/runtime.js';
 import type { Telemetry } from '../core/telemetry.js';
 import {
@@ -57,7 +58,7 @@ export async function readRawManifest(
   exportId: string,
   snapshotId: string,
 ): Promise<SnapshotManifest> {
-  const path = `${exportId}/snapshot=${snapshotId}/_manifest.json`;
+  const path = manifestPath(exportId, snapshotId);
   const text = await downloadText(runtime, path).catch((error: unknown) => {
     if (isStorageCondition(error, 'not-found')) {
       throw new MdvmError('fatal', `${path} does not exist: ${exportId}/${snapshotId} is not a complete snapshot`);
@@ -230,7 +231,7 @@ export async function completeCuratedIfReady(
     snapshot: manifest.snapshot,
     generatedTime: manifest.generatedTime,
     completedAt: runtime.now().toISOString(),
-    source: `${manifest.export}/snapshot=${manifest.snapshot}/_manifest.json`,
+    source: manifestPath(manifest.export, manifest.snapshot),
     sourceDigest: sourceDigest(manifest.parts),
     format: 'parquet',
     columns: [
