@@ -1,8 +1,16 @@
 import { createHash } from 'node:crypto';
-import type { LandedExportId } from '../core/catalog.js';
+import { type ExportId, isExportId, type LandedExportId } from '../core/catalog.js';
 import { contractProblems, latestSchema, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
+import { isStorageCondition } from '../core/errors.js';
 import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from '../core/parts.js';
 import type { Runtime } from '../core/runtime.js';
+import {
+  changeSetManifestSchema,
+  changesManifestPath,
+  curatedManifestPath,
+  curatedManifestSchema,
+  sourceDigest,
+} from '../derive/contracts.js';
 
 export type FindingKind =
   | 'missing'
@@ -12,7 +20,9 @@ export type FindingKind =
   | 'manifest-table-mismatch'
   | 'no-manifest'
   | 'unknown-snapshot'
-  | 'latest-behind';
+  | 'latest-behind'
+  | 'derived-missing'
+  | 'derived-stale';
 
 export interface Finding {
   export: string;
@@ -158,9 +168,81 @@ export async function verifyLanding(runtime: Runtime, options: VerifyOptions): P
       for (const path of blobs.keys()) {
         if (path !== mPath && !expected.has(path)) add('extra', path, 'in the snapshot folder but in no manifest');
       }
+      if (manifest && snapshot.status === 'complete') {
+        checked.blobs += await verifyDerived(runtime, manifest, isExportId(exportId) ? exportId : undefined, add);
+      }
     }
   }
   return { v: 1, ok: findings.length === 0, deep: options.deep ?? false, checked, findings };
+}
+
+/**
+ * Curated Parquet and change sets of one complete snapshot: the ones the settings turn on must exist, and every
+ * derived manifest that exists must be made from the raw manifest now in place and list only what is there.
+ */
+async function verifyDerived(
+  runtime: Runtime,
+  raw: SnapshotManifest,
+  exportId: ExportId | undefined,
+  add: (kind: FindingKind, path: string, detail: string) => void,
+): Promise<number> {
+  let blobsChecked = 0;
+  const digest = sourceDigest(raw.parts);
+  const properties = async (path: string) =>
+    runtime.landing
+      .getBlobClient(path)
+      .getProperties()
+      .catch((error: unknown) => {
+        if (isStorageCondition(error, 'not-found')) return undefined;
+        throw error;
+      });
+  const read = async (path: string): Promise<unknown> => {
+    if (!(await properties(path))) return undefined;
+    return parseJson((await runtime.landing.getBlobClient(path).downloadToBuffer()).toString('utf8'));
+  };
+  const kinds = [
+    {
+      name: 'curated copy',
+      path: curatedManifestPath(raw.export, raw.snapshot),
+      on: exportId !== undefined && runtime.config.derive.curatedExports.includes(exportId),
+      schema: curatedManifestSchema,
+    },
+    {
+      name: 'change set',
+      path: changesManifestPath(raw.export, raw.snapshot),
+      on: exportId !== undefined && runtime.config.derive.changeSetExports.includes(exportId),
+      schema: changeSetManifestSchema,
+    },
+  ] as const;
+  for (const kind of kinds) {
+    const value = await read(kind.path);
+    if (value === undefined) {
+      if (kind.on) add('derived-missing', kind.path, `no ${kind.name} yet; \`mdvm-ingest derive\` builds it`);
+      continue;
+    }
+    const parsed = kind.schema.safeParse(value);
+    if (!parsed.success) {
+      add('derived-stale', kind.path, `breaks its contract: ${contractProblems(parsed.error)}`);
+      continue;
+    }
+    if (parsed.data.sourceDigest !== digest) {
+      add('derived-stale', kind.path, `made from another part list than the raw _manifest.json now has`);
+      continue;
+    }
+    const listed =
+      parsed.data.kind === 'curated'
+        ? parsed.data.parts.map((p) => ({ path: p.path, bytes: p.bytes }))
+        : [{ path: parsed.data.path, bytes: parsed.data.bytes }];
+    for (const file of listed) {
+      blobsChecked++;
+      const have = await properties(file.path);
+      if (!have) add('missing', file.path, `listed by ${kind.path} but not in the landing container`);
+      else if (have.contentLength !== file.bytes) {
+        add('size-mismatch', file.path, `landed ${have.contentLength} B, ${kind.path} says ${file.bytes} B`);
+      }
+    }
+  }
+  return blobsChecked;
 }
 
 /** Why `_latest.json` does not point at the newest complete snapshot (or a newer one), if it does not. */

@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ExportId } from '../../src/core/catalog.js';
 import { loadConfig } from '../../src/core/config.js';
 import { MdvmError } from '../../src/core/errors.js';
+import { createRuntime } from '../../src/core/runtime.js';
 import { Telemetry } from '../../src/core/telemetry.js';
 import {
   changeSetManifestSchema,
@@ -18,6 +19,7 @@ import {
 import { deriveSlots, handleDeriveMessage } from '../../src/derive/derive.js';
 import { recordNormaliser } from '../../src/derive/normalise.js';
 import { ADDITIONAL_PROPERTIES, recordSchema } from '../../src/derive/schemas.js';
+import { verifyLanding } from '../../src/ops/verify.js';
 import {
   createApp,
   latestRawManifest,
@@ -203,6 +205,51 @@ describe('curated Parquet', () => {
     expect(curated.totals.parts).toBe(raw.parts.length);
     expect(deriveSlots(app.runtime).maxInUse).toBe(1);
     expect(() => loadConfig({ ...app.env, MDVM_DERIVE_CONCURRENCY: '0' })).toThrow(/MDVM_DERIVE_CONCURRENCY/);
+  });
+
+  it('verify reports derived data that is missing, stale or incomplete, and nothing when it is whole', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T12:01:00Z', recordsPerPart: 5 });
+    await app.runner.tick();
+    await app.runner.drain();
+    const raw = await latestRawManifest(app, 'certificates');
+    expect((await verifyLanding(app.runtime, { exports: ['certificates'] })).findings).toEqual([]);
+
+    // Turned on after the snapshot completed: verify says what is not built yet.
+    const optedIn = createRuntime(
+      loadConfig({ ...app.env, MDVM_CURATED_EXPORTS: 'certificates', MDVM_CHANGE_SET_EXPORTS: 'certificates' }),
+    );
+    const before = await verifyLanding(optedIn, { exports: ['certificates'] });
+    expect(before.findings.map((f) => [f.kind, f.path])).toEqual([
+      ['derived-missing', curatedManifestPath('certificates', raw.snapshot)],
+      ['derived-missing', changesManifestPath('certificates', raw.snapshot)],
+    ]);
+    for (const m of [
+      { v: 1, kind: 'curate-part', export: 'certificates', snapshot: raw.snapshot, part: raw.parts[0]?.path },
+      ...raw.parts
+        .slice(1)
+        .map((p) => ({ v: 1, kind: 'curate-part', export: 'certificates', snapshot: raw.snapshot, part: p.path })),
+      { v: 1, kind: 'change-set', export: 'certificates', snapshot: raw.snapshot },
+    ]) {
+      await handleDeriveMessage(optedIn, quiet(), m);
+    }
+    expect((await verifyLanding(optedIn, { exports: ['certificates'] })).findings).toEqual([]);
+
+    // A curated file deleted, and a change set whose manifest no longer matches the raw part list.
+    const curated = curatedManifestSchema.parse(
+      await readLandedJson(app, curatedManifestPath('certificates', raw.snapshot)),
+    );
+    await app.runtime.landing.getBlobClient(curated.parts[1]?.path ?? '').delete();
+    const changesPath = changesManifestPath('certificates', raw.snapshot);
+    const changes = changeSetManifestSchema.parse(await readLandedJson(app, changesPath));
+    const stale = `${JSON.stringify({ ...changes, sourceDigest: 'not-this-part-list' })}\n`;
+    await app.runtime.landing.getBlockBlobClient(changesPath).upload(stale, Buffer.byteLength(stale));
+    const after = await verifyLanding(optedIn, { exports: ['certificates'] });
+    expect(after.ok).toBe(false);
+    expect(after.findings.map((f) => [f.kind, f.path])).toEqual([
+      ['missing', curated.parts[1]?.path],
+      ['derived-stale', changesPath],
+    ]);
   });
 
   it('rebuilds curated and change-set manifests when Defender later lists more files for the same snapshot', async () => {
