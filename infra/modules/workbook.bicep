@@ -88,6 +88,7 @@ var workbookContent = {
     queryStep('failures', 'Failures by error class', loadTextContent('../queries/workbook-failures.kql'), 'table', logAnalyticsWorkspaceId)
     queryStep('defender', 'Defender API calls by answer', loadTextContent('../queries/workbook-defender-calls.kql'), 'table', logAnalyticsWorkspaceId)
     queryStep('errors', 'Last errors', loadTextContent('../queries/workbook-last-errors.kql'), 'table', logAnalyticsWorkspaceId)
+    queryStep('derived', 'Derived data per day (curated Parquet, change sets)', loadTextContent('../queries/workbook-derived.kql'), 'table', logAnalyticsWorkspaceId)
   ]
   fallbackResourceIds: [
     applicationInsightsId
