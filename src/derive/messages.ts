@@ -50,3 +50,13 @@ export function parseDeriveMessage(input: unknown): DeriveMessage {
   }
   return parsed.data;
 }
+
+/** The export and snapshot a derive message names, when it parses: for telemetry about a message that failed. */
+export function deriveMessageLabels(input: unknown): { export?: string; snapshot?: string } {
+  try {
+    const m = parseDeriveMessage(input);
+    return { export: m.export, snapshot: m.snapshot };
+  } catch {
+    return {};
+  }
+}

@@ -8,6 +8,7 @@ import { requestSnapshot } from '../core/requestSnapshot.js';
 import type { Runtime } from '../core/runtime.js';
 import { redactingLogger, Telemetry, type TelemetryEvent } from '../core/telemetry.js';
 import { handleDeriveMessage, parkDeriveMessage } from '../derive/derive.js';
+import { deriveMessageLabels } from '../derive/messages.js';
 
 /**
  * The app's functions as data: name, trigger and handler. The Functions host entry point (index.ts) registers
@@ -118,11 +119,15 @@ export function functionSpecs(config: AppConfig, runtime: Runtime, options: Func
           // A message naming no complete snapshot's part, or a raw part that no longer matches its manifest: retrying
           // cannot help. Parked at once with the reason; `mdvm-ingest derive` builds it once the cause is fixed.
           await parkDeriveMessage(runtime, message, error.message);
-          telemetry.track('derived', { outcome: 'dead-lettered', reason: error.message });
+          telemetry.track('derived', {
+            ...deriveMessageLabels(message),
+            outcome: 'dead-lettered',
+            reason: error.message,
+          });
           context.warn(`derive: message parked on ${config.derive.poisonQueueName}: ${error.message}`);
           return;
         }
-        telemetry.track('derived', { outcome: 'failed', reason: errorMessage(error) });
+        telemetry.track('derived', { ...deriveMessageLabels(message), outcome: 'failed', reason: errorMessage(error) });
         throw redacted(error);
       }
     },

@@ -187,6 +187,16 @@ describe('curated Parquet', () => {
     const names: string[] = [];
     for await (const b of app.runtime.landing.listBlobsFlat({ prefix: 'curated/' })) names.push(b.name);
     expect(names.filter((n) => !n.startsWith(`curated/certificates/snapshot=${raw.snapshot}/`))).toEqual([]);
+    // Each parked message is a telemetry event, with the export and snapshot when the message names them.
+    const parkedEvents = app.events.filter((e) => e.event === 'derived' && e.outcome === 'dead-lettered');
+    expect(parkedEvents.map((e) => [e.export, e.snapshot])).toEqual(
+      expect.arrayContaining([
+        ['certificates', raw.snapshot],
+        ['certificates', '2026-11-21T0801Z'],
+        [undefined, undefined],
+      ]),
+    );
+    expect(parkedEvents).toHaveLength(3);
   });
 
   it('runs at most MDVM_DERIVE_CONCURRENCY conversions at once in a process, whatever the host hands it', async () => {
