@@ -14,6 +14,7 @@ import { classifyStorageError, errorMessage, isStorageCondition, MdvmError } fro
 import { record } from './observability.js';
 import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from './parts.js';
 import type { Runtime } from './runtime.js';
+import { streamToString } from './storage.js';
 import type { Telemetry } from './telemetry.js';
 
 export type { LatestPointer, SnapshotManifest } from './contracts.js';
@@ -320,10 +321,4 @@ export async function reconcileCounters(runtime: Runtime, snapshot: SnapshotRow,
       ? undefined
       : { partsLanded: landed.length, bytesLanded: Math.max(row.bytesLanded, bytes) },
   );
-}
-
-async function streamToString(stream: NodeJS.ReadableStream): Promise<string> {
-  const chunks: Buffer[] = [];
-  for await (const chunk of stream) chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk));
-  return Buffer.concat(chunks).toString('utf8');
 }

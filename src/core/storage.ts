@@ -64,3 +64,10 @@ export async function ensureStorage(clients: StorageClients): Promise<void> {
     clients.landing.createIfNotExists(),
   ]);
 }
+
+/** A small blob body (a manifest, a pointer) as text, read from the same response as its ETag. */
+export async function streamToString(stream: NodeJS.ReadableStream): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk));
+  return Buffer.concat(chunks).toString('utf8');
+}

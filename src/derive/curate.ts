@@ -6,6 +6,7 @@ import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } fr
 import { classifyStorageError, isStorageCondition, MdvmError } from '../core/errors.js';
 import { manifestPath } from '../core/parts.js';
 import type { Runtime } from '../core/runtime.js';
+import { streamToString } from '../core/storage.js';
 import type { Telemetry } from '../core/telemetry.js';
 import {
   type CuratedManifest,
@@ -297,7 +298,7 @@ export async function writeDerivedManifest(
         throw classifyStorageError(error, `read ${path}`);
       });
       if (existing?.etag) {
-        const text = existing.readableStreamBody ? await streamText(existing.readableStreamBody) : '';
+        const text = existing.readableStreamBody ? await streamToString(existing.readableStreamBody) : '';
         if (options.identity(parseJson(text)) === own) return false;
         conditions = { ifMatch: existing.etag };
       }
@@ -329,12 +330,6 @@ export async function currentRawDigest(
     if (error instanceof MdvmError && error.kind === 'fatal') return undefined;
     throw error;
   }
-}
-
-async function streamText(stream: NodeJS.ReadableStream): Promise<string> {
-  const chunks: Buffer[] = [];
-  for await (const chunk of stream) chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk));
-  return Buffer.concat(chunks).toString('utf8');
 }
 
 export async function downloadText(runtime: Runtime, path: string): Promise<string> {

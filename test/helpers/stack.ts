@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { TableClient } from '@azure/data-tables';
 import { CallBudget, pagedCallBudget } from '../../src/core/callBudget.js';
+import type { ExportId } from '../../src/core/catalog.js';
 import { loadConfig } from '../../src/core/config.js';
 import { manifestSchema, type SnapshotManifest } from '../../src/core/contracts.js';
 import type { PartCopier } from '../../src/core/copier.js';
@@ -9,7 +10,7 @@ import { ensureStorage } from '../../src/core/storage.js';
 import type { TelemetryEvent } from '../../src/core/telemetry.js';
 import { InProcessHost } from '../../src/host/inProcessHost.js';
 import { type LocalAzurite, startAzurite } from '../../src/local/azurite.js';
-import { DefenderSimulator } from '../../src/simulator/simulator.js';
+import { DefenderSimulator, type PublishOptions } from '../../src/simulator/simulator.js';
 
 /** One Azurite + one simulator per test file; each test gets its own queue, tables and container. */
 export interface Stack {
@@ -141,4 +142,18 @@ export async function readLandedJson(app: TestApp, path: string): Promise<unknow
 export async function latestRawManifest(app: TestApp, exportId: string): Promise<SnapshotManifest> {
   const latest = (await readLandedJson(app, `${exportId}/_latest.json`)) as { manifest: string };
   return manifestSchema.parse(await readLandedJson(app, latest.manifest));
+}
+
+/** Publish one snapshot of an export, run a tick and drain both queues: the raw manifest it completed as. */
+export async function publishAndLand(
+  stack: Stack,
+  app: TestApp,
+  exportId: ExportId,
+  options: PublishOptions,
+): Promise<SnapshotManifest> {
+  await stack.simulator.publish(exportId, options);
+  stack.simulator.resetRateLimits();
+  await app.runner.tick();
+  await app.runner.drain();
+  return latestRawManifest(app, exportId);
 }

@@ -15,7 +15,14 @@ import {
 } from '../../src/derive/contracts.js';
 import { completeCuratedIfReady, curatePart } from '../../src/derive/curate.js';
 import { enqueueDerivations, handleDeriveMessage } from '../../src/derive/derive.js';
-import { createApp, latestRawManifest, readLandedJson, type Stack, startStack } from '../helpers/stack.js';
+import {
+  createApp,
+  latestRawManifest,
+  publishAndLand,
+  readLandedJson,
+  type Stack,
+  startStack,
+} from '../helpers/stack.js';
 
 /**
  * Derived data under races and failures found in review: a slow delivery from before the raw manifest grew, a crash
@@ -39,19 +46,9 @@ async function grownSnapshot(
     MDVM_CURATED_EXPORTS: 'certificates',
     MDVM_CHANGE_SET_EXPORTS: 'certificates',
   });
-  await stack.simulator.publish('certificates', { generatedTime: '2026-11-19T10:01:00Z', recordsPerPart: 10 });
-  await app.runner.tick();
-  await app.runner.drain();
-  await stack.simulator.publish('certificates', { generatedTime, recordsPerPart: 10 });
-  stack.simulator.resetRateLimits();
-  await app.runner.tick();
-  await app.runner.drain();
-  const v1 = await latestRawManifest(app, 'certificates');
-  await stack.simulator.publish('certificates', { generatedTime, recordsPerPart: 10, ...extra });
-  stack.simulator.resetRateLimits();
-  await app.runner.tick();
-  await app.runner.drain();
-  const v2 = await latestRawManifest(app, 'certificates');
+  await publishAndLand(stack, app, 'certificates', { generatedTime: '2026-11-19T10:01:00Z', recordsPerPart: 10 });
+  const v1 = await publishAndLand(stack, app, 'certificates', { generatedTime, recordsPerPart: 10 });
+  const v2 = await publishAndLand(stack, app, 'certificates', { generatedTime, recordsPerPart: 10, ...extra });
   expect(v2.parts.length).toBe(v1.parts.length + 1);
   return { app, v1, v2 };
 }
@@ -238,11 +235,7 @@ it("when an older snapshot completes again with more files, the next snapshot's 
   const app = await createApp(stack, { MDVM_EXPORTS: 'certificates', MDVM_CHANGE_SET_EXPORTS: 'certificates' });
   const manifests: SnapshotManifest[] = [];
   for (const generatedTime of ['2026-11-18T06:01:00Z', '2026-11-18T12:01:00Z']) {
-    await stack.simulator.publish('certificates', { generatedTime, recordsPerPart: 5 });
-    stack.simulator.resetRateLimits();
-    await app.runner.tick();
-    await app.runner.drain();
-    manifests.push(await latestRawManifest(app, 'certificates'));
+    manifests.push(await publishAndLand(stack, app, 'certificates', { generatedTime, recordsPerPart: 5 }));
   }
   const [older, newer] = manifests as [SnapshotManifest, SnapshotManifest];
   const before = changeSetManifestSchema.parse(

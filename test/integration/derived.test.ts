@@ -23,6 +23,7 @@ import { verifyLanding } from '../../src/ops/verify.js';
 import {
   createApp,
   latestRawManifest,
+  publishAndLand,
   readLandedJson,
   type Stack,
   startStack,
@@ -146,10 +147,10 @@ describe('curated Parquet', () => {
       MDVM_EXPORTS: 'certificates',
       MDVM_CURATED_EXPORTS: 'certificates',
     });
-    await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T07:01:00Z', recordsPerPart: 10 });
-    await app.runner.tick();
-    await app.runner.drain();
-    const raw = await latestRawManifest(app, 'certificates');
+    const raw = await publishAndLand(stack, app, 'certificates', {
+      generatedTime: '2026-11-21T07:01:00Z',
+      recordsPerPart: 10,
+    });
     const target = curatedPartPath(raw.parts[0]?.path ?? '');
     const before = await app.runtime.landing.getBlobClient(target).getProperties();
 
@@ -205,10 +206,10 @@ describe('curated Parquet', () => {
       MDVM_CURATED_EXPORTS: 'security-baselines',
       MDVM_DERIVE_CONCURRENCY: '1',
     });
-    await stack.simulator.publish('security-baselines', { generatedTime: '2026-11-21T11:01:00Z', recordsPerPart: 10 });
-    await app.runner.tick();
-    await app.runner.drain();
-    const raw = await latestRawManifest(app, 'security-baselines');
+    const raw = await publishAndLand(stack, app, 'security-baselines', {
+      generatedTime: '2026-11-21T11:01:00Z',
+      recordsPerPart: 10,
+    });
     const curated = curatedManifestSchema.parse(
       await readLandedJson(app, curatedManifestPath('security-baselines', raw.snapshot)),
     );
@@ -219,10 +220,10 @@ describe('curated Parquet', () => {
 
   it('verify reports derived data that is missing, stale or incomplete, and nothing when it is whole', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
-    await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T12:01:00Z', recordsPerPart: 5 });
-    await app.runner.tick();
-    await app.runner.drain();
-    const raw = await latestRawManifest(app, 'certificates');
+    const raw = await publishAndLand(stack, app, 'certificates', {
+      generatedTime: '2026-11-21T12:01:00Z',
+      recordsPerPart: 5,
+    });
     expect((await verifyLanding(app.runtime, { exports: ['certificates'] })).findings).toEqual([]);
 
     // Turned on after the snapshot completed: verify says what is not built yet.
@@ -268,10 +269,10 @@ describe('curated Parquet', () => {
       MDVM_CURATED_EXPORTS: 'certificates',
       MDVM_CHANGE_SET_EXPORTS: 'certificates',
     });
-    await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T10:01:00Z', recordsPerPart: 10 });
-    await app.runner.tick();
-    await app.runner.drain();
-    const before = await latestRawManifest(app, 'certificates');
+    const before = await publishAndLand(stack, app, 'certificates', {
+      generatedTime: '2026-11-21T10:01:00Z',
+      recordsPerPart: 10,
+    });
     const curatedBefore = curatedManifestSchema.parse(
       await readLandedJson(app, curatedManifestPath('certificates', before.snapshot)),
     );
@@ -301,10 +302,10 @@ describe('curated Parquet', () => {
 
   it('refuses a raw part whose bytes are not the ones its manifest lists, or whose gzip is truncated', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
-    await stack.simulator.publish('hardware-firmware', { generatedTime: '2026-11-21T09:01:00Z', recordsPerPart: 10 });
-    await app.runner.tick();
-    await app.runner.drain();
-    const raw = await latestRawManifest(app, 'hardware-firmware');
+    const raw = await publishAndLand(stack, app, 'hardware-firmware', {
+      generatedTime: '2026-11-21T09:01:00Z',
+      recordsPerPart: 10,
+    });
     const [changed, truncated] = raw.parts;
     const body = await app.runtime.landing.getBlobClient(changed?.path ?? '').downloadToBuffer();
     const swapped = gzipSync(Buffer.from(gunzipSync(body).toString().replaceAll('contoso', 'CONTOSO')));
@@ -334,14 +335,8 @@ type Row = Record<string, unknown>;
 /** Two snapshots of one export, built by hand and landed through the real pipeline; the change set of the second. */
 async function changesBetween(exportId: ExportId, before: Row[], after: Row[]) {
   const app = await createApp(stack, { MDVM_EXPORTS: exportId, MDVM_CHANGE_SET_EXPORTS: exportId });
-  await stack.simulator.publish(exportId, { generatedTime: '2026-11-20T06:01:00Z', records: before });
-  await app.runner.tick();
-  await app.runner.drain();
-  const first = await latestRawManifest(app, exportId);
-  await stack.simulator.publish(exportId, { generatedTime: '2026-11-22T06:01:00Z', records: after });
-  await app.runner.tick();
-  await app.runner.drain();
-  const second = await latestRawManifest(app, exportId);
+  const first = await publishAndLand(stack, app, exportId, { generatedTime: '2026-11-20T06:01:00Z', records: before });
+  const second = await publishAndLand(stack, app, exportId, { generatedTime: '2026-11-22T06:01:00Z', records: after });
   expect(second.snapshot).not.toBe(first.snapshot);
   const baseline = changeSetManifestSchema.parse(
     await readLandedJson(app, changesManifestPath(exportId, first.snapshot)),
