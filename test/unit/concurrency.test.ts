@@ -1,5 +1,96 @@
 import { describe, expect, it } from 'vitest';
-import { Semaphore, TrailingRuns } from '../../src/core/concurrency.js';
+import { LastOut, Semaphore, TrailingRuns } from '../../src/core/concurrency.js';
+
+describe('LastOut', () => {
+  it('runs what overlapping holders owe once, when the last of them leaves, and only if something is owed', async () => {
+    const settler = new LastOut();
+    const ran: string[] = [];
+    const work = (label: string) => async () => {
+      ran.push(label);
+    };
+    settler.enter('s');
+    settler.enter('s');
+    settler.enter('s');
+    settler.owe('s');
+    await settler.leave('s', work('first out'));
+    settler.owe('s');
+    await settler.leave('s', work('second out'));
+    expect(ran).toEqual([]);
+    expect(settler.holding('s')).toBe(1);
+    // The last holder owes nothing itself (its copy failed, say) and still runs what the others owed.
+    await settler.leave('s', work('last out'));
+    expect(ran).toEqual(['last out']);
+    expect(settler.holding('s')).toBe(0);
+    // Nothing owed: leaving runs nothing.
+    settler.enter('s');
+    await settler.leave('s', work('nothing owed'));
+    expect(ran).toEqual(['last out']);
+  });
+
+  it('keeps keys apart and owes afresh after a run', async () => {
+    const settler = new LastOut();
+    const ran: string[] = [];
+    settler.enter('a');
+    settler.enter('b');
+    settler.owe('a');
+    settler.owe('b');
+    await settler.leave('b', async () => {
+      ran.push('b');
+    });
+    expect(ran).toEqual(['b']);
+    settler.enter('a');
+    await settler.leave('a', async () => {
+      ran.push('a too early');
+    });
+    expect(ran).toEqual(['b']);
+    await settler.leave('a', async () => {
+      ran.push('a');
+    });
+    expect(ran).toEqual(['b', 'a']);
+  });
+
+  it('a holder that owes while the last run is under way gets a run that starts after it owed', async () => {
+    const settler = new LastOut();
+    const starts: string[] = [];
+    let release: () => void = () => {};
+    settler.enter('s');
+    settler.owe('s');
+    const first = settler.leave('s', async () => {
+      starts.push('first');
+      await new Promise<void>((resolve) => {
+        release = resolve;
+      });
+    });
+    await Promise.resolve();
+    settler.enter('s');
+    settler.owe('s');
+    const second = settler.leave('s', async () => {
+      starts.push('second');
+    });
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    expect(starts).toEqual(['first']);
+    release();
+    await Promise.all([first, second]);
+    expect(starts).toEqual(['first', 'second']);
+  });
+
+  it('hands a failed run to the leaver that ran it and owes nothing after', async () => {
+    const settler = new LastOut();
+    settler.enter('s');
+    settler.owe('s');
+    await expect(
+      settler.leave('s', async () => {
+        throw new Error('table down');
+      }),
+    ).rejects.toThrow('table down');
+    let ran = false;
+    settler.enter('s');
+    await settler.leave('s', async () => {
+      ran = true;
+    });
+    expect(ran).toBe(false);
+  });
+});
 
 describe('TrailingRuns', () => {
   it('gives every caller a run that started after it called, with far fewer runs than callers', async () => {
