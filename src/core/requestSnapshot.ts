@@ -216,11 +216,14 @@ async function tick(
   }));
 
   // Messages go out as soon as their rows exist, a hundred at a time; then one transaction marks those parts in
-  // flight. A tick that dies in between leaves them marked as needing a message: the next tick sends them again,
-  // and the copy of a part that already landed is a duplicate that copies nothing.
+  // flight, while the next hundred go out (one transaction at a time, so the marks never pile up). A tick that dies
+  // in between leaves them marked as needing a message: the next tick sends them again, and the copy of a part that
+  // already landed is a duplicate that copies nothing.
+  let marking: Promise<unknown> = Promise.resolve();
   for (let i = 0; i < plan.enqueue.length; i += ENQUEUE_CHUNK) {
     if (options.abortSignal?.aborted) {
       // Everything sent so far is recorded as sent; the rest is still marked as needing a message.
+      await marking;
       throw new MdvmError(
         'transient',
         `tick stopped after enqueuing ${i} of ${plan.enqueue.length} parts (interrupted or out of time); the next tick enqueues the rest`,
@@ -240,14 +243,18 @@ async function tick(
         ...(options.traceparent ? { traceparent: options.traceparent } : {}),
       }),
     );
-    await runtime.store.markInFlight(
+    await marking;
+    marking = runtime.store.markInFlight(
       exportId,
       snapshotId,
       chunk.flatMap((p) =>
         p.sasExpiresOn ? [{ path: p.relativePath, sasExpiresOn: p.sasExpiresOn.toISOString() }] : [],
       ),
     );
+    // Observed by the next `await marking`; until then a failure must not count as unhandled.
+    marking.catch(() => undefined);
   }
+  await marking;
 
   const latest = (await runtime.store.getSnapshot(exportId, generatedTime))?.value ?? snapshot.value;
   await reconcileCounters(runtime, latest, [...plan.landed]);

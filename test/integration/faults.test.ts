@@ -412,6 +412,55 @@ describe('bad input and failures', () => {
     expect(app.events.filter((e) => e.event === 'snapshot' && e.outcome === 'completed')).toHaveLength(1);
   });
 
+  it('a failed in-flight mark mid-tick fails the tick; the next tick sends the unmarked parts again, each lands once', async () => {
+    let marks = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        workers: 8,
+        wrapRuntime: (real) => {
+          const store = Object.create(real.store) as typeof real.store;
+          // The second hundred's mark fails while the third hundred's messages go out.
+          store.markInFlight = (...args) =>
+            ++marks === 2
+              ? Promise.reject(new MdvmError('transient', 'table unavailable during the mark'))
+              : real.store.markInFlight(...args);
+          return { ...real, store };
+        },
+      },
+    );
+    const snap = await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-22T03:01:00Z',
+      groups: [0, 1, 2, 3, 4],
+      partsPerGroup: 49,
+      recordsPerPart: 1,
+    });
+    expect(snap.parts).toHaveLength(250);
+    stack.simulator.resetRateLimits();
+    const [first] = await app.runner.tick();
+    expect(first?.error).toMatch(/table unavailable during the mark/);
+    // The first hundred are marked in flight; the second hundred are not, though their messages are out.
+    const rows = await tableRows(app.runtime.storage.partsTable);
+    expect(rows.filter((r) => r.sasExpiresOn).length).toBe(100);
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0).toBeGreaterThanOrEqual(200);
+
+    stack.simulator.resetRateLimits();
+    const [second] = await app.runner.tick();
+    expect(second?.error).toBeUndefined();
+    await app.runner.drain();
+    const after = await state(app);
+    expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    const landedEvents = app.events.filter((e) => e.event === 'part' && e.outcome === 'landed');
+    expect(new Set(landedEvents.map((e) => e.part)).size).toBe(snap.parts.length);
+    expect(landedEvents).toHaveLength(snap.parts.length);
+    // The unmarked parts went out twice: their second delivery copies nothing.
+    expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate').length).toBeGreaterThanOrEqual(
+      100,
+    );
+    expect(after.blobs.filter((b) => b.endsWith('.json.gz'))).toHaveLength(snap.parts.length);
+  });
+
   it('_latest.json never moves back to an older snapshot', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'software-inventory-noncpe' });
     await stack.simulator.publish('software-inventory-noncpe', {
