@@ -55,46 +55,6 @@ export class TrailingRuns {
   }
 }
 
-/**
- * Work owed per key, done once by the last holder of the key to leave: holders `enter`, may `owe` the work, and
- * `leave`; the leave that brings the key's holders to zero runs what is owed (through TrailingRuns, so it starts after
- * every owing holder's writes and shares a run with a concurrent `now`). While a key has holders, owing costs nothing:
- * n holders that overlap share one run instead of n. Every holder must leave, whatever happens to it.
- */
-export class LastOut {
-  private readonly holders = new Map<string, number>();
-  private readonly owed = new Set<string>();
-  private readonly runs = new TrailingRuns();
-
-  enter(key: string): void {
-    this.holders.set(key, (this.holders.get(key) ?? 0) + 1);
-  }
-
-  owe(key: string): void {
-    this.owed.add(key);
-  }
-
-  leave(key: string, work: () => Promise<void>): Promise<void> {
-    const left = (this.holders.get(key) ?? 1) - 1;
-    if (left > 0) {
-      this.holders.set(key, left);
-      return Promise.resolve();
-    }
-    this.holders.delete(key);
-    return this.owed.delete(key) ? this.runs.run(key, work) : Promise.resolve();
-  }
-
-  /** The work now, not waiting for other holders (shared with a run of the same key already queued). */
-  now(key: string, work: () => Promise<void>): Promise<void> {
-    return this.runs.run(key, work);
-  }
-
-  /** Holders of `key` now (for tests and diagnostics). */
-  holding(key: string): number {
-    return this.holders.get(key) ?? 0;
-  }
-}
-
 /** At most `limit` holders at a time; the others wait in arrival order. `maxInUse` is the most ever held at once. */
 export class Semaphore {
   private inUse = 0;

@@ -1,6 +1,6 @@
 import type { ExportId } from './catalog.js';
 import { completeSnapshotIfReady } from './completion.js';
-import { LastOut } from './concurrency.js';
+import { TrailingRuns } from './concurrency.js';
 import { errorMessage, MdvmError } from './errors.js';
 import { ConcurrentUpdateError } from './manifestStore.js';
 import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
@@ -127,37 +127,6 @@ async function landOnePart(
     return { outcome: 'superseded', reason: `snapshot superseded by ${supersededBy}` };
   }
 
-  // The completion check a landing owes runs when the last delivery of the snapshot in this process is done
-  // (docs/adr/0005): deliveries that overlap share one query instead of one each. Any delivery still in flight checks
-  // after its own outcome, or goes back to the queue and checks when it is delivered again.
-  const settler = settlerOf(runtime);
-  const key = snapshotKey(exportId, message.generatedTime);
-  const check = () => checkSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
-  settler.enter(key);
-  let result: LandResult;
-  try {
-    result = await copyAndFlip(runtime, telemetry, message, row, delivery);
-  } catch (error) {
-    // This delivery is retried, and its retry checks again: a failed check here loses nothing, and the copy's error
-    // is the one to report.
-    await settler.leave(key, check).catch(() => undefined);
-    throw error;
-  }
-  if (result.outcome === 'landed') settler.owe(key);
-  await settler.leave(key, check);
-  return result;
-}
-
-/** The copy of a part whose message and row check out, and the flip of its row to landed. */
-async function copyAndFlip(
-  runtime: Runtime,
-  telemetry: Telemetry,
-  message: PartMessage,
-  row: NonNullable<Awaited<ReturnType<Runtime['store']['getPart']>>>,
-  delivery: Delivery,
-): Promise<LandResult> {
-  const { export: exportId, snapshot: snapshotId, part } = message;
-  const base = { export: exportId, snapshot: snapshotId, part };
   const now = runtime.now().getTime();
   if (message.sasExpiresOn && Date.parse(message.sasExpiresOn) - runtime.config.sasSafetyMarginInMs <= now) {
     return markUnlandable(
@@ -246,10 +215,11 @@ async function copyAndFlip(
     durationMs: Date.now() - started,
     method: copied.method,
   });
-  // No shared counter to bump (docs/adr/0005): the landing owes a check of the parts table for anything left, which
-  // runs after this flip is committed; so of two parts landing at once at least the later check sees none left, and
-  // completion itself is safe to run twice.
+  // No shared counter to bump (docs/adr/0005): every landing asks the parts table whether anything is left.
+  // The flip above is committed before this read, so of two parts landing at once at least the later one sees
+  // none left; completion itself is safe to run twice.
   record.landed(exportId, copied.bytes, Date.now() - started, copied.method);
+  await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
   return { outcome: 'landed', bytes: copied.bytes, method: copied.method };
 }
 
@@ -266,28 +236,19 @@ function settleSnapshot(
   snapshotId: string,
   generatedTime: string,
 ): Promise<void> {
-  // Now, not deferred: shared only with a check of the same snapshot already queued in this process, which starts
-  // after this caller's writes.
-  return settlerOf(runtime).now(snapshotKey(exportId, generatedTime), () =>
+  // Parts landing together in this process share one check that starts after their flips, instead of one query
+  // each: exact (every caller waits for a check that sees its own flip), and cheaper the busier it gets.
+  let checks = completionChecks.get(runtime.store);
+  if (!checks) {
+    checks = new TrailingRuns();
+    completionChecks.set(runtime.store, checks);
+  }
+  return checks.run(`${exportId}/${generatedTime}`, () =>
     checkSnapshot(runtime, telemetry, exportId, snapshotId, generatedTime),
   );
 }
 
-/** One per store (per app in a process): the deliveries in flight per snapshot and the checks they owe. */
-const settlers = new WeakMap<Runtime['store'], LastOut>();
-
-function settlerOf(runtime: Runtime): LastOut {
-  let settler = settlers.get(runtime.store);
-  if (!settler) {
-    settler = new LastOut();
-    settlers.set(runtime.store, settler);
-  }
-  return settler;
-}
-
-function snapshotKey(exportId: ExportId, generatedTime: string): string {
-  return `${exportId}/${generatedTime}`;
-}
+const completionChecks = new WeakMap<Runtime['store'], TrailingRuns>();
 
 async function checkSnapshot(
   runtime: Runtime,
