@@ -1,8 +1,11 @@
 import { BlobClient, BlobSASPermissions, BlobServiceClient, BlockBlobClient } from '@azure/storage-blob';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import type { CopyRequest } from '../../src/core/copier.js';
 import { MdvmError } from '../../src/core/errors.js';
+import { landPart, MAX_DEQUEUE_COUNT } from '../../src/core/landPart.js';
 import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
 import { encodeMessage } from '../../src/core/messages.js';
+import { Telemetry } from '../../src/core/telemetry.js';
 import {
   createApp,
   listBlobNames,
@@ -459,6 +462,61 @@ describe('bad input and failures', () => {
       100,
     );
     expect(after.blobs.filter((b) => b.endsWith('.json.gz'))).toHaveLength(snap.parts.length);
+  });
+
+  it('a landing returns only after a completion check saw its flip, even with another delivery of the part still copying', async () => {
+    // The second delivery is on its last attempt: if the landing left the check to it and it then failed (or the
+    // process died), its message would go to the poison queue and no check would ever come.
+    let holdCopy: { started: () => void; release: Promise<void> } | undefined;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        wrapCopier: (real) => ({
+          copy: async (request: CopyRequest) => {
+            const hold = holdCopy;
+            holdCopy = undefined;
+            if (hold) {
+              hold.started();
+              await hold.release;
+            }
+            return real.copy(request);
+          },
+        }),
+      },
+    );
+    const generatedTime = '2026-11-22T04:01:00Z';
+    await stack.simulator.publish('software-inventory-noncpe', { generatedTime, recordsPerPart: 3 });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    const messages: PartMessage[] = [];
+    for (let batch = await app.runtime.queue.receiveMessages({ numberOfMessages: 32 }); ; ) {
+      if (batch.receivedMessageItems.length === 0) break;
+      for (const m of batch.receivedMessageItems) {
+        messages.push(JSON.parse(Buffer.from(m.messageText, 'base64').toString('utf8')) as PartMessage);
+        await app.runtime.queue.deleteMessage(m.messageId, m.popReceipt);
+      }
+      batch = await app.runtime.queue.receiveMessages({ numberOfMessages: 32 });
+    }
+    const last = messages.pop();
+    if (!last) throw new Error('the tick enqueued nothing');
+    const telemetry = new Telemetry({ info() {}, warn() {}, error() {} });
+    for (const m of messages)
+      expect((await landPart(app.runtime, telemetry, m, { dequeueCount: 1 })).outcome).toBe('landed');
+
+    let release = () => {};
+    const copying = new Promise<void>((started) => {
+      holdCopy = { started, release: new Promise<void>((resolve) => (release = resolve)) };
+    });
+    const slow = landPart(app.runtime, telemetry, last, { dequeueCount: MAX_DEQUEUE_COUNT });
+    await copying;
+    expect((await landPart(app.runtime, telemetry, last, { dequeueCount: 1 })).outcome).toBe('landed');
+    // Its message may be deleted now: the snapshot is already complete.
+    expect((await app.runtime.store.getSnapshot('software-inventory-noncpe', generatedTime))?.value.status).toBe(
+      'complete',
+    );
+    release();
+    expect((await slow).outcome).toBe('duplicate');
   });
 
   it('_latest.json never moves back to an older snapshot', async () => {
