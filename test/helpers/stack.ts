@@ -8,6 +8,12 @@ import type { PartCopier } from '../../src/core/copier.js';
 import { createRuntime, type Runtime } from '../../src/core/runtime.js';
 import { ensureStorage } from '../../src/core/storage.js';
 import type { TelemetryEvent } from '../../src/core/telemetry.js';
+import {
+  changeSetManifestSchema,
+  changesManifestPath,
+  curatedManifestPath,
+  curatedManifestSchema,
+} from '../../src/derive/contracts.js';
 import { InProcessHost } from '../../src/host/inProcessHost.js';
 import { type LocalAzurite, startAzurite } from '../../src/local/azurite.js';
 import { DefenderSimulator, type PublishOptions } from '../../src/simulator/simulator.js';
@@ -136,6 +142,16 @@ export async function queueTexts(app: TestApp, which: 'parts' | 'poison'): Promi
 /** A JSON blob of the landing container, parsed. */
 export async function readLandedJson(app: TestApp, path: string): Promise<unknown> {
   return JSON.parse((await app.runtime.landing.getBlobClient(path).downloadToBuffer()).toString('utf8'));
+}
+
+/** A snapshot's curated `_manifest.json`, checked against its contract. */
+export async function landedCuratedManifest(app: TestApp, exportId: string, snapshotId: string) {
+  return curatedManifestSchema.parse(await readLandedJson(app, curatedManifestPath(exportId, snapshotId)));
+}
+
+/** A snapshot's change-set `_manifest.json`, checked against its contract. */
+export async function landedChangeSetManifest(app: TestApp, exportId: string, snapshotId: string) {
+  return changeSetManifestSchema.parse(await readLandedJson(app, changesManifestPath(exportId, snapshotId)));
 }
 
 /** The raw manifest `_latest.json` names for an export, checked against its contract. */

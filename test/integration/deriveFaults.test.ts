@@ -17,6 +17,7 @@ import { completeCuratedIfReady, curatePart } from '../../src/derive/curate.js';
 import { enqueueDerivations, handleDeriveMessage } from '../../src/derive/derive.js';
 import {
   createApp,
+  landedChangeSetManifest,
   latestRawManifest,
   publishAndLand,
   readLandedJson,
@@ -69,7 +70,7 @@ it('a slow curate delivery that read the raw manifest before it grew does not pu
 it('a slow change-set delivery from before the raw manifest grew does not put its stale change set back', async () => {
   const { app, v1, v2 } = await grownSnapshot('2026-11-21T11:01:00Z');
   await buildChangeSet(app.runtime, quiet(), v1);
-  const m = changeSetManifestSchema.parse(await readLandedJson(app, changesManifestPath('certificates', v2.snapshot)));
+  const m = await landedChangeSetManifest(app, 'certificates', v2.snapshot);
   const raw = await latestRawManifest(app, 'certificates');
   expect(raw.parts.length).toBe(v2.parts.length);
   expect(m.sourceDigest, 'change set digest = current raw manifest digest').toBe(sourceDigest(raw.parts));
@@ -238,9 +239,7 @@ it("when an older snapshot completes again with more files, the next snapshot's 
     manifests.push(await publishAndLand(stack, app, 'certificates', { generatedTime, recordsPerPart: 5 }));
   }
   const [older, newer] = manifests as [SnapshotManifest, SnapshotManifest];
-  const before = changeSetManifestSchema.parse(
-    await readLandedJson(app, changesManifestPath('certificates', newer.snapshot)),
-  );
+  const before = await landedChangeSetManifest(app, 'certificates', newer.snapshot);
   expect(before.previous?.sourceDigest).toBe(sourceDigest(older.parts));
 
   // The older snapshot gains a part (as when Defender lists more files for it) and completes again.
@@ -271,9 +270,7 @@ it("when an older snapshot completes again with more files, the next snapshot's 
   expect(await enqueueDerivations(app.runtime, grown)).toBe(2);
   await app.runner.drain();
 
-  const after = changeSetManifestSchema.parse(
-    await readLandedJson(app, changesManifestPath('certificates', newer.snapshot)),
-  );
+  const after = await landedChangeSetManifest(app, 'certificates', newer.snapshot);
   expect(after.previous?.sourceDigest).toBe(sourceDigest(grown.parts));
   expect(after.path).not.toBe(before.path);
   // The late device is in the older snapshot only: the newer snapshot's change set now reports it removed.

@@ -13,7 +13,6 @@ import {
   changeSetManifestSchema,
   changesManifestPath,
   curatedManifestPath,
-  curatedManifestSchema,
   curatedPartPath,
 } from '../../src/derive/contracts.js';
 import { deriveSlots, handleDeriveMessage } from '../../src/derive/derive.js';
@@ -22,6 +21,8 @@ import { ADDITIONAL_PROPERTIES, recordSchema } from '../../src/derive/schemas.js
 import { verifyLanding } from '../../src/ops/verify.js';
 import {
   createApp,
+  landedChangeSetManifest,
+  landedCuratedManifest,
   latestRawManifest,
   publishAndLand,
   readLandedJson,
@@ -72,7 +73,7 @@ describe('curated Parquet', () => {
     try {
       for (const id of exports.split(',') as ExportId[]) {
         const raw = await latestRawManifest(app, id);
-        const curated = curatedManifestSchema.parse(await readLandedJson(app, curatedManifestPath(id, raw.snapshot)));
+        const curated = await landedCuratedManifest(app, id, raw.snapshot);
         expect(curated.parts.map((p) => p.source)).toEqual(raw.parts.map((p) => p.path));
         expect(curated.totals.rows).toBe(raw.totals.records);
         const files: string[] = [];
@@ -210,9 +211,7 @@ describe('curated Parquet', () => {
       generatedTime: '2026-11-21T11:01:00Z',
       recordsPerPart: 10,
     });
-    const curated = curatedManifestSchema.parse(
-      await readLandedJson(app, curatedManifestPath('security-baselines', raw.snapshot)),
-    );
+    const curated = await landedCuratedManifest(app, 'security-baselines', raw.snapshot);
     expect(curated.totals.parts).toBe(raw.parts.length);
     expect(deriveSlots(app.runtime).maxInUse).toBe(1);
     expect(() => loadConfig({ ...app.env, MDVM_DERIVE_CONCURRENCY: '0' })).toThrow(/MDVM_DERIVE_CONCURRENCY/);
@@ -247,9 +246,7 @@ describe('curated Parquet', () => {
     expect((await verifyLanding(optedIn, { exports: ['certificates'] })).findings).toEqual([]);
 
     // A curated file deleted, and a change set whose manifest no longer matches the raw part list.
-    const curated = curatedManifestSchema.parse(
-      await readLandedJson(app, curatedManifestPath('certificates', raw.snapshot)),
-    );
+    const curated = await landedCuratedManifest(app, 'certificates', raw.snapshot);
     await app.runtime.landing.getBlobClient(curated.parts[1]?.path ?? '').delete();
     const changesPath = changesManifestPath('certificates', raw.snapshot);
     const changes = changeSetManifestSchema.parse(await readLandedJson(app, changesPath));
@@ -273,9 +270,7 @@ describe('curated Parquet', () => {
       generatedTime: '2026-11-21T10:01:00Z',
       recordsPerPart: 10,
     });
-    const curatedBefore = curatedManifestSchema.parse(
-      await readLandedJson(app, curatedManifestPath('certificates', before.snapshot)),
-    );
+    const curatedBefore = await landedCuratedManifest(app, 'certificates', before.snapshot);
     expect(curatedBefore.totals.parts).toBe(before.parts.length);
 
     // The same snapshot, listed again with one more (empty) part: the raw manifest is replaced under its ETag.
@@ -289,14 +284,10 @@ describe('curated Parquet', () => {
     await app.runner.drain();
     const after = await latestRawManifest(app, 'certificates');
     expect(after.parts.length).toBe(before.parts.length + 1);
-    const curatedAfter = curatedManifestSchema.parse(
-      await readLandedJson(app, curatedManifestPath('certificates', after.snapshot)),
-    );
+    const curatedAfter = await landedCuratedManifest(app, 'certificates', after.snapshot);
     expect(curatedAfter.parts.map((p) => p.source)).toEqual(after.parts.map((p) => p.path));
     expect(curatedAfter.sourceDigest).not.toBe(curatedBefore.sourceDigest);
-    const changes = changeSetManifestSchema.parse(
-      await readLandedJson(app, changesManifestPath('certificates', after.snapshot)),
-    );
+    const changes = await landedChangeSetManifest(app, 'certificates', after.snapshot);
     expect(changes.sourceDigest).toBe(curatedAfter.sourceDigest);
   });
 
@@ -338,14 +329,10 @@ async function changesBetween(exportId: ExportId, before: Row[], after: Row[]) {
   const first = await publishAndLand(stack, app, exportId, { generatedTime: '2026-11-20T06:01:00Z', records: before });
   const second = await publishAndLand(stack, app, exportId, { generatedTime: '2026-11-22T06:01:00Z', records: after });
   expect(second.snapshot).not.toBe(first.snapshot);
-  const baseline = changeSetManifestSchema.parse(
-    await readLandedJson(app, changesManifestPath(exportId, first.snapshot)),
-  );
+  const baseline = await landedChangeSetManifest(app, exportId, first.snapshot);
   expect(baseline.previous).toBeNull();
   expect(baseline.totals.rows).toBe(0);
-  const manifest = changeSetManifestSchema.parse(
-    await readLandedJson(app, changesManifestPath(exportId, second.snapshot)),
-  );
+  const manifest = await landedChangeSetManifest(app, exportId, second.snapshot);
   expect(manifest.previous?.snapshot).toBe(first.snapshot);
   const data = await app.runtime.landing.getBlobClient(manifest.path).downloadToBuffer();
   expect(data.length).toBe(manifest.bytes);
