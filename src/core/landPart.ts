@@ -205,6 +205,9 @@ async function landOnePart(
   }
   if (!flipped) {
     telemetry.track('part', { ...base, outcome: 'duplicate' });
+    // Someone flipped it first, and that may have been this very delivery: a flip whose response was lost and
+    // whose retry met its own new ETag. Then no other delivery knows to check, so this one does.
+    await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
     return { outcome: 'duplicate' };
   }
   telemetry.track('part', {

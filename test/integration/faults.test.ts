@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { CopyRequest } from '../../src/core/copier.js';
 import { MdvmError } from '../../src/core/errors.js';
 import { landPart, MAX_DEQUEUE_COUNT } from '../../src/core/landPart.js';
+import { ConcurrentUpdateError } from '../../src/core/manifestStore.js';
 import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
 import { encodeMessage } from '../../src/core/messages.js';
 import { Telemetry } from '../../src/core/telemetry.js';
@@ -413,6 +414,38 @@ describe('bad input and failures', () => {
     expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'landed')).toHaveLength(snap.parts.length);
     expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(1);
     expect(app.events.filter((e) => e.event === 'snapshot' && e.outcome === 'completed')).toHaveLength(1);
+  });
+
+  it('completes the snapshot when the last flip was committed but answered as a conflict (a lost response, retried)', async () => {
+    let flips = 0;
+    let partCount = Number.POSITIVE_INFINITY;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        workers: 1,
+        wrapRuntime: (real) => {
+          const store = Object.create(real.store) as typeof real.store;
+          store.updatePart = async (current, changes) => {
+            await real.store.updatePart(current, changes);
+            // The last flip reaches the table, its response does not, and the retry meets the row's new ETag.
+            if (changes.status === 'landed' && ++flips === partCount) throw new ConcurrentUpdateError();
+          };
+          return { ...real, store };
+        },
+      },
+    );
+    const snap = await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-22T05:01:00Z',
+      recordsPerPart: 2,
+    });
+    partCount = snap.parts.length;
+    await app.runner.tick();
+    await app.runner.drain();
+    expect(flips).toBe(partCount);
+    const after = await state(app);
+    expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: partCount });
+    expect(after.blobs.filter((b) => b.endsWith('/_manifest.json'))).toHaveLength(1);
   });
 
   it('a failed in-flight mark mid-tick fails the tick; the next tick sends the unmarked parts again, each lands once', async () => {
