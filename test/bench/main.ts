@@ -6,7 +6,9 @@
  * Sections (`--only pipeline,tick,bytes` to pick):
  * - pipeline: parts/s, requests per part (by kind) and client CPU per part through the in-process host at 8, 32 and
  *   64 workers, beside a bare Copy Blob From URL loop over the same SAS URLs at concurrency 32 and, at each worker
- *   count, the floor: a loop that sends only the requests the app's guarantees need; median of --runs.
+ *   count, the floor: a loop that sends only the requests the app's guarantees need; median of --runs. Then what one
+ *   request of each of the floor's kinds costs alone, summed per part: the floor's arithmetic, and the ceiling of a
+ *   copier that sends no table request at all.
  * - tick: one tick that records and enqueues --tick-parts parts, beside its floor (the same Defender call, the same
  *   part rows inserted 100 to a transaction, the same messages sent at the same concurrency).
  * - bytes: one part of --size-mib MiB (valid gzip JSON lines) through each copy mode, each in a fresh child process
@@ -239,6 +241,115 @@ async function pipelineSection(stack: Stack, parts: number, runs: number): Promi
     rows,
   );
   for (const [label, kinds] of byKind) console.log(`  ${label}: ${JSON.stringify(kinds)}`);
+  await requestCostsOf(stack);
+}
+
+/**
+ * What one request of each kind the floor sends costs on this machine, each kind alone at concurrency 32 over the
+ * same parts: the arithmetic behind the floor, and the ceiling of any copier that still reads the source's
+ * properties and deletes its message, whatever it does about the table.
+ */
+async function requestCostsOf(stack: Stack): Promise<void> {
+  const app = await createApp(stack, { MDVM_EXPORTS: PIPELINE_EXPORT });
+  stack.simulator.resetRateLimits();
+  const { exportFiles } = await app.runtime.defender.getExportFiles(getExportType(PIPELINE_EXPORT), {
+    sasValidHours: 1,
+  });
+  const n = exportFiles.length;
+  const { queue, partsTable, landing } = app.runtime.storage;
+  const partitionKey = `cost_${randomBytes(4).toString('hex')}`;
+  const rowKeys = exportFiles.map((_, i) => String(i).padStart(6, '0'));
+  await runBounded(rowKeys, 32, (rowKey) =>
+    partsTable.createEntity({ partitionKey, rowKey, status: 'queued', landingPath: `cost/${rowKey}` }),
+  );
+  await runBounded(exportFiles, 32, (url) =>
+    queue.sendMessage(Buffer.from(url.split('?')[0] ?? '').toString('base64')),
+  );
+  const etags: string[] = [];
+  const received: { messageId: string; popReceipt: string }[] = [];
+  type Cost = { label: string; perPart: number; msPerRequest: number; cpuMsPerRequest: number };
+  const costs: Cost[] = [];
+  const cost = async (label: string, perPart: number, requests: number, work: () => Promise<unknown>) => {
+    const m = await measured(work);
+    costs.push({ label, perPart, msPerRequest: (m.seconds * 1000) / requests, cpuMsPerRequest: m.cpuMs / requests });
+  };
+  await cost('Copy Blob From URL, create-only', 1, n, () =>
+    runBounded(exportFiles, 32, (url, i) =>
+      landing.getBlockBlobClient(`cost/${i}.json.gz`).syncCopyFromURL(url, { conditions: { ifNoneMatch: '*' } }),
+    ),
+  );
+  await cost('source HEAD', 1, n, () => runBounded(exportFiles, 32, (url) => new BlobClient(url).getProperties()));
+  await cost('part row read', 1, n, () =>
+    runBounded(rowKeys, 32, async (rowKey, i) => {
+      etags[i] = (await partsTable.getEntity(partitionKey, rowKey)).etag;
+    }),
+  );
+  await cost('"anything left?" query, one row', 1, n, () =>
+    runBounded(rowKeys, 32, async () => {
+      const pages = partsTable
+        .listEntities({ queryOptions: { filter: odata`PartitionKey eq ${partitionKey} and status eq ${'queued'}` } })
+        .byPage({ maxPageSize: 1 });
+      await pages.next();
+    }),
+  );
+  await cost('part row flip under its ETag', 1, n, () =>
+    runBounded(rowKeys, 32, (rowKey, i) =>
+      partsTable.updateEntity({ partitionKey, rowKey, status: 'landed' }, 'Merge', { etag: etags[i] ?? '*' }),
+    ),
+  );
+  const receives = Math.ceil(n / 32);
+  await cost('queue receive, 32 a call', 1 / 32, receives, async () => {
+    while (received.length < n) {
+      const batch = await queue.receiveMessages({ numberOfMessages: 32, visibilityTimeout: 300 });
+      if (batch.receivedMessageItems.length === 0) throw new Error(`the cost queue held ${received.length} of ${n}`);
+      received.push(...batch.receivedMessageItems);
+    }
+  });
+  await cost('queue delete', 1, n, () =>
+    runBounded(received, 32, (m) => queue.deleteMessage(m.messageId, m.popReceipt)),
+  );
+
+  const perPart = (list: Cost[], of: (c: Cost) => number) => list.reduce((sum, c) => sum + c.perPart * of(c), 0);
+  // The copy alone is the bare loop, measured here in the same state as the rest: the ratios compare like with like.
+  const copy = costs[0];
+  const copyMs = copy?.msPerRequest ?? Number.NaN;
+  const copyCpuMs = copy?.cpuMsPerRequest ?? Number.NaN;
+  const noTable = costs.filter((c) => !/row|query/.test(c.label));
+  const sums = [
+    { label: 'sum: the floor, one part', list: costs },
+    { label: 'sum: copy, HEAD, receive and delete only (no table request at all)', list: noTable },
+  ].map(({ label, list }) => ({
+    label,
+    ms: perPart(list, (c) => c.msPerRequest),
+    cpuMs: perPart(list, (c) => c.cpuMsPerRequest),
+  }));
+  for (const c of costs) figures.push({ section: 'request-costs', ...c });
+  for (const sum of sums) {
+    figures.push({
+      section: 'request-costs',
+      label: sum.label,
+      msPerPart: sum.ms,
+      partsPerSecond: 1000 / sum.ms,
+      vsCopyAlone: copyMs / sum.ms,
+      cpuMsPerPart: sum.cpuMs,
+      cpuVsCopyAlone: sum.cpuMs / copyCpuMs,
+    });
+  }
+  printTable(
+    `request costs: each kind alone, ${n} requests at concurrency 32 (ms = wall time / requests)`,
+    ['', 'per part', 'ms/request', 'CPU ms/request'],
+    costs.map((c) => [
+      c.label,
+      c.perPart === 1 ? '1' : '1/32',
+      c.msPerRequest.toFixed(3),
+      c.cpuMsPerRequest.toFixed(3),
+    ]),
+  );
+  for (const sum of sums) {
+    console.log(
+      `  ${sum.label}: ${sum.ms.toFixed(2)} ms a part, ${(1000 / sum.ms).toFixed(0)} parts/s, ${(copyMs / sum.ms).toFixed(2)}x the copy alone; client CPU ${sum.cpuMs.toFixed(2)} ms, ${(sum.cpuMs / copyCpuMs).toFixed(1)}x the copy's`,
+    );
+  }
 }
 
 /**
@@ -807,6 +918,14 @@ function keyFigures(): string {
     parts.push(`CPU vs bare ${runs.map((f) => f.cpuVsBare?.toFixed(1)).join('/')}`);
     parts.push(`run vs floor ${runs.map((f) => f.vsFloor?.toFixed(2)).join('/')}`);
     parts.push(`CPU vs floor ${runs.map((f) => f.cpuVsFloor?.toFixed(2)).join('/')}`);
+  }
+  const ceiling = figures.find((f) => f.section === 'request-costs' && f.label.startsWith('sum: copy')) as
+    | Record<string, number>
+    | undefined;
+  if (ceiling) {
+    parts.push(
+      `no-table ceiling ${ceiling.vsCopyAlone?.toFixed(2)}x the copy alone, ${ceiling.cpuVsCopyAlone?.toFixed(1)}x its CPU`,
+    );
   }
   const tick = figures.find((f) => f.section === 'tick') as Record<string, number> | undefined;
   if (tick)
