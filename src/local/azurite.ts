@@ -17,6 +17,8 @@ export interface AzuriteAccount {
 export interface LocalAzurite {
   readonly source: AzuriteAccount;
   readonly customer: AzuriteAccount;
+  /** The Azurite process (the bench reads its CPU time). */
+  readonly pid: number | undefined;
   stop(): Promise<void>;
 }
 
@@ -106,6 +108,7 @@ export async function startAzurite(options: StartAzuriteOptions = {}): Promise<L
   return {
     source: account('msexport'),
     customer: account('customer'),
+    pid: child.pid,
     stop: () =>
       new Promise<void>((resolve) => {
         if (child.exitCode !== null) return resolve();
