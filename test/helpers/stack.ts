@@ -101,6 +101,20 @@ export async function createApp(
   return { runtime, runner, logs, events, suffix, env: { ...env, ...stack.simulator.identityEnvironment } };
 }
 
+/**
+ * For createApp's `wrapRuntime`: the runtime with some methods of one collaborator replaced (to fail, crash, count or
+ * stall at a chosen moment). `methods` gets the real collaborator to delegate to; every other method is the real one.
+ */
+export function replacing<K extends 'store' | 'queue' | 'defender'>(
+  key: K,
+  methods: (real: Runtime[K]) => Partial<Runtime[K]>,
+): (runtime: Runtime) => Runtime {
+  return (runtime) => {
+    const real = runtime[key];
+    return { ...runtime, [key]: Object.assign(Object.create(real) as Runtime[K], methods(real)) };
+  };
+}
+
 export function md5(buffer: Buffer): string {
   return createHash('md5').update(buffer).digest('base64');
 }

@@ -12,6 +12,7 @@ import {
   listBlobNames,
   md5,
   queueTexts,
+  replacing,
   type Stack,
   startStack,
   type TestApp,
@@ -383,19 +384,17 @@ describe('bad input and failures', () => {
       { MDVM_EXPORTS: 'software-inventory-noncpe' },
       {
         workers: 1,
-        wrapRuntime: (real) => {
-          const store = Object.create(real.store) as typeof real.store;
-          store.partProgress = async (exportId, snapshotId) => {
-            const progress = await real.store.partProgress(exportId, snapshotId);
+        wrapRuntime: replacing('store', (real) => ({
+          partProgress: async (exportId, snapshotId) => {
+            const progress = await real.partProgress(exportId, snapshotId);
             // The process dies right after the last part row says landed, before the snapshot is completed.
             if (progress.state === 'all-landed' && crashes === 0) {
               crashes++;
               throw new Error('simulated crash before completion');
             }
             return progress;
-          };
-          return { ...real, store };
-        },
+          },
+        })),
       },
     );
     const snap = await stack.simulator.publish('software-inventory-noncpe', {
@@ -424,15 +423,13 @@ describe('bad input and failures', () => {
       { MDVM_EXPORTS: 'software-inventory-noncpe' },
       {
         workers: 1,
-        wrapRuntime: (real) => {
-          const store = Object.create(real.store) as typeof real.store;
-          store.updatePart = async (current, changes) => {
-            await real.store.updatePart(current, changes);
+        wrapRuntime: replacing('store', (real) => ({
+          updatePart: async (current, changes) => {
+            await real.updatePart(current, changes);
             // The last flip reaches the table, its response does not, and the retry meets the row's new ETag.
             if (changes.status === 'landed' && ++flips === partCount) throw new ConcurrentUpdateError();
-          };
-          return { ...real, store };
-        },
+          },
+        })),
       },
     );
     const snap = await stack.simulator.publish('software-inventory-noncpe', {
@@ -455,15 +452,13 @@ describe('bad input and failures', () => {
       { MDVM_EXPORTS: 'software-inventory-noncpe' },
       {
         workers: 8,
-        wrapRuntime: (real) => {
-          const store = Object.create(real.store) as typeof real.store;
+        wrapRuntime: replacing('store', (real) => ({
           // The second hundred's mark fails while the third hundred's messages go out.
-          store.markInFlight = (...args) =>
+          markInFlight: (...args) =>
             ++marks === 2
               ? Promise.reject(new MdvmError('transient', 'table unavailable during the mark'))
-              : real.store.markInFlight(...args);
-          return { ...real, store };
-        },
+              : real.markInFlight(...args),
+        })),
       },
     );
     const snap = await stack.simulator.publish('software-inventory-noncpe', {

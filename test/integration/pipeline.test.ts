@@ -10,6 +10,7 @@ import {
   duplicateQueuedMessages,
   listBlobNames,
   md5,
+  replacing,
   type Stack,
   startStack,
   tableRows,
@@ -220,14 +221,12 @@ describe('pipeline end to end (Azurite + simulator)', () => {
       { MDVM_EXPORTS: 'software-inventory-noncpe' },
       {
         workers: 64,
-        wrapRuntime: (real) => {
-          const store = Object.create(real.store) as typeof real.store;
-          store.mutateSnapshot = (...args) => {
+        wrapRuntime: replacing('store', (real) => ({
+          mutateSnapshot: (...args) => {
             snapshotWrites++;
-            return real.store.mutateSnapshot(...args);
-          };
-          return { ...real, store };
-        },
+            return real.mutateSnapshot(...args);
+          },
+        })),
       },
     );
     const snap = await stack.simulator.publish('software-inventory-noncpe', {
@@ -262,14 +261,12 @@ describe('pipeline end to end (Azurite + simulator)', () => {
       stack,
       { MDVM_EXPORTS: 'certificates,hardware-firmware' },
       {
-        wrapRuntime: (real) => {
-          const defender = Object.create(real.defender) as typeof real.defender;
-          defender.getExportFiles = async (type, options) => {
+        wrapRuntime: replacing('defender', (real) => ({
+          getExportFiles: async (type, options) => {
             if (type.id === 'hardware-firmware') await sleep(3_000);
-            return real.defender.getExportFiles(type, options);
-          };
-          return { ...real, defender };
-        },
+            return real.getExportFiles(type, options);
+          },
+        })),
       },
     );
     await stack.simulator.publish('certificates', { generatedTime: '2026-11-21T00:01:00Z', recordsPerPart: 5 });
@@ -310,15 +307,13 @@ describe('pipeline end to end (Azurite + simulator)', () => {
       stack,
       { MDVM_EXPORTS: 'software-inventory-noncpe' },
       {
-        wrapRuntime: (real) => {
-          const queue = Object.create(real.queue) as typeof real.queue;
+        wrapRuntime: replacing('queue', (real) => ({
           // Ctrl-C once 150 messages are out, while the tick is still enqueuing.
-          queue.sendMessage = (...args) => {
+          sendMessage: (...args) => {
             if (++sends === 150) interrupt.abort();
-            return real.queue.sendMessage(...args);
-          };
-          return { ...real, queue };
-        },
+            return real.sendMessage(...args);
+          },
+        })),
       },
     );
     const snap = await stack.simulator.publish('software-inventory-noncpe', {
