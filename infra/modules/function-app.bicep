@@ -179,6 +179,9 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     AzureWebJobsStorage__clientId: identityClientId
     APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+    // Node.js arguments of the worker (src/deploy/nodeArguments.ts): a floor under V8's old-generation limit, so
+    // a stream copy that counts records does not run a full GC every few MiB (docs/adr/0012).
+    languageWorkers__node__arguments: '--initial-old-space-size=96'
     // The app.
     AZURE_CLIENT_ID: identityClientId
     MDVM_LANDING_BLOB_ENDPOINT: landingStorage.properties.primaryEndpoints.blob

@@ -339,8 +339,9 @@ export const settingsSchema = z
 
 /**
  * Settings the Functions host reads (not this code): identity-based AzureWebJobsStorage for the host's own
- * blob use and the queue trigger, and Application Insights with Entra authentication. Infra sets them; the
- * infra checks allow exactly these beside SETTING_NAMES.
+ * blob use and the queue trigger, Application Insights with Entra authentication, and the Node.js arguments it
+ * starts the worker with (src/deploy/nodeArguments.ts). Infra sets them; the infra checks allow exactly these
+ * beside SETTING_NAMES.
  */
 export const HOST_SETTING_NAMES = [
   'AzureWebJobsStorage__blobServiceUri',
@@ -348,6 +349,7 @@ export const HOST_SETTING_NAMES = [
   'AzureWebJobsStorage__clientId',
   'APPLICATIONINSIGHTS_CONNECTION_STRING',
   'APPLICATIONINSIGHTS_AUTHENTICATION_STRING',
+  'languageWorkers__node__arguments',
 ] as const;
 
 /** What a deployment in Azure must set: identity-based storage, no keys. */

@@ -9,6 +9,7 @@ import { EXPORT_IDS } from '../../src/core/catalog.js';
 import { loadConfig } from '../../src/core/config.js';
 import { createRuntime } from '../../src/core/runtime.js';
 import { buildFunctionPackage, PackageError, ZIP_NAME } from '../../src/deploy/functionPackage.js';
+import { NODE_ARGUMENTS } from '../../src/deploy/nodeArguments.js';
 import {
   COPY_FUNCTION_NAME,
   DERIVE_FUNCTION_NAME,
@@ -33,6 +34,7 @@ interface LoadReport {
   ok: boolean;
   stage?: string;
   error?: string;
+  execArgv?: string[];
   entryPoints?: string[];
   programmingModel?: { name: string; version: string };
   functions?: {
@@ -60,9 +62,13 @@ function unpack(zipPath: string): string {
   return dir;
 }
 
-/** Load the app folder in a fresh Node process, as the worker would; only the given settings in its environment. */
+/**
+ * Load the app folder in a fresh Node process, as the worker would: only the given settings in its environment, and
+ * languageWorkers__node__arguments on its command line before the worker's script, where the Functions host puts them.
+ */
 function loadLikeWorker(appDir: string, settings: Record<string, string>): LoadReport {
-  const result = spawnSync(process.execPath, [loader, appDir], {
+  const nodeArguments = (settings.languageWorkers__node__arguments ?? '').split(/\s+/).filter(Boolean);
+  const result = spawnSync(process.execPath, [...nodeArguments, loader, appDir], {
     cwd: appDir,
     encoding: 'utf8',
     env: { PATH: process.env.PATH ?? '', NODE_PATH: workerModules, ...settings },
@@ -102,6 +108,8 @@ describe('the deployment package (npm run package)', () => {
   it('registers every function from a clean folder, with the names, schedule and connection the Bicep provides', () => {
     const report = loadLikeWorker(packageDir, settings);
     expect(report, JSON.stringify(report)).toMatchObject({ ok: true, entryPoints: ['dist/src/functions/index.js'] });
+    // Node accepted the worker's arguments from the Bicep (an unknown flag stops it before the app loads).
+    expect(report.execArgv).toEqual([...NODE_ARGUMENTS]);
     expect(report.programmingModel?.name).toBe('@azure/functions');
 
     const functions = report.functions ?? [];

@@ -57,6 +57,8 @@ state.locked = true;
 process.stdout.write(
   `${JSON.stringify({
     ok: true,
+    // The host starts the worker as `node <languageWorkers__node__arguments> <worker script> …`.
+    execArgv: process.execArgv,
     entryPoints: files,
     programmingModel: state.programmingModel,
     hooks: state.hooks,

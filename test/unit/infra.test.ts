@@ -8,6 +8,7 @@ import { AZURE_REQUIRED_SETTINGS, HOST_SETTING_NAMES, SETTING_NAMES } from '../.
 import { METRIC_NAMES } from '../../src/core/observability.js';
 import { TELEMETRY_EVENTS } from '../../src/core/telemetry.js';
 import { STAGING_FOLDER } from '../../src/deploy/functionPackage.js';
+import { NODE_ARGUMENTS } from '../../src/deploy/nodeArguments.js';
 import { checkBicep, REQUIRED_ALERTS } from '../infra/bicepCheck.js';
 
 interface HookVariant {
@@ -66,6 +67,18 @@ describe('infrastructure (offline Bicep checks)', () => {
     expect(names).not.toContain('MDVM_LANDING_CONNECTION_STRING');
     expect(appSettings.get('AzureWebJobsStorage__credential')).toBe("'managedidentity'");
     expect(appSettings.get('APPLICATIONINSIGHTS_AUTHENTICATION_STRING')).toMatch(/Authorization=AAD/);
+  });
+
+  it('gives the worker, npm start and a local Core Tools run the same Node.js arguments as nodeArguments.ts', async () => {
+    const expected = NODE_ARGUMENTS.join(' ');
+    expect(expected).toMatch(/^--initial-old-space-size=\d+$/);
+    const { appSettings } = await checkBicep(infra);
+    expect(appSettings.get('languageWorkers__node__arguments')).toBe(`'${expected}'`);
+    const root = new URL('../..', import.meta.url);
+    const scripts = JSON.parse(readFileSync(new URL('package.json', root), 'utf8')).scripts as Record<string, string>;
+    expect(scripts.start).toContain(`node ${expected} dist/src/local/start.js`);
+    const sample = JSON.parse(readFileSync(new URL('local.settings.sample.json', root), 'utf8'));
+    expect(sample.Values.languageWorkers__node__arguments).toBe(expected);
   });
 
   it.each([
