@@ -13,7 +13,9 @@
  *   part rows inserted 100 to a transaction, the same messages sent at the same concurrency).
  * - bytes: one part of --size-mib MiB (valid gzip JSON lines) through each copy mode, each in a fresh child process
  *   (peak RSS = that process's VmHWM), beside bare Put Block From URL, download-to-nowhere, upload from memory,
- *   bare download+gunzip+count and the naive download-then-upload; every landed copy is checked by MD5.
+ *   bare download+gunzip+count and the naive download-then-upload; every landed copy is checked by MD5. Every child
+ *   starts with the deployed worker's Node arguments (src/deploy/nodeArguments.ts; `--node-args` to change them),
+ *   and the count copy runs once more with V8's defaults beside them (ADR 0012).
  *   `--byte-jobs stream,count` runs only the jobs whose label contains one of the words.
  * - paged: a JSON-mode snapshot of --paged-records software vulnerabilities in pages of 200,000 records, in a fresh
  *   process, beside the same pages downloaded to nowhere; peak RSS of each.
@@ -48,6 +50,7 @@ import type { PartMessage } from '../../src/core/messages.js';
 import { encodeKey, partsPartitionKey } from '../../src/core/parts.js';
 import type { Runtime } from '../../src/core/runtime.js';
 import { blockId } from '../../src/core/streamCopy.js';
+import { NODE_ARGUMENTS } from '../../src/deploy/nodeArguments.js';
 import type { LocalAzurite } from '../../src/local/azurite.js';
 import { generateRecords } from '../../src/simulator/records.js';
 import { appSettings, createApp, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
@@ -67,8 +70,11 @@ const { values: flags } = parseArgs({
     'paged-records': { type: 'string', default: '400000' },
     'curate-records': { type: 'string', default: '200000' },
     only: { type: 'string', default: 'pipeline,tick,bytes,paged,curate' },
+    // The Node.js arguments of every job's child process: by default the deployed worker's (src/deploy/nodeArguments.ts).
+    'node-args': { type: 'string', default: NODE_ARGUMENTS.join(' ') },
   },
 });
+const nodeArguments = flags['node-args'].split(' ').filter(Boolean);
 const sections = new Set(flags.only.split(','));
 const counter = new RequestCounter().install();
 
@@ -594,18 +600,20 @@ async function landingContainer(azurite: LocalAzurite) {
 }
 
 const HERE = dirname(fileURLToPath(import.meta.url));
+const STREAM_COUNT_NODE_DEFAULTS = "stream + count records, V8's default heap limits";
 
 /** The same, without blocking this process: the paged jobs talk to the simulator, which runs here. */
 async function runJobAsync(job: ByteJob): Promise<ByteJobResult> {
-  const { stdout } = await promisify(execFile)(process.execPath, [join(HERE, 'byteJob.js'), JSON.stringify(job)], {
+  const args = [...nodeArguments, join(HERE, 'byteJob.js'), JSON.stringify(job)];
+  const { stdout } = await promisify(execFile)(process.execPath, args, {
     encoding: 'utf8',
     maxBuffer: 1024 * 1024,
   });
   return JSON.parse(stdout.trim().split('\n').at(-1) ?? '{}') as ByteJobResult;
 }
 
-function runJob(job: ByteJob): ByteJobResult {
-  const out = execFileSync(process.execPath, [join(HERE, 'byteJob.js'), JSON.stringify(job)], {
+function runJob(job: ByteJob, withArguments: readonly string[] = nodeArguments): ByteJobResult {
+  const out = execFileSync(process.execPath, [...withArguments, join(HERE, 'byteJob.js'), JSON.stringify(job)], {
     encoding: 'utf8',
     maxBuffer: 1024 * 1024,
     stdio: ['ignore', 'pipe', 'inherit'],
@@ -629,7 +637,14 @@ async function bytesSection(azurite: LocalAzurite, sizeMiB: number, runs: number
     streamBuffers: 4,
     countRecords: false,
   };
-  const jobs: { label: string; kind: ByteJobKind; options?: CopyOptions; checkMd5: boolean; baselineOf?: string }[] = [
+  const jobs: {
+    label: string;
+    kind: ByteJobKind;
+    options?: CopyOptions;
+    checkMd5: boolean;
+    /** Instead of --node-args. */
+    nodeArguments?: readonly string[];
+  }[] = [
     { label: 'process with the storage SDK, one HEAD', kind: 'idle-sdk', checkMd5: false },
     { label: 'process with the whole app loaded, one HEAD', kind: 'idle-app', checkMd5: false },
     {
@@ -648,6 +663,18 @@ async function bytesSection(azurite: LocalAzurite, sizeMiB: number, runs: number
       options: { ...copy, mode: 'stream', countRecords: true },
       checkMd5: true,
     },
+    // What the worker's Node arguments are for (ADR 0012), side by side: the same copy with V8's own heap limits.
+    ...(nodeArguments.length > 0
+      ? [
+          {
+            label: STREAM_COUNT_NODE_DEFAULTS,
+            kind: 'copier' as const,
+            options: { ...copy, mode: 'stream' as const, countRecords: true },
+            checkMd5: true,
+            nodeArguments: [],
+          },
+        ]
+      : []),
     { label: 'bare download + gunzip + count', kind: 'bare-download-gunzip-count', checkMd5: false },
     { label: 'download to nowhere', kind: 'download-to-nowhere', checkMd5: false },
     { label: 'naive: download whole, then upload', kind: 'naive-download-then-upload', checkMd5: true },
@@ -659,28 +686,31 @@ async function bytesSection(azurite: LocalAzurite, sizeMiB: number, runs: number
     for (const job of chosen) {
       const landingPath = `bench/${job.kind}/${run}-${randomBytes(4).toString('hex')}.json.gz`;
       process.stdout.write(`  ${job.label}… `);
-      const result = runJob({
-        kind: job.kind,
-        sourceUrl: source.url,
-        landingUrl: landing.url,
-        landingPath,
-        sizeBytes: source.bytes,
-        ...(job.kind === 'upload-from-memory'
-          ? { blockSizeBytes: copy.streamBufferBytes, blockConcurrency: copy.streamBuffers }
-          : { blockSizeBytes: copy.blockSizeBytes, blockConcurrency: copy.blockConcurrency }),
-        ...(job.options ? { copyOptions: job.options } : {}),
-        ...(job.kind === 'idle-app'
-          ? {
-              env: {
-                AzureWebJobsStorage: azurite.customer.connectionString,
-                MDVM_LANDING_CONNECTION_STRING: azurite.customer.connectionString,
-                // Read at load time, never called: loading the app contacts nothing.
-                MDVM_DEFENDER_API_BASE_URL: 'http://127.0.0.1:9',
-                MDVM_ALLOW_LOOPBACK: 'true',
-              },
-            }
-          : {}),
-      });
+      const result = runJob(
+        {
+          kind: job.kind,
+          sourceUrl: source.url,
+          landingUrl: landing.url,
+          landingPath,
+          sizeBytes: source.bytes,
+          ...(job.kind === 'upload-from-memory'
+            ? { blockSizeBytes: copy.streamBufferBytes, blockConcurrency: copy.streamBuffers }
+            : { blockSizeBytes: copy.blockSizeBytes, blockConcurrency: copy.blockConcurrency }),
+          ...(job.options ? { copyOptions: job.options } : {}),
+          ...(job.kind === 'idle-app'
+            ? {
+                env: {
+                  AzureWebJobsStorage: azurite.customer.connectionString,
+                  MDVM_LANDING_CONNECTION_STRING: azurite.customer.connectionString,
+                  // Read at load time, never called: loading the app contacts nothing.
+                  MDVM_DEFENDER_API_BASE_URL: 'http://127.0.0.1:9',
+                  MDVM_ALLOW_LOOPBACK: 'true',
+                },
+              }
+            : {}),
+        },
+        job.nodeArguments,
+      );
       console.log(`${(result.ms / 1000).toFixed(1)} s, ${(result.maxRssBytes / MiB).toFixed(0)} MiB peak RSS`);
       if (!job.kind.startsWith('idle-') && result.bytes !== source.bytes) {
         failures.push(`${job.label}: moved ${result.bytes} bytes, the part has ${source.bytes}`);
@@ -709,6 +739,7 @@ async function bytesSection(azurite: LocalAzurite, sizeMiB: number, runs: number
     'block path (Put Block From URL)': 'bare Put Block From URL, same blocks',
     stream: 'upload from memory, same blocks',
     'stream + count records': 'bare download + gunzip + count',
+    [STREAM_COUNT_NODE_DEFAULTS]: 'bare download + gunzip + count',
   };
   const rows: string[][] = [];
   for (const job of chosen) {
@@ -968,11 +999,16 @@ function keyFigures(): string {
   const block = get('block path (Put Block From URL)');
   const stream = get('stream');
   const count = get('stream + count records');
+  const countWithDefaults = get(STREAM_COUNT_NODE_DEFAULTS);
   if (block && stream && count) {
     parts.push(
-      `block ${block.speedVsBaseline?.toFixed(2)}x, stream ${stream.speedVsBaseline?.toFixed(2)}x, count CPU ${count.cpuVsBaseline?.toFixed(2)}x`,
+      `block ${block.speedVsBaseline?.toFixed(2)}x, stream ${stream.speedVsBaseline?.toFixed(2)}x, count CPU ${count.cpuVsBaseline?.toFixed(2)}x` +
+        (countWithDefaults ? ` (${countWithDefaults.cpuVsBaseline?.toFixed(2)}x with V8's default heap limits)` : ''),
     );
-    const copierPeaks = figures.filter((f) => f.section === 'bytes' && (f as Record<string, unknown>).method);
+    // The modes as deployed: the job with V8's defaults is there to show what the worker's arguments change.
+    const copierPeaks = figures.filter(
+      (f) => f.section === 'bytes' && (f as Record<string, unknown>).method && f.label !== STREAM_COUNT_NODE_DEFAULTS,
+    );
     const appLoaded = get('process with the whole app loaded, one HEAD');
     parts.push(
       `peak RSS ${Math.round(Math.max(...copierPeaks.map((f) => Number((f as Record<string, unknown>).peakRssMiB))))} MiB` +
@@ -999,6 +1035,7 @@ async function main(): Promise<number> {
   console.log(
     `mdvm-ingest bench on ${availableParallelism()} CPU (${cpus()[0]?.model ?? '?'}), ${(totalmem() / 1024 ** 3).toFixed(0)} GiB, Node ${process.version}; Azurite in memory`,
   );
+  console.log(`child processes: node ${nodeArguments.join(' ') || "(V8's defaults)"}`);
   const stack = await startStack();
   try {
     if (sections.has('pipeline')) await pipelineSection(stack, Number(flags.parts), Number(flags.runs));
