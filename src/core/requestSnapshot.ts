@@ -215,46 +215,31 @@ async function tick(
     ...(refusedNote ? { lastError: refusedNote } : {}),
   }));
 
-  // Messages go out as soon as their rows exist, a hundred at a time; then one transaction marks those parts in
-  // flight, while the next hundred go out (one transaction at a time, so the marks never pile up). A tick that dies
-  // in between leaves them marked as needing a message: the next tick sends them again, and the copy of a part that
-  // already landed is a duplicate that copies nothing.
-  let marking: Promise<unknown> = Promise.resolve();
-  for (let i = 0; i < plan.enqueue.length; i += ENQUEUE_CHUNK) {
-    if (options.abortSignal?.aborted) {
-      // Everything sent so far is recorded as sent; the rest is still marked as needing a message.
-      await marking;
-      throw new MdvmError(
-        'transient',
-        `tick stopped after enqueuing ${i} of ${plan.enqueue.length} parts (interrupted or out of time); the next tick enqueues the rest`,
-      );
-    }
-    const chunk = plan.enqueue.slice(i, i + ENQUEUE_CHUNK);
-    await runBounded(chunk, runtime.config.enqueueConcurrency, (p) =>
-      enqueue(runtime, {
-        v: 1,
-        export: exportId,
-        snapshot: snapshotId,
-        generatedTime,
-        part: p.relativePath,
-        sourceUrl: p.url,
-        sasExpiresOn: p.sasExpiresOn?.toISOString() ?? null,
-        enqueuedAt: now.toISOString(),
-        ...(options.traceparent ? { traceparent: options.traceparent } : {}),
-      }),
+  // Every row exists before the first message goes out, so no completion check can see a partial list of parts.
+  const { sent, stopped } = await sendAndMarkInFlight(
+    runtime,
+    exportId,
+    snapshotId,
+    plan.enqueue,
+    (p) => ({
+      v: 1,
+      export: exportId,
+      snapshot: snapshotId,
+      generatedTime,
+      part: p.relativePath,
+      sourceUrl: p.url,
+      sasExpiresOn: p.sasExpiresOn?.toISOString() ?? null,
+      enqueuedAt: now.toISOString(),
+      ...(options.traceparent ? { traceparent: options.traceparent } : {}),
+    }),
+    options.abortSignal,
+  );
+  if (stopped) {
+    throw new MdvmError(
+      'transient',
+      `tick stopped after enqueuing ${sent} of ${plan.enqueue.length} parts (interrupted or out of time); the next tick enqueues the rest`,
     );
-    await marking;
-    marking = runtime.store.markInFlight(
-      exportId,
-      snapshotId,
-      chunk.flatMap((p) =>
-        p.sasExpiresOn ? [{ path: p.relativePath, sasExpiresOn: p.sasExpiresOn.toISOString() }] : [],
-      ),
-    );
-    // Observed by the next `await marking`; until then a failure must not count as unhandled.
-    marking.catch(() => undefined);
   }
-  await marking;
 
   const latest = (await runtime.store.getSnapshot(exportId, generatedTime))?.value ?? snapshot.value;
   await reconcileCounters(runtime, latest, [...plan.landed]);
@@ -279,6 +264,64 @@ async function tick(
     partsRefused: refused.length,
     superseded,
   };
+}
+
+/**
+ * Sends one message per part, `enqueueConcurrency` at a time with no pause between hundreds, and marks the sent parts
+ * in flight in transactions of up to ENQUEUE_CHUNK while the sends go on (one transaction at a time). Until its mark
+ * lands, a sent part counts as needing a message: a tick that dies in between makes the next tick send it again, and
+ * the copy of a part that already landed is a duplicate that copies nothing. Stops taking parts when `abortSignal`
+ * fires; whatever was sent is marked before it returns or throws. `stopped`: not every part was sent.
+ */
+async function sendAndMarkInFlight(
+  runtime: Runtime,
+  exportId: string,
+  snapshotId: string,
+  parts: readonly OfferedPart[],
+  messageOf: (part: OfferedPart) => PartMessage,
+  abortSignal: AbortSignal | undefined,
+): Promise<{ sent: number; stopped: boolean }> {
+  const unmarked: { path: string; sasExpiresOn: string }[] = [];
+  let marking: Promise<void> | undefined;
+  let markFailure: unknown;
+  let sent = 0;
+  let stopped = false;
+  const markNext = (evenIfShort: boolean): void => {
+    if (marking || markFailure !== undefined || unmarked.length === 0) return;
+    if (!evenIfShort && unmarked.length < ENQUEUE_CHUNK) return;
+    const batch = unmarked.splice(0, ENQUEUE_CHUNK);
+    marking = runtime.store.markInFlight(exportId, snapshotId, batch).then(
+      () => {
+        marking = undefined;
+        markNext(false);
+      },
+      (error: unknown) => {
+        markFailure = error;
+        marking = undefined;
+      },
+    );
+  };
+  try {
+    await runBounded(parts, runtime.config.enqueueConcurrency, async (part) => {
+      // A failed mark stops the sends too: the next tick sends whatever is not marked.
+      if (abortSignal?.aborted || markFailure !== undefined) {
+        stopped = true;
+        return;
+      }
+      await enqueue(runtime, messageOf(part));
+      sent++;
+      if (part.sasExpiresOn) unmarked.push({ path: part.relativePath, sasExpiresOn: part.sasExpiresOn.toISOString() });
+      markNext(false);
+    });
+  } finally {
+    for (;;) {
+      if (marking) await marking;
+      else if (markFailure === undefined && unmarked.length > 0) markNext(true);
+      else break;
+    }
+  }
+  if (markFailure !== undefined) throw markFailure;
+  return { sent, stopped };
 }
 
 async function enqueue(runtime: Runtime, message: PartMessage): Promise<void> {

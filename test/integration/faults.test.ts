@@ -492,6 +492,49 @@ describe('bad input and failures', () => {
     expect(after.blobs.filter((b) => b.endsWith('.json.gz'))).toHaveLength(snap.parts.length);
   });
 
+  it('a failed send mid-tick fails the tick with every part sent before it marked in flight; the next tick sends only the rest', async () => {
+    let sends = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        workers: 8,
+        wrapRuntime: replacing('queue', (real) => ({
+          // Mid-way through the second hundred: the sends before it are out, their mark not yet due.
+          sendMessage: (...args) =>
+            ++sends === 130 ? Promise.reject(new Error('queue unavailable')) : real.sendMessage(...args),
+        })),
+      },
+    );
+    const snap = await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-22T04:01:00Z',
+      groups: [0, 1, 2, 3, 4],
+      partsPerGroup: 49,
+      recordsPerPart: 1,
+    });
+    stack.simulator.resetRateLimits();
+    const [first] = await app.runner.tick();
+    expect(first?.error).toMatch(/queue unavailable/);
+    const queued = (await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0;
+    expect(queued).toBeGreaterThanOrEqual(129);
+    expect(queued).toBeLessThan(snap.parts.length);
+    // Exactly the parts whose message went out are marked: none is sent twice, none is left without a message.
+    const rows = await tableRows(app.runtime.storage.partsTable);
+    expect(rows.filter((r) => r.sasExpiresOn).length).toBe(queued);
+
+    stack.simulator.resetRateLimits();
+    const [second] = await app.runner.tick();
+    expect(second?.error).toBeUndefined();
+    // Nothing was drained yet: one message per part in the queue, none twice.
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(snap.parts.length);
+    await app.runner.drain();
+    const after = await state(app);
+    expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    const landedEvents = app.events.filter((e) => e.event === 'part' && e.outcome === 'landed');
+    expect(landedEvents).toHaveLength(snap.parts.length);
+    expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(0);
+  });
+
   it('a landing returns only after a completion check saw its flip, even with another delivery of the part still copying', async () => {
     // The second delivery is on its last attempt: if the landing left the check to it and it then failed (or the
     // process died), its message would go to the poison queue and no check would ever come.

@@ -334,6 +334,8 @@ describe('pipeline end to end (Azurite + simulator)', () => {
     expect(first.rows[0]?.note).toMatch(/tick stopped after enqueuing \d+ of 300 parts/);
     const rowsAfterFirst = await tableRows(app.runtime.storage.partsTable);
     expect(rowsAfterFirst.filter((r) => r.status === 'landed').length).toBeLessThan(snap.parts.length);
+    // Every message that went out before the stop is recorded as sent, so the next run sends none of them again.
+    expect(rowsAfterFirst.filter((r) => r.sasExpiresOn).length).toBe(sends);
 
     stack.simulator.resetRateLimits();
     const second = await runIngestion(app.runtime, {
