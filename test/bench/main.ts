@@ -63,6 +63,7 @@ const { values: flags } = parseArgs({
     parts: { type: 'string', default: '400' },
     runs: { type: 'string', default: '3' },
     'tick-parts': { type: 'string', default: '10000' },
+    'tick-runs': { type: 'string', default: '3' },
     'size-mib': { type: 'string', default: '1024' },
     'byte-runs': { type: 'string', default: '1' },
     // Comma-separated words: only the byte jobs whose label contains one of them (with their baselines' labels).
@@ -445,7 +446,7 @@ async function necessaryRequestsLoop(runtime: Runtime, workers: number): Promise
 
 const TICK_EXPORT = 'software-vulnerabilities' as const;
 
-async function tickSection(stack: Stack, parts: number): Promise<void> {
+async function tickSection(stack: Stack, parts: number, runs: number): Promise<void> {
   const groups = Math.max(1, Math.round(parts / 100));
   const perGroup = Math.max(1, Math.round(parts / groups));
   await stack.simulator.publish(TICK_EXPORT, {
@@ -456,85 +457,115 @@ async function tickSection(stack: Stack, parts: number): Promise<void> {
     recordsPerPart: 1,
   });
 
-  const app = await createApp(stack, { MDVM_EXPORTS: TICK_EXPORT });
-  // The quota is per export type and no other section lists this one; reset anyway, so the two start alike.
-  stack.simulator.resetRateLimits();
-  await whenAzuriteIdle(stack.azurite, 'tick');
-  const tick = await measured(() => app.runner.tick());
-  const offered = (await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0;
-
+  // Each run gets fresh tables and queues, so every tick records and enqueues the whole snapshot.
+  const tickOnce = async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: TICK_EXPORT });
+    // The quota is per export type and no other section lists this one; reset anyway, so the two start alike.
+    stack.simulator.resetRateLimits();
+    await whenAzuriteIdle(stack.azurite, 'tick');
+    const tick = await measured(() => app.runner.tick());
+    const offered = (await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0;
+    return { ...tick, offered };
+  };
   // The floor: the same work with nothing around it, against a scratch table and queue.
-  const floorApp = await createApp(stack, { MDVM_EXPORTS: TICK_EXPORT });
-  const suffix = randomBytes(4).toString('hex');
-  const table = TableClient.fromConnectionString(stack.azurite.customer.connectionString, `benchfloor${suffix}`, {
-    allowInsecureConnection: true,
-  });
-  await table.createTable();
-  const queue = new QueueClient(stack.azurite.customer.connectionString, `benchfloor-${suffix}`);
-  await queue.createIfNotExists();
-  const concurrency = floorApp.runtime.config.enqueueConcurrency;
-  stack.simulator.resetRateLimits();
-  await whenAzuriteIdle(stack.azurite, 'tick floor');
-  const floor = await measured(async () => {
-    const { exportFiles } = await floorApp.runtime.defender.getExportFiles(getExportType(TICK_EXPORT), {
-      sasValidHours: 6,
+  const floorOnce = async () => {
+    const floorApp = await createApp(stack, { MDVM_EXPORTS: TICK_EXPORT });
+    const suffix = randomBytes(4).toString('hex');
+    const table = TableClient.fromConnectionString(stack.azurite.customer.connectionString, `benchfloor${suffix}`, {
+      allowInsecureConnection: true,
     });
-    const rows = exportFiles.map((url, i) => {
-      const path = new URL(url).pathname;
-      return {
-        partitionKey: 'floor',
-        rowKey: String(i).padStart(6, '0'),
-        path,
-        sourcePath: path,
-        landingPath: path,
-        status: 'queued',
-        attempts: 0,
-        queuedAt: new Date().toISOString(),
-      };
+    await table.createTable();
+    const queue = new QueueClient(stack.azurite.customer.connectionString, `benchfloor-${suffix}`);
+    await queue.createIfNotExists();
+    const concurrency = floorApp.runtime.config.enqueueConcurrency;
+    stack.simulator.resetRateLimits();
+    await whenAzuriteIdle(stack.azurite, 'tick floor');
+    return measured(async () => {
+      const { exportFiles } = await floorApp.runtime.defender.getExportFiles(getExportType(TICK_EXPORT), {
+        sasValidHours: 6,
+      });
+      const rows = exportFiles.map((url, i) => {
+        const path = new URL(url).pathname;
+        return {
+          partitionKey: 'floor',
+          rowKey: String(i).padStart(6, '0'),
+          path,
+          sourcePath: path,
+          landingPath: path,
+          status: 'queued',
+          attempts: 0,
+          queuedAt: new Date().toISOString(),
+        };
+      });
+      for (let i = 0; i < rows.length; i += 100) {
+        await table.submitTransaction(rows.slice(i, i + 100).map((entity) => ['create', entity]));
+      }
+      await runBounded(exportFiles, concurrency, (url, i) =>
+        queue.sendMessage(
+          Buffer.from(
+            JSON.stringify({ v: 1, part: rows[i]?.path, sourceUrl: url, at: new Date().toISOString() }),
+          ).toString('base64'),
+        ),
+      );
+      return exportFiles.length;
     });
-    for (let i = 0; i < rows.length; i += 100) {
-      await table.submitTransaction(rows.slice(i, i + 100).map((entity) => ['create', entity]));
+  };
+  const ticks: Awaited<ReturnType<typeof tickOnce>>[] = [];
+  const floors: Awaited<ReturnType<typeof floorOnce>>[] = [];
+  for (let run = 0; run < runs; run++) {
+    // Alternating which goes first, so neither always meets Azurite after the other's work.
+    if (run % 2 === 0) {
+      ticks.push(await tickOnce());
+      floors.push(await floorOnce());
+    } else {
+      floors.push(await floorOnce());
+      ticks.push(await tickOnce());
     }
-    await runBounded(exportFiles, concurrency, (url, i) =>
-      queue.sendMessage(
-        Buffer.from(
-          JSON.stringify({ v: 1, part: rows[i]?.path, sourceUrl: url, at: new Date().toISOString() }),
-        ).toString('base64'),
-      ),
+    console.log(
+      `  run ${run + 1}: tick ${ticks.at(-1)?.seconds.toFixed(1)} s, floor ${floors.at(-1)?.seconds.toFixed(1)} s`,
     );
-    return exportFiles.length;
-  });
+  }
+  const tick = ticks[0];
+  const floor = floors[0];
+  if (!tick || !floor) return;
+  const tickSeconds = median(ticks.map((t) => t.seconds));
+  const floorSeconds = median(floors.map((f) => f.seconds));
   // The Defender call goes through undici, which the counter does not see: one on each side.
-  const tickRequests = tick.requests + 1;
-  const floorRequests = floor.requests + 1;
+  const tickRequests = median(ticks.map((t) => t.requests)) + 1;
+  const floorRequests = median(floors.map((f) => f.requests)) + 1;
   const figure = {
     section: 'tick',
     label: `one tick, ${floor.value} parts`,
     parts: floor.value,
-    enqueued: offered,
-    seconds: tick.seconds,
+    runs,
+    enqueued: tick.offered,
+    seconds: tickSeconds,
+    secondsByRun: ticks.map((t) => t.seconds),
     requests: tickRequests,
-    floorSeconds: floor.seconds,
+    floorSeconds,
+    floorSecondsByRun: floors.map((f) => f.seconds),
     floorRequests,
-    timeVsFloor: tick.seconds / floor.seconds,
+    timeVsFloor: tickSeconds / floorSeconds,
     requestsVsFloor: tickRequests / floorRequests,
     requestsByKind: tick.byKind,
     floorRequestsByKind: floor.byKind,
   };
   figures.push(figure);
-  if (offered !== floor.value) failures.push(`tick enqueued ${offered} messages for ${floor.value} parts`);
+  for (const t of ticks) {
+    if (t.offered !== floor.value) failures.push(`tick enqueued ${t.offered} messages for ${floor.value} parts`);
+  }
   printTable(
-    `tick: one tick that records and enqueues ${floor.value} parts, beside its floor`,
+    `tick: one tick that records and enqueues ${floor.value} parts, beside its floor; median of ${runs} run(s)`,
     ['', 'seconds', 'requests', 'vs floor (time)', 'vs floor (requests)'],
     [
       [
         'tick',
-        tick.seconds.toFixed(1),
+        tickSeconds.toFixed(1),
         String(tickRequests),
         `${figure.timeVsFloor.toFixed(2)}x`,
         `${figure.requestsVsFloor.toFixed(3)}x`,
       ],
-      ['floor: 1 API call + inserts by 100 + sends', floor.seconds.toFixed(1), String(floorRequests), '', ''],
+      ['floor: 1 API call + inserts by 100 + sends', floorSeconds.toFixed(1), String(floorRequests), '', ''],
     ],
   );
   console.log(`  tick: ${JSON.stringify(tick.byKind)}`);
@@ -1039,7 +1070,7 @@ async function main(): Promise<number> {
   const stack = await startStack();
   try {
     if (sections.has('pipeline')) await pipelineSection(stack, Number(flags.parts), Number(flags.runs));
-    if (sections.has('tick')) await tickSection(stack, Number(flags['tick-parts']));
+    if (sections.has('tick')) await tickSection(stack, Number(flags['tick-parts']), Number(flags['tick-runs']));
     if (sections.has('bytes')) {
       await whenAzuriteIdle(stack.azurite, 'bytes');
       await bytesSection(stack.azurite, Number(flags['size-mib']), Number(flags['byte-runs']));
