@@ -10,7 +10,8 @@
  *   request of each of the floor's kinds costs alone, summed per part: the floor's arithmetic, and the ceiling of a
  *   copier that sends no table request at all.
  * - tick: one tick that records and enqueues --tick-parts parts, beside its floor (the same Defender call, the same
- *   part rows inserted 100 to a transaction, the same messages sent at the same concurrency).
+ *   part rows inserted 100 to a transaction, the same messages sent at the same concurrency); median of --tick-runs,
+ *   alternating which goes first.
  * - bytes: one part of --size-mib MiB (valid gzip JSON lines) through each copy mode, each in a fresh child process
  *   (peak RSS = that process's VmHWM), beside bare Put Block From URL, download-to-nowhere, upload from memory,
  *   bare download+gunzip+count and the naive download-then-upload; every landed copy is checked by MD5. Every child
