@@ -21,7 +21,7 @@ import { DEAD_ON_ARRIVAL_REASON, type OfferedPart, planTick, statusAfterTick } f
 /** How far ahead of this clock a generatedTime may be (clock skew between Defender and us), and no further. */
 export const MAX_CLOCK_SKEW_IN_MS = 10 * 60_000;
 
-/** Messages sent before their rows are marked in flight: one table transaction's worth. */
+/** Parts marked in flight per table transaction; sends run at most two of these ahead of their marks. */
 const ENQUEUE_CHUNK = 100;
 
 export type TickOutcome = 'enqueued' | 'resumed' | 'unchanged' | 'completed' | 'empty';
@@ -271,7 +271,9 @@ async function tick(
  * in flight in transactions of up to ENQUEUE_CHUNK while the sends go on (one transaction at a time). Until its mark
  * lands, a sent part counts as needing a message: a tick that dies in between makes the next tick send it again, and
  * the copy of a part that already landed is a duplicate that copies nothing. Stops taking parts when `abortSignal`
- * fires; whatever was sent is marked before it returns or throws. `stopped`: not every part was sent.
+ * fires or a mark fails. Whatever was sent is marked before it returns or throws, except after a failed mark: that
+ * batch and what was sent after it stay unmarked, for the next tick. A URL without an expiry is never marked (such a
+ * part gets a message every tick, docs/contracts.md). `stopped`: not every part was sent.
  */
 async function sendAndMarkInFlight(
   runtime: Runtime,
@@ -290,19 +292,24 @@ async function sendAndMarkInFlight(
     if (marking || markFailure !== undefined || unmarked.length === 0) return;
     if (!evenIfShort && unmarked.length < ENQUEUE_CHUNK) return;
     const batch = unmarked.splice(0, ENQUEUE_CHUNK);
-    marking = runtime.store.markInFlight(exportId, snapshotId, batch).then(
-      () => {
-        marking = undefined;
-        markNext(false);
-      },
-      (error: unknown) => {
-        markFailure = error;
-        marking = undefined;
-      },
-    );
+    // Through a promise from the start: a synchronous throw becomes a failed mark, never an unhandled rejection.
+    marking = Promise.resolve()
+      .then(() => runtime.store.markInFlight(exportId, snapshotId, batch))
+      .then(
+        () => {
+          marking = undefined;
+          markNext(false);
+        },
+        (error: unknown) => {
+          markFailure = error;
+          marking = undefined;
+        },
+      );
   };
   try {
     await runBounded(parts, runtime.config.enqueueConcurrency, async (part) => {
+      // Sends wait for the marks rather than pile up unmarked parts a crash would send again.
+      while (marking && unmarked.length >= 2 * ENQUEUE_CHUNK) await marking;
       // A failed mark stops the sends too: the next tick sends whatever is not marked.
       if (abortSignal?.aborted || markFailure !== undefined) {
         stopped = true;

@@ -453,7 +453,7 @@ describe('bad input and failures', () => {
       {
         workers: 8,
         wrapRuntime: replacing('store', (real) => ({
-          // The second hundred's mark fails while the third hundred's messages go out.
+          // The second hundred's mark fails: the sends under way finish, and no more go out.
           markInFlight: (...args) =>
             ++marks === 2
               ? Promise.reject(new MdvmError('transient', 'table unavailable during the mark'))
