@@ -49,6 +49,7 @@ import { runBounded } from '../../src/core/concurrency.js';
 import type { CopyOptions } from '../../src/core/copier.js';
 import type { PartMessage } from '../../src/core/messages.js';
 import { encodeKey, partsPartitionKey } from '../../src/core/parts.js';
+import { redact } from '../../src/core/redact.js';
 import type { Runtime } from '../../src/core/runtime.js';
 import { blockId } from '../../src/core/streamCopy.js';
 import { NODE_ARGUMENTS } from '../../src/deploy/nodeArguments.js';
@@ -637,27 +638,38 @@ const STREAM_COUNT_NODE_DEFAULTS = "stream + count records, V8's default heap li
 /** The same, without blocking this process: the paged jobs talk to the simulator, which runs here. */
 async function runJobAsync(job: ByteJob): Promise<ByteJobResult> {
   const args = [...nodeArguments, join(HERE, 'byteJob.js'), JSON.stringify(job)];
-  const { stdout } = await promisify(execFile)(process.execPath, args, {
-    encoding: 'utf8',
-    maxBuffer: 1024 * 1024,
-  });
-  return JSON.parse(stdout.trim().split('\n').at(-1) ?? '{}') as ByteJobResult;
+  try {
+    const { stdout } = await promisify(execFile)(process.execPath, args, {
+      encoding: 'utf8',
+      maxBuffer: 1024 * 1024,
+    });
+    return JSON.parse(stdout.trim().split('\n').at(-1) ?? '{}') as ByteJobResult;
+  } catch (error) {
+    throw jobFailed(job, error);
+  }
 }
 
 function runJob(job: ByteJob, withArguments: readonly string[] = nodeArguments): ByteJobResult {
-  const out = execFileSync(process.execPath, [...withArguments, join(HERE, 'byteJob.js'), JSON.stringify(job)], {
-    encoding: 'utf8',
-    maxBuffer: 1024 * 1024,
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  return JSON.parse(out.trim().split('\n').at(-1) ?? '{}') as ByteJobResult;
+  try {
+    const out = execFileSync(process.execPath, [...withArguments, join(HERE, 'byteJob.js'), JSON.stringify(job)], {
+      encoding: 'utf8',
+      maxBuffer: 1024 * 1024,
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    return JSON.parse(out.trim().split('\n').at(-1) ?? '{}') as ByteJobResult;
+  } catch (error) {
+    throw jobFailed(job, error);
+  }
+}
+
+/** The child's failure without its command line, which holds the job's SAS URLs. */
+function jobFailed(job: ByteJob, error: unknown): Error {
+  const { status, stderr } = error as { status?: number; stderr?: unknown };
+  const detail = typeof stderr === 'string' && stderr.trim() ? `: ${redact(stderr.trim())}` : ' (its error is above)';
+  return new Error(`the ${job.kind} job failed with exit code ${status ?? '?'}${detail}`);
 }
 
 async function bytesSection(azurite: LocalAzurite, sizeMiB: number, runs: number): Promise<void> {
-  process.stdout.write(`\npreparing a ${sizeMiB} MiB part… `);
-  const source = await sourcePart(azurite, sizeMiB * MiB);
-  const landing = await landingContainer(azurite);
-  console.log(`${(source.bytes / MiB).toFixed(0)} MiB gzip, ${source.records} records`);
   // The app's defaults (MDVM_COPY_BLOCK_SIZE_MIB 8, MDVM_COPY_BLOCK_CONCURRENCY 8, MDVM_STREAM_BUFFER_MIB 4,
   // MDVM_STREAM_BUFFERS 4); the baselines move their bytes in the same blocks at the same concurrency.
   const copy: CopyOptions = {
@@ -713,6 +725,21 @@ async function bytesSection(azurite: LocalAzurite, sizeMiB: number, runs: number
   ];
   const picked = flags['byte-jobs'].split(',').filter(Boolean);
   const chosen = picked.length === 0 ? jobs : jobs.filter((j) => picked.some((word) => j.label.includes(word)));
+  // Azurite in memory keeps a deleted blob's bytes until its own GC (every 10 minutes), and refuses writes past half
+  // of the machine's memory: say so before the first job instead of failing half-way.
+  const heldMiB = sizeMiB * (1 + runs * chosen.filter((j) => j.checkMd5).length);
+  const azuriteLimitMiB = totalmem() / 2 / MiB;
+  if (heldMiB > azuriteLimitMiB) {
+    throw new Error(
+      `the bytes section would land about ${(heldMiB / 1024).toFixed(0)} GiB in Azurite's memory (the part and every ` +
+        `run's copies), more than the ${(azuriteLimitMiB / 1024).toFixed(0)} GiB it accepts on this machine; ` +
+        `use a smaller --size-mib, fewer --byte-runs or --byte-jobs`,
+    );
+  }
+  process.stdout.write(`\npreparing a ${sizeMiB} MiB part… `);
+  const source = await sourcePart(azurite, sizeMiB * MiB);
+  const landing = await landingContainer(azurite);
+  console.log(`${(source.bytes / MiB).toFixed(0)} MiB gzip, ${source.records} records`);
   const results = new Map<string, ByteJobResult[]>();
   for (let run = 0; run < runs; run++) {
     for (const job of chosen) {
