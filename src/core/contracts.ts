@@ -13,6 +13,8 @@ const isoTime = z.iso.datetime({ offset: true });
 const count = z.number().int().nonnegative();
 /** Merges cannot delete a property, so "no error" is written as '' (the store reads it back as absent). */
 const clearableText = z.string().optional();
+/** A time that can be cleared the same way: '' is "none" (read back as absent). */
+const clearableTime = isoTime.or(z.literal('')).optional();
 
 export const SNAPSHOT_STATUSES = ['requested', 'copying', 'complete', 'superseded', 'failed'] as const;
 export const PART_STATUSES = ['queued', 'landed', 'expired', 'failed'] as const;
@@ -70,7 +72,7 @@ export const partRowSchema = z
     copyMethod: z.string().min(1).optional(),
     verification: z.enum(VERIFICATIONS).optional(),
     lastError: clearableText,
-    sasExpiresOn: isoTime.optional(),
+    sasExpiresOn: clearableTime,
     queuedAt: isoTime.optional(),
     landedAt: isoTime.optional(),
   })

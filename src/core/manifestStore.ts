@@ -215,8 +215,9 @@ class RowTable<T extends object> {
   /** A row read back is parsed with its contract: a corrupted row stops here, with its keys and what is wrong. */
   private toRow(e: TableEntityResult<Record<string, unknown>>): T {
     const { partitionKey, rowKey, etag: _etag, timestamp: _ts, 'odata.metadata': _m, ...properties } = e;
-    // A cleared error is stored as '' (a merge cannot delete a property).
-    if (properties.lastError === '') delete properties.lastError;
+    // A cleared error or SAS expiry is stored as '' (a merge cannot delete a property).
+    for (const clearable of ['lastError', 'sasExpiresOn'])
+      if (properties[clearable] === '') delete properties[clearable];
     const raw = this.mapping.fromProperties(properties, partitionKey ?? '', rowKey ?? '');
     const result = this.mapping.schema.safeParse(raw);
     if (!result.success) {

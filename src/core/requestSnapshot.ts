@@ -193,7 +193,9 @@ async function tick(
       const sourcePath = offeredSource.get(path) ?? row.sourcePath;
       return expired
         ? { status: 'expired', sasExpiresOn: expired.sasExpiresOn, lastError: DEAD_ON_ARRIVAL_REASON, sourcePath }
-        : { status: 'queued', queuedAt: now.toISOString(), sourcePath };
+        : // The old expiry goes: until this tick's message is out and marked, the part is not in flight, so a tick
+          // that stops before sending it leaves it for the next tick instead of waiting out the old SAS.
+          { status: 'queued', queuedAt: now.toISOString(), sourcePath, sasExpiresOn: '' };
     }),
   );
   for (const p of plan.expired) {

@@ -535,6 +535,65 @@ describe('bad input and failures', () => {
     expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(0);
   });
 
+  it('a failed part requeued by a tick that stops before its send is sent by the next tick, not left for the old SAS', async () => {
+    let sourceGone: string | undefined;
+    let copiesOfIt = 0;
+    let queueDown = false;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapCopier: (real) => ({
+          copy: (request: CopyRequest) => {
+            sourceGone ??= request.landingPath;
+            // The first copy of one part finds its source gone; a later one finds it back.
+            return request.landingPath === sourceGone && ++copiesOfIt === 1
+              ? Promise.reject(new MdvmError('not-found', 'source blob not found (404)'))
+              : real.copy(request);
+          },
+        }),
+        wrapRuntime: replacing('queue', (real) => ({
+          sendMessage: (...args) =>
+            queueDown ? Promise.reject(new Error('queue unavailable')) : real.sendMessage(...args),
+        })),
+      },
+    );
+    const snap = await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-22T05:01:00Z',
+      recordsPerPart: 2,
+    });
+    await app.runner.tick();
+    await app.runner.drain();
+    const failed = (await state(app)).parts.filter((p) => p.status === 'failed');
+    expect(failed).toHaveLength(1);
+    // Its SAS is still good for hours: the copy failed, not the URL.
+    expect(Date.parse(String(failed[0]?.sasExpiresOn))).toBeGreaterThan(Date.now() + 3_600_000);
+
+    // The next tick puts the part back to queued, then cannot send its message.
+    queueDown = true;
+    stack.simulator.resetRateLimits();
+    const [second] = await app.runner.tick();
+    expect(second?.error).toMatch(/queue unavailable/);
+    const requeued = await app.runtime.store.getPart(
+      'certificates',
+      String(failed[0]?.snapshotId),
+      String(failed[0]?.path),
+    );
+    expect(requeued?.value.status).toBe('queued');
+    expect(requeued?.value.sasExpiresOn).toBeUndefined();
+
+    // The tick after that sends it at once and the snapshot completes.
+    queueDown = false;
+    stack.simulator.resetRateLimits();
+    const [third] = await app.runner.tick();
+    expect(third?.error).toBeUndefined();
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(1);
+    await app.runner.drain();
+    const after = await state(app);
+    expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    expect(after.parts.every((p) => p.status === 'landed')).toBe(true);
+  });
+
   it('a landing returns only after a completion check saw its flip, even with another delivery of the part still copying', async () => {
     // The second delivery is on its last attempt: if the landing left the check to it and it then failed (or the
     // process died), its message would go to the poison queue and no check would ever come.
