@@ -274,7 +274,7 @@ async function tick(
  * lands, a sent part counts as needing a message: a tick that dies in between makes the next tick send it again, and
  * the copy of a part that already landed is a duplicate that copies nothing. Stops taking parts when `abortSignal`
  * fires or a mark fails. Whatever was sent is marked before it returns or throws, except after a failed mark: that
- * batch and what was sent after it stay unmarked, for the next tick. A URL without an expiry is never marked (such a
+ * batch and what was sent after it stay unmarked, for the next tick (after a failed send too, and then the error names both). A URL without an expiry is never marked (such a
  * part gets a message every tick, docs/contracts.md). `stopped`: not every part was sent.
  */
 async function sendAndMarkInFlight(
@@ -288,6 +288,7 @@ async function sendAndMarkInFlight(
   const unmarked: { path: string; sasExpiresOn: string }[] = [];
   let marking: Promise<void> | undefined;
   let markFailure: unknown;
+  let unmarkedByFailure = 0;
   let sent = 0;
   let stopped = false;
   const markNext = (evenIfShort: boolean): void => {
@@ -304,10 +305,12 @@ async function sendAndMarkInFlight(
         },
         (error: unknown) => {
           markFailure = error;
+          unmarkedByFailure = batch.length;
           marking = undefined;
         },
       );
   };
+  let sendFailure: unknown;
   try {
     await runBounded(parts, runtime.config.enqueueConcurrency, async (part) => {
       // Sends wait for the marks rather than pile up unmarked parts a crash would send again.
@@ -322,6 +325,8 @@ async function sendAndMarkInFlight(
       if (part.sasExpiresOn) unmarked.push({ path: part.relativePath, sasExpiresOn: part.sasExpiresOn.toISOString() });
       markNext(false);
     });
+  } catch (error) {
+    sendFailure = error;
   } finally {
     for (;;) {
       if (marking) await marking;
@@ -329,8 +334,23 @@ async function sendAndMarkInFlight(
       else break;
     }
   }
+  if (sendFailure !== undefined && markFailure !== undefined) {
+    throw sendAndMarkFailed(sendFailure, markFailure, unmarkedByFailure + unmarked.length);
+  }
+  if (sendFailure !== undefined) throw sendFailure;
   if (markFailure !== undefined) throw markFailure;
   return { sent, stopped };
+}
+
+/** A failed send whose clean-up mark failed too: the operator sees both, and that some parts go out twice. */
+function sendAndMarkFailed(sendFailure: unknown, markFailure: unknown, unmarkedCount: number): MdvmError {
+  const send = classifyStorageError(sendFailure, 'enqueue');
+  const mark = classifyStorageError(markFailure, 'mark sent parts in flight');
+  return new MdvmError(
+    send.kind,
+    `${send.message}; then marking ${unmarkedCount} sent part(s) in flight failed too (${mark.message}); the next tick sends them again, and a second delivery of a landed part copies nothing`,
+    { cause: sendFailure },
+  );
 }
 
 async function enqueue(runtime: Runtime, message: PartMessage): Promise<void> {

@@ -47,6 +47,28 @@ async function takeQueuedMessages(app: TestApp): Promise<PartMessage[]> {
   }
 }
 
+/** Another tick, which must succeed, then every message handled: the tables and blobs after it. */
+async function tickCleanlyAndDrain(app: TestApp) {
+  stack.simulator.resetRateLimits();
+  const [report] = await app.runner.tick();
+  expect(report?.error).toBeUndefined();
+  await app.runner.drain();
+  return state(app);
+}
+
+/** 250 parts in one snapshot (past two transactions of 100), with the API's rate limits reset for the tick. */
+async function publishTwoAndAHalfHundredParts(generatedTime: string) {
+  const snap = await stack.simulator.publish('software-inventory-noncpe', {
+    generatedTime,
+    groups: [0, 1, 2, 3, 4],
+    partsPerGroup: 49,
+    recordsPerPart: 1,
+  });
+  expect(snap.parts).toHaveLength(250);
+  stack.simulator.resetRateLimits();
+  return snap;
+}
+
 describe('bad input and failures', () => {
   it('dead-letters malformed and forged messages with a reason and changes nothing else', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'software-inventory-noncpe' });
@@ -461,14 +483,7 @@ describe('bad input and failures', () => {
         })),
       },
     );
-    const snap = await stack.simulator.publish('software-inventory-noncpe', {
-      generatedTime: '2026-11-22T03:01:00Z',
-      groups: [0, 1, 2, 3, 4],
-      partsPerGroup: 49,
-      recordsPerPart: 1,
-    });
-    expect(snap.parts).toHaveLength(250);
-    stack.simulator.resetRateLimits();
+    const snap = await publishTwoAndAHalfHundredParts('2026-11-22T03:01:00Z');
     const [first] = await app.runner.tick();
     expect(first?.error).toMatch(/table unavailable during the mark/);
     // The first hundred are marked in flight; the second hundred are not, though their messages are out.
@@ -476,11 +491,7 @@ describe('bad input and failures', () => {
     expect(rows.filter((r) => r.sasExpiresOn).length).toBe(100);
     expect((await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0).toBeGreaterThanOrEqual(200);
 
-    stack.simulator.resetRateLimits();
-    const [second] = await app.runner.tick();
-    expect(second?.error).toBeUndefined();
-    await app.runner.drain();
-    const after = await state(app);
+    const after = await tickCleanlyAndDrain(app);
     expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
     const landedEvents = app.events.filter((e) => e.event === 'part' && e.outcome === 'landed');
     expect(new Set(landedEvents.map((e) => e.part)).size).toBe(snap.parts.length);
@@ -506,13 +517,7 @@ describe('bad input and failures', () => {
         })),
       },
     );
-    const snap = await stack.simulator.publish('software-inventory-noncpe', {
-      generatedTime: '2026-11-22T04:01:00Z',
-      groups: [0, 1, 2, 3, 4],
-      partsPerGroup: 49,
-      recordsPerPart: 1,
-    });
-    stack.simulator.resetRateLimits();
+    const snap = await publishTwoAndAHalfHundredParts('2026-11-22T04:01:00Z');
     const [first] = await app.runner.tick();
     expect(first?.error).toMatch(/queue unavailable/);
     const queued = (await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0;
@@ -533,6 +538,47 @@ describe('bad input and failures', () => {
     const landedEvents = app.events.filter((e) => e.event === 'part' && e.outcome === 'landed');
     expect(landedEvents).toHaveLength(snap.parts.length);
     expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(0);
+  });
+
+  it('a failed send whose clean-up mark fails too reports both; the next tick sends the unmarked parts again, each lands once', async () => {
+    let sends = 0;
+    let marks = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        workers: 8,
+        wrapRuntime: (runtime) =>
+          replacing('store', (real) => ({
+            // The first hundred are marked; the mark after the failed send (the clean-up) fails.
+            markInFlight: (...args) =>
+              ++marks === 2
+                ? Promise.reject(new MdvmError('transient', 'table unavailable during the mark'))
+                : real.markInFlight(...args),
+          }))(
+            replacing('queue', (real) => ({
+              sendMessage: (...args) =>
+                ++sends === 130 ? Promise.reject(new Error('queue unavailable')) : real.sendMessage(...args),
+            }))(runtime),
+          ),
+      },
+    );
+    const snap = await publishTwoAndAHalfHundredParts('2026-11-22T06:01:00Z');
+    const [first] = await app.runner.tick();
+    const queued = (await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0;
+    const unmarked = queued - 100;
+    expect(unmarked).toBeGreaterThanOrEqual(29);
+    expect(first?.error).toMatch(/queue unavailable/);
+    expect(first?.error).toMatch(
+      new RegExp(`marking ${unmarked} sent part\\(s\\) in flight failed too.*table unavailable`),
+    );
+    const rows = await tableRows(app.runtime.storage.partsTable);
+    expect(rows.filter((r) => r.sasExpiresOn).length).toBe(100);
+
+    const after = await tickCleanlyAndDrain(app);
+    expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'landed')).toHaveLength(snap.parts.length);
+    expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(unmarked);
   });
 
   it('a failed part requeued by a tick that stops before its send is sent by the next tick, not left for the old SAS', async () => {
