@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=96
 /**
  * mdvm-ingest — the operator CLI. Same settings (by app-setting name), same schema, same core code as the
  * Functions app: `run` drives the registered handlers in-process, `status`/`verify`/`requeue` read and repair

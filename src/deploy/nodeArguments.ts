@@ -1,8 +1,8 @@
 /**
  * The Node.js arguments of every process that copies parts: the Function App's worker (app setting
  * `languageWorkers__node__arguments` in infra/modules/function-app.bicep, which the Functions host puts on the
- * worker's command line), `npm start`, a Core Tools run (local.settings.sample.json), and the bench's child jobs,
- * which import this list. A test holds the first three to it.
+ * worker's command line), `npm start`, a Core Tools run (local.settings.sample.json), the CLI's `#!` line
+ * (src/cli/main.ts), and the bench's child jobs, which import this list. Tests hold the first four to it.
  *
  * `--initial-old-space-size` puts a floor under V8's old-generation limit
  * (docs/adr/0012-a-floor-under-the-old-generation-limit.md). V8 counts the Buffer memory allocated since the last

@@ -1,10 +1,11 @@
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EXPORT_IDS } from '../../src/core/catalog.js';
 import type { DeadLetter } from '../../src/core/messages.js';
+import { NODE_ARGUMENTS } from '../../src/deploy/nodeArguments.js';
 import { curatedPartPath as curatedPathOf } from '../../src/derive/contracts.js';
 import type { BackfillReport } from '../../src/ops/derive.js';
 import type { RequeueReport } from '../../src/ops/requeue.js';
@@ -84,6 +85,32 @@ async function appFor(exports: string): Promise<TestApp> {
 }
 
 describe('mdvm-ingest CLI (built, as a child process)', () => {
+  it('starts as its bin does, through its #! line: the project Node with the V8 flags of nodeArguments.ts', async () => {
+    const shebang = readFileSync(CLI, 'utf8').split('\n', 1)[0] ?? '';
+    expect(shebang).toBe(`#!/usr/bin/env -S node ${NODE_ARGUMENTS.join(' ')}`);
+    // What the kernel and `env -S` do with that line, with the project's own Node first on PATH as under npx.
+    // The kernel passes everything after the interpreter as one argument.
+    const [interpreter = '', ...rest] = shebang.slice(2).split(' ');
+    const bin = new URL('../../node_modules/.bin', import.meta.url).pathname;
+    const result = await new Promise<{ code: number | null; out: string }>((resolve, reject) => {
+      const child = spawn(interpreter, [rest.join(' '), CLI, 'run', '--help'], {
+        env: { PATH: `${bin}:${process.env.PATH ?? ''}`, HOME: process.env.HOME ?? '' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => {
+        out += d.toString();
+      });
+      child.stderr.on('data', (d: Buffer) => {
+        out += d.toString();
+      });
+      child.on('error', reject);
+      child.on('exit', (code) => resolve({ code, out }));
+    });
+    expect(result.out).toMatch(/Usage: mdvm-ingest run/);
+    expect(result.code).toBe(0);
+  });
+
   it('run lands all nine export types and exits 0; a second run copies nothing and says so', async () => {
     const app = await createApp(stack);
     for (const id of EXPORT_IDS) {
