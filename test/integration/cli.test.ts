@@ -38,10 +38,15 @@ interface CliResult {
 function cli(
   args: string[],
   env: Record<string, string>,
-  options: { onSpawn?: (kill: (signal?: NodeJS.Signals) => void) => void } = {},
+  options: {
+    onSpawn?: (kill: (signal?: NodeJS.Signals) => void) => void;
+    /** How to start the CLI, default this Node with the built file. */
+    command?: readonly [string, ...string[]];
+  } = {},
 ): Promise<CliResult> {
+  const [program, ...programArgs] = options.command ?? [process.execPath, CLI];
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], {
+    const child = spawn(program, [...programArgs, ...args], {
       env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...env },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -92,22 +97,12 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     // The kernel passes everything after the interpreter as one argument.
     const [interpreter = '', ...rest] = shebang.slice(2).split(' ');
     const bin = new URL('../../node_modules/.bin', import.meta.url).pathname;
-    const result = await new Promise<{ code: number | null; out: string }>((resolve, reject) => {
-      const child = spawn(interpreter, [rest.join(' '), CLI, 'run', '--help'], {
-        env: { PATH: `${bin}:${process.env.PATH ?? ''}`, HOME: process.env.HOME ?? '' },
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      let out = '';
-      child.stdout.on('data', (d: Buffer) => {
-        out += d.toString();
-      });
-      child.stderr.on('data', (d: Buffer) => {
-        out += d.toString();
-      });
-      child.on('error', reject);
-      child.on('exit', (code) => resolve({ code, out }));
-    });
-    expect(result.out).toMatch(/Usage: mdvm-ingest run/);
+    const result = await cli(
+      ['run', '--help'],
+      { PATH: `${bin}:${process.env.PATH ?? ''}` },
+      { command: [interpreter, rest.join(' '), CLI] },
+    );
+    expect(result.stdout).toMatch(/Usage: mdvm-ingest run/);
     expect(result.code).toBe(0);
   });
 
