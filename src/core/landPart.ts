@@ -169,7 +169,15 @@ async function landOnePart(
         ? undefined
         : { attempts: attempted(r), lastError: failure.message, ...(lastAttempt ? { status: 'failed' } : {}) },
     );
-    if (lastAttempt) await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
+    if (lastAttempt) {
+      // The snapshot says which part stopped it, as for a part that can never land (markUnlandable).
+      await runtime.store.mutateSnapshot(exportId, message.generatedTime, (s) =>
+        s.status === 'complete'
+          ? undefined
+          : { lastError: redact(`${part}: out of attempts (${MAX_DEQUEUE_COUNT}): ${failure.message}`) },
+      );
+      await settleSnapshot(runtime, telemetry, exportId, snapshotId, message.generatedTime);
+    }
     telemetry.track('part', {
       ...base,
       outcome: lastAttempt ? 'failed' : 'retry',

@@ -746,6 +746,8 @@ describe('bad input and failures', () => {
     const row = parts.find((p) => String(p.path).includes('_RbacGroupId=0/part-00000'));
     expect(row).toMatchObject({ status: 'failed', attempts: 5, lastError: expect.stringMatching(/503 ServerBusy/) });
     expect(snapshots[0]).toMatchObject({ status: 'failed', partsLanded: snap.parts.length - 1 });
+    // The snapshot names the part that stopped it and why, for `mdvm-ingest status`.
+    expect(snapshots[0]?.lastError).toMatch(/_RbacGroupId=.*out of attempts \(5\): .*503 ServerBusy/);
     const poison = await queueTexts(app, 'poison');
     expect(poison).toHaveLength(1);
     // The host parks the original message; it is still a valid part message for a later requeue.
