@@ -2,7 +2,7 @@ import type { ExportId } from './catalog.js';
 import { completeSnapshotIfReady } from './completion.js';
 import { TrailingRuns } from './concurrency.js';
 import { errorMessage, MdvmError } from './errors.js';
-import { ConcurrentUpdateError } from './manifestStore.js';
+import { ConcurrentUpdateError, type PartRow } from './manifestStore.js';
 import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
 import { annotate, inSpan, linkFrom, record, SPAN_NAMES } from './observability.js';
 import { canonicalGeneratedTime, parseSourceUrl, snapshotIdOf } from './parts.js';
@@ -69,6 +69,43 @@ export function landPart(
   );
 }
 
+/**
+ * A part message as the copier takes it, checked before any table is read: the v1 schema, the source URL policy, a
+ * part that is the URL's path, and a canonical generatedTime with its snapshot id. Throws `invalid-input`.
+ * `mdvm-ingest requeue` checks a poisoned message with the same function.
+ */
+export function parseCheckedPartMessage(
+  rawMessage: unknown,
+  config: Runtime['config'],
+): { message: PartMessage; sourcePath: string } {
+  const message = parsePartMessage(rawMessage);
+  const source = parseSourceUrl(message.sourceUrl, config);
+  if (source.relativePath !== message.part) {
+    throw new MdvmError('invalid-input', `part '${message.part}' does not match the source URL's path`);
+  }
+  // One spelling per instant: the table key, the folder and the superseded check all use the canonical one.
+  if (canonicalGeneratedTime(message.generatedTime) !== message.generatedTime) {
+    throw new MdvmError(
+      'invalid-input',
+      `generatedTime '${message.generatedTime}' is not canonical ('${canonicalGeneratedTime(message.generatedTime)}')`,
+    );
+  }
+  if (snapshotIdOf(message.generatedTime) !== message.snapshot) {
+    throw new MdvmError('invalid-input', `snapshot '${message.snapshot}' does not match generatedTime`);
+  }
+  return { message, sourcePath: source.sourcePath };
+}
+
+/**
+ * Why a message may not copy into this part row, or undefined. The message is bound to what the timer recorded from
+ * Defender: it cannot choose its own source, even another account with the same part path that the allowlist admits.
+ */
+export function sourceMismatch(sourcePath: string, row: PartRow): string | undefined {
+  return sourcePath === row.sourcePath
+    ? undefined
+    : `the message's source (${sourcePath}) is not the source recorded for ${row.exportId} ${row.snapshotId} ${row.path} (${row.sourcePath})`;
+}
+
 async function landOnePart(
   runtime: Runtime,
   telemetry: Telemetry,
@@ -78,22 +115,7 @@ async function landOnePart(
   let message: PartMessage;
   let sourcePath: string;
   try {
-    message = parsePartMessage(rawMessage);
-    const source = parseSourceUrl(message.sourceUrl, runtime.config);
-    sourcePath = source.sourcePath;
-    if (source.relativePath !== message.part) {
-      throw new MdvmError('invalid-input', `part '${message.part}' does not match the source URL's path`);
-    }
-    // One spelling per instant: the table key, the folder and the superseded check all use the canonical one.
-    if (canonicalGeneratedTime(message.generatedTime) !== message.generatedTime) {
-      throw new MdvmError(
-        'invalid-input',
-        `generatedTime '${message.generatedTime}' is not canonical ('${canonicalGeneratedTime(message.generatedTime)}')`,
-      );
-    }
-    if (snapshotIdOf(message.generatedTime) !== message.snapshot) {
-      throw new MdvmError('invalid-input', `snapshot '${message.snapshot}' does not match generatedTime`);
-    }
+    ({ message, sourcePath } = parseCheckedPartMessage(rawMessage, runtime.config));
   } catch (error) {
     return deadLetter(runtime, telemetry, rawMessage, errorMessage(error));
   }
@@ -105,16 +127,8 @@ async function landOnePart(
     // Only parts the timer recorded are ever copied: a well-formed but unknown message is refused.
     return deadLetter(runtime, telemetry, rawMessage, `no part row for ${exportId} ${snapshotId} ${part}`);
   }
-  if (sourcePath !== row.value.sourcePath) {
-    // The message is bound to what the timer recorded from Defender: a message cannot choose its own source, even
-    // another account with the same part path that the host allowlist admits.
-    return deadLetter(
-      runtime,
-      telemetry,
-      rawMessage,
-      `the message's source (${sourcePath}) is not the source recorded for ${exportId} ${snapshotId} ${part} (${row.value.sourcePath})`,
-    );
-  }
+  const unbound = sourceMismatch(sourcePath, row.value);
+  if (unbound) return deadLetter(runtime, telemetry, rawMessage, unbound);
   if (row.value.status === 'landed') {
     telemetry.track('part', { ...base, outcome: 'duplicate' });
     // The delivery that landed it may have died before its completion check: check again, it is one read.

@@ -1,6 +1,6 @@
 import { MdvmError } from '../core/errors.js';
+import { parseCheckedPartMessage, sourceMismatch } from '../core/landPart.js';
 import { messageTimeToLiveInSeconds, type PartMessage, parsePartMessage } from '../core/messages.js';
-import { parseSourceUrl } from '../core/parts.js';
 import { redact } from '../core/redact.js';
 import type { Runtime } from '../core/runtime.js';
 
@@ -100,7 +100,7 @@ async function verdict(runtime: Runtime, text: string, options: RequeueOptions):
     };
   }
   try {
-    const message = parsePartMessage(json);
+    const { message, sourcePath } = parseCheckedPartMessage(json, runtime.config);
     if (options.exportId && message.export !== options.exportId) {
       return {
         export: message.export,
@@ -109,11 +109,10 @@ async function verdict(runtime: Runtime, text: string, options: RequeueOptions):
         reason: `not --export ${options.exportId}`,
       };
     }
-    const source = parseSourceUrl(message.sourceUrl, runtime.config);
-    if (source.relativePath !== message.part)
-      throw new MdvmError('invalid-input', 'part does not match its source URL');
     const row = await runtime.store.getPart(message.export, message.snapshot, message.part);
     if (!row) throw new MdvmError('invalid-input', 'no part row for it in the manifest tables');
+    const unbound = sourceMismatch(sourcePath, row.value);
+    if (unbound) throw new MdvmError('invalid-input', unbound);
     if (row.value.status === 'landed') {
       return { export: message.export, part: message.part, action: 'refused', reason: 'already landed' };
     }

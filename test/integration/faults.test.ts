@@ -7,6 +7,7 @@ import { ConcurrentUpdateError } from '../../src/core/manifestStore.js';
 import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
 import { encodeMessage } from '../../src/core/messages.js';
 import { Telemetry } from '../../src/core/telemetry.js';
+import { requeuePoisoned } from '../../src/ops/requeue.js';
 import {
   createApp,
   listBlobNames,
@@ -45,6 +46,21 @@ async function takeQueuedMessages(app: TestApp): Promise<PartMessage[]> {
       await app.runtime.queue.deleteMessage(m.messageId, m.popReceipt);
     }
   }
+}
+
+/**
+ * An information-gathering snapshot ticked, its messages taken off the queue: the first one, the part it names and
+ * the app, for a test that sends its own variant of that message.
+ */
+async function tickAndTakeOneMessage(generatedTime: string) {
+  const app = await createApp(stack, { MDVM_EXPORTS: 'information-gathering' });
+  const snap = await stack.simulator.publish('information-gathering', { generatedTime, recordsPerPart: 5 });
+  await app.runner.tick();
+  const [genuine] = await takeQueuedMessages(app);
+  if (!genuine) throw new Error('no message');
+  const target = snap.parts.find((p) => p.relativePath === genuine.part);
+  if (!target) throw new Error('unknown part');
+  return { app, snap, genuine, target };
 }
 
 /** Another tick, which must succeed, then every message handled: the tables and blobs after it. */
@@ -131,16 +147,7 @@ describe('bad input and failures', () => {
   });
 
   it('dead-letters a message that names another account as the source of a recorded part (binding to the tick)', async () => {
-    const app = await createApp(stack, { MDVM_EXPORTS: 'information-gathering' });
-    const snap = await stack.simulator.publish('information-gathering', {
-      generatedTime: '2026-11-19T02:01:00Z',
-      recordsPerPart: 5,
-    });
-    await app.runner.tick();
-    const [genuine] = await takeQueuedMessages(app);
-    if (!genuine) throw new Error('no message');
-    const target = snap.parts.find((p) => p.relativePath === genuine.part);
-    if (!target) throw new Error('unknown part');
+    const { app, snap, genuine, target } = await tickAndTakeOneMessage('2026-11-19T02:01:00Z');
     // The attacker's copy of the same part path, in another account the host allowlist also admits.
     const attacker = BlobServiceClient.fromConnectionString(stack.azurite.customer.connectionString).getContainerClient(
       snap.container,
@@ -171,6 +178,30 @@ describe('bad input and failures', () => {
       .getBlockBlobClient(`information-gathering/snapshot=2026-11-19T0201Z/${genuine.part}`)
       .downloadToBuffer();
     expect(md5(landed)).toBe(target.md5);
+  });
+
+  it('requeue refuses a poisoned message the copier would dead-letter: another source for the part, a generatedTime not canonical', async () => {
+    const { app, snap, genuine, target } = await tickAndTakeOneMessage('2026-11-19T03:01:00Z');
+    const other = BlobServiceClient.fromConnectionString(stack.azurite.customer.connectionString)
+      .getContainerClient(snap.container)
+      .getBlockBlobClient(target.blobName);
+    const otherUrl = `${other.url}?se=2099-01-01T00%3A00%3A00Z&sig=FAKEtestSignatureNotARealKey`;
+    for (const forged of [
+      { ...genuine, sourceUrl: otherUrl },
+      { ...genuine, generatedTime: '2026-11-19T03:01:00.000Z' },
+    ]) {
+      await app.runtime.poisonQueue.sendMessage(encodeMessage(forged));
+    }
+
+    const report = await requeuePoisoned(app.runtime);
+    expect(report).toMatchObject({ moved: 0, refused: 2 });
+    expect(report.entries.map((e) => e.reason)).toEqual([
+      expect.stringMatching(/is not the source recorded for information-gathering/),
+      expect.stringMatching(/generatedTime '2026-11-19T03:01:00.000Z' is not canonical/),
+    ]);
+    expect(JSON.stringify(report)).not.toMatch(/sig=(?!<redacted>)/);
+    expect((await app.runtime.poisonQueue.getProperties()).approximateMessagesCount).toBe(2);
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(0);
   });
 
   it('a landing container deleted mid-run: no part is written off as a lost source, no manifest lists a missing blob, and the snapshot lands once it is back', async () => {
