@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import {
   BlobClient,
   type BlobGetPropertiesResponse,
@@ -247,7 +248,10 @@ export class PartCopier {
   ): Promise<void> {
     const blockSize = Math.max(this.options.blockSizeBytes, Math.ceil(size / MAX_BLOCKS));
     const count = Math.max(1, Math.ceil(size / blockSize));
-    const ids = Array.from({ length: count }, (_, i) => blockId(i));
+    // Block ids of this attempt only: a concurrent delivery of the same part stages its own, so a late block of one
+    // attempt can never land in the list another commits (uncommitted blocks with the same id are last-writer-wins).
+    const attempt = randomBytes(5).toString('hex');
+    const ids = Array.from({ length: count }, (_, i) => blockId(i, attempt));
     await runBounded(ids, this.options.blockConcurrency, async (id, i) => {
       const offset = i * blockSize;
       await dest.stageBlockFromURL(id, request.sourceUrl, offset, Math.min(blockSize, size - offset), {

@@ -892,4 +892,90 @@ describe('bad input and failures', () => {
       expect(app.events.some((e) => e.outcome === 'retry' && /source changed/.test(String(e.reason)))).toBe(true);
     },
   );
+  it('block path: a late block of one delivery never lands in the block list another delivery of the part commits', async () => {
+    const app = await createApp(
+      stack,
+      {
+        MDVM_EXPORTS: 'secure-configuration',
+        MDVM_COPY_SINGLE_SHOT_MAX_MIB: '0.0625',
+        MDVM_COPY_BLOCK_SIZE_MIB: '0.0625',
+      },
+      { workers: 1 },
+    );
+    const snap = await stack.simulator.publish('secure-configuration', {
+      generatedTime: '2026-11-18T09:01:00Z',
+      groups: [0],
+      partsPerGroup: 1,
+      recordsPerPart: 4_000,
+    });
+    await app.runner.tick();
+    const [message] = await takeQueuedMessages(app);
+    const target = snap.parts[0];
+    if (!message || !target) throw new Error('expected one part');
+    const sourceBlob = stack.simulator.sourceContainer(snap).getBlockBlobClient(target.blobName);
+    const original = await sourceBlob.downloadToBuffer();
+    expect(original.length).toBeGreaterThan(3 * 64 * 1024);
+    const replacement = Buffer.from(original.map((b) => b ^ 0x5a));
+    const row = await app.runtime.store.getPart('secure-configuration', message.snapshot, message.part);
+    const request = {
+      sourceUrl: message.sourceUrl,
+      landingPath: String(row?.value.landingPath),
+      metadata: { mdvm_generated_time: message.generatedTime, mdvm_source_path: String(row?.value.sourcePath) },
+    };
+
+    // Delivery A reads block 0 of the old version, but its Put Block lands only after delivery B (which read the
+    // new version) has staged its own block 0, and before B commits: what Azure does with a slow Put Block From URL.
+    let secondBlockZero: () => void = () => {};
+    const bStagedBlockZero = new Promise<void>((resolve) => {
+      secondBlockZero = resolve;
+    });
+    let lateBlockDone: () => void = () => {};
+    const aLateBlockLanded = new Promise<void>((resolve) => {
+      lateBlockDone = resolve;
+    });
+    let blockZeroCalls = 0;
+    let stagedByA = 0;
+    const realStageFromUrl = BlockBlobClient.prototype.stageBlockFromURL;
+    const realCommit = BlockBlobClient.prototype.commitBlockList;
+    const spies = [
+      vi.spyOn(BlockBlobClient.prototype, 'stageBlockFromURL').mockImplementation(async function (
+        this: BlockBlobClient,
+        ...args: Parameters<BlockBlobClient['stageBlockFromURL']>
+      ) {
+        const [id, , offset, count] = args;
+        if (offset === 0 && ++blockZeroCalls === 1) {
+          const oldBytes = original.subarray(0, count);
+          await bStagedBlockZero;
+          const response = await this.stageBlock(id, oldBytes, oldBytes.length);
+          lateBlockDone();
+          return response as unknown as Awaited<ReturnType<BlockBlobClient['stageBlockFromURL']>>;
+        }
+        const response = await realStageFromUrl.apply(this, args);
+        if (offset === 0) secondBlockZero();
+        else if (blockZeroCalls === 1) stagedByA++;
+        return response;
+      }),
+      vi.spyOn(BlockBlobClient.prototype, 'commitBlockList').mockImplementation(async function (
+        this: BlockBlobClient,
+        ...args: Parameters<BlockBlobClient['commitBlockList']>
+      ) {
+        await aLateBlockLanded;
+        return realCommit.apply(this, args);
+      }),
+    ];
+    try {
+      const deliveryA = app.runtime.copier.copy(request);
+      const blocks = Math.ceil(original.length / (64 * 1024));
+      await vi.waitFor(() => expect(stagedByA).toBe(blocks - 1), { timeout: 10_000, interval: 20 });
+      await sourceBlob.uploadData(replacement);
+      const [a, b] = await Promise.allSettled([deliveryA, app.runtime.copier.copy(request)]);
+      // A saw the source move under it and commits nothing; B lands the new version whole.
+      expect(a.status).toBe('rejected');
+      expect(b).toMatchObject({ status: 'fulfilled', value: { bytes: replacement.length } });
+    } finally {
+      for (const spy of spies) spy.mockRestore();
+    }
+    const landed = await app.runtime.landing.getBlockBlobClient(request.landingPath).downloadToBuffer();
+    expect(md5(landed)).toBe(md5(replacement));
+  });
 });
