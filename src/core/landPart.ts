@@ -5,7 +5,7 @@ import { errorMessage, MdvmError } from './errors.js';
 import { ConcurrentUpdateError, type PartRow } from './manifestStore.js';
 import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
 import { annotate, inSpan, linkFrom, record, SPAN_NAMES } from './observability.js';
-import { canonicalGeneratedTime, parseSourceUrl, snapshotIdOf } from './parts.js';
+import { canonicalGeneratedTime, landingPath, parseSourceUrl, snapshotIdOf } from './parts.js';
 import { redact } from './redact.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
@@ -98,12 +98,20 @@ export function parseCheckedPartMessage(
 
 /**
  * Why a message may not copy into this part row, or undefined. The message is bound to what the timer recorded from
- * Defender: it cannot choose its own source, even another account with the same part path that the allowlist admits.
+ * Defender: it cannot choose its own source, even another account with the same part path that the allowlist admits;
+ * and the row is bound to the one landing name its keys give.
  */
-export function sourceMismatch(sourcePath: string, row: PartRow): string | undefined {
-  return sourcePath === row.sourcePath
-    ? undefined
-    : `the message's source (${sourcePath}) is not the source recorded for ${row.exportId} ${row.snapshotId} ${row.path} (${row.sourcePath})`;
+export function bindingProblem(sourcePath: string, row: PartRow): string | undefined {
+  if (sourcePath !== row.sourcePath) {
+    return `the message's source (${sourcePath}) is not the source recorded for ${row.exportId} ${row.snapshotId} ${row.path} (${row.sourcePath})`;
+  }
+  // The destination is derived, never taken on trust from a row: an edited row must not aim a copy (and its
+  // replacement of a blob that is not this part) at another snapshot's part, a manifest or _latest.json.
+  const expected = landingPath(row.exportId, row.snapshotId, row.path);
+  if (row.landingPath !== expected) {
+    return `the part row's landingPath (${row.landingPath}) is not where ${row.exportId} ${row.snapshotId} ${row.path} lands (${expected}); the row was changed by hand`;
+  }
+  return undefined;
 }
 
 async function landOnePart(
@@ -127,7 +135,7 @@ async function landOnePart(
     // Only parts the timer recorded are ever copied: a well-formed but unknown message is refused.
     return deadLetter(runtime, telemetry, rawMessage, `no part row for ${exportId} ${snapshotId} ${part}`);
   }
-  const unbound = sourceMismatch(sourcePath, row.value);
+  const unbound = bindingProblem(sourcePath, row.value);
   if (unbound) return deadLetter(runtime, telemetry, rawMessage, unbound);
   if (row.value.status === 'landed') {
     telemetry.track('part', { ...base, outcome: 'duplicate' });

@@ -1,5 +1,5 @@
 import { MdvmError } from '../core/errors.js';
-import { parseCheckedPartMessage, sourceMismatch } from '../core/landPart.js';
+import { bindingProblem, parseCheckedPartMessage } from '../core/landPart.js';
 import { messageTimeToLiveInSeconds, type PartMessage, parsePartMessage } from '../core/messages.js';
 import { redact } from '../core/redact.js';
 import type { Runtime } from '../core/runtime.js';
@@ -111,7 +111,7 @@ async function verdict(runtime: Runtime, text: string, options: RequeueOptions):
     }
     const row = await runtime.store.getPart(message.export, message.snapshot, message.part);
     if (!row) throw new MdvmError('invalid-input', 'no part row for it in the manifest tables');
-    const unbound = sourceMismatch(sourcePath, row.value);
+    const unbound = bindingProblem(sourcePath, row.value);
     if (unbound) throw new MdvmError('invalid-input', unbound);
     if (row.value.status === 'landed') {
       return { export: message.export, part: message.part, action: 'refused', reason: 'already landed' };

@@ -180,6 +180,27 @@ describe('bad input and failures', () => {
     expect(md5(landed)).toBe(target.md5);
   });
 
+  it('dead-letters a delivery whose part row was edited to land elsewhere, and leaves that blob alone', async () => {
+    const { app, genuine } = await tickAndTakeOneMessage('2026-11-19T04:01:00Z');
+    const pointer = app.runtime.landing.getBlockBlobClient('information-gathering/_latest.json');
+    await pointer.upload('{"v":1}', 7);
+    const row = await app.runtime.store.getPart('information-gathering', genuine.snapshot, genuine.part);
+    if (!row) throw new Error('no row');
+    await app.runtime.store.updatePart(row, { landingPath: 'information-gathering/_latest.json' });
+
+    await app.runtime.queue.sendMessage(encodeMessage(genuine));
+    await app.runner.drain();
+    const letters = (await queueTexts(app, 'poison')).map(
+      (t) => JSON.parse(Buffer.from(t, 'base64').toString()) as DeadLetter,
+    );
+    expect(letters).toHaveLength(1);
+    expect(letters[0]?.reason).toMatch(/landingPath \(information-gathering\/_latest\.json\) is not where/);
+    expect((await pointer.downloadToBuffer()).toString()).toBe('{"v":1}');
+    expect(
+      (await app.runtime.store.getPart('information-gathering', genuine.snapshot, genuine.part))?.value.status,
+    ).toBe('queued');
+  });
+
   it('requeue refuses a poisoned message the copier would dead-letter: another source for the part, a generatedTime not canonical', async () => {
     const { app, snap, genuine, target } = await tickAndTakeOneMessage('2026-11-19T03:01:00Z');
     const other = BlobServiceClient.fromConnectionString(stack.azurite.customer.connectionString)
