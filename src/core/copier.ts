@@ -21,6 +21,12 @@ export interface CopyRequest {
   /** Written on the landed blob; never contains a SAS query. */
   readonly metadata: Record<string, string>;
   readonly abortSignal?: AbortSignal;
+  /**
+   * Asked before a blob at the landing name that is not a copy of this part is deleted to make room: false when the
+   * caller's record says that is no longer safe (the part landed meanwhile, or was bound to another source). Without
+   * it the copier replaces such a blob as it finds it.
+   */
+  readonly mayReplaceForeignBlob?: () => Promise<boolean>;
 }
 
 export interface CopyResult {
@@ -96,14 +102,17 @@ export class PartCopier {
     });
 
     let method: CopyMethod = 'copy-from-url';
-    let streamed: { md5: string; bytes: number; records: number | undefined } | undefined;
+    let streamed: Awaited<ReturnType<typeof streamCopy>> | undefined;
     /** Set when Copy Blob From URL copied exactly the source version we read (pinned by its ETag). */
     let pinnedCopy: { md5: string | undefined } | undefined;
+    /** The ETag of the blob this attempt wrote. */
+    const written: { etag: string | undefined } = { etag: undefined };
     const write = async (createOnly: boolean): Promise<void> => {
       const conditions = createOnly ? { ifNoneMatch: '*' } : {};
       if (this.options.mode === 'stream') {
         method = 'stream';
         streamed = await streamCopy(source, dest, sourceProps, request, conditions, this.options);
+        written.etag = streamed.etag;
       } else if (size <= Math.min(this.options.singleShotMaxBytes, COPY_FROM_URL_MAX_BYTES)) {
         method = 'copy-from-url';
         // Pinned to the ETag we read the size and MD5 from: a source replaced since is refused (412), so what lands
@@ -116,9 +125,10 @@ export class PartCopier {
           abortSignal: request.abortSignal,
         });
         pinnedCopy = sourceProps.etag ? { md5: md5Of(response) } : undefined;
+        written.etag = response.etag;
       } else {
         method = 'block-from-url';
-        await this.copyByBlocks(source, dest, size, sourceProps, request, conditions);
+        written.etag = await this.copyByBlocks(source, dest, size, sourceProps, request, conditions);
       }
     };
     // The write is create-only, so the normal case costs no look at the destination first; only a name that is
@@ -136,15 +146,32 @@ export class PartCopier {
             await write(false);
             break;
           }
-          // Our own earlier or concurrent copy of this very part: it counts as landed.
-          if (this.matches(existing, size, sourceMd5, request.metadata)) return alreadyLanded(existing);
-          // Other bytes under this name are a leftover of an earlier, different attempt: replace them, once.
+          if (this.isCopyOfThisPart(existing, request.metadata)) {
+            // Our own earlier or concurrent copy of this very part: it counts as landed.
+            if (this.matchesSource(existing, size, sourceMd5)) return alreadyLanded(existing);
+            // A whole copy of another version of this part (the source changed since it was copied). It may be the
+            // landed blob of a delivery that is about to record it, so it is never deleted here: this delivery fails
+            // and its retry finds the part landed, or the part fails with this reason for an operator to decide.
+            throw new MdvmError(
+              'transient',
+              `${request.landingPath} holds a copy of this part from before its source changed (${existing.contentLength} bytes, md5 ${md5Of(existing) ?? 'n/a'}; the source now has ${size} bytes, md5 ${sourceMd5 ?? 'n/a'}); it is kept. If no other delivery lands the part, delete that blob and requeue`,
+              { cause: error },
+            );
+          }
+          // Other bytes under this name (no copy of this part) are a leftover to replace, once, and only that blob.
           if (attempt > 1) {
             throw new MdvmError('transient', `${request.landingPath} is taken by a blob that is not this part`, {
               cause: error,
             });
           }
-          await dest.deleteIfExists({ abortSignal: request.abortSignal });
+          if (request.mayReplaceForeignBlob && !(await request.mayReplaceForeignBlob())) {
+            throw new MdvmError(
+              'transient',
+              `${request.landingPath} is taken by a blob that is not this copy of the part, and the part's record changed meanwhile (landed, or bound to another source): nothing replaced`,
+              { cause: error },
+            );
+          }
+          await this.deleteExactly(dest, existing.etag, request.abortSignal);
         }
       }
     } catch (error) {
@@ -162,7 +189,8 @@ export class PartCopier {
       (streamed === undefined || streamed.bytes === size) &&
       (expectedMd5 === undefined || landedMd5 === undefined || landedMd5 === expectedMd5);
     if (!ok) {
-      await dest.deleteIfExists();
+      // Only the blob this attempt wrote: whatever another delivery has put there since is its to judge.
+      await this.deleteExactly(dest, written.etag);
       throw new MdvmError(
         'transient',
         `verification failed for ${request.landingPath}: landed ${landed?.contentLength ?? 'nothing'} bytes (md5 ${landedMd5 ?? 'n/a'}), source has ${size} bytes (md5 ${expectedMd5 ?? 'n/a'})`,
@@ -173,22 +201,25 @@ export class PartCopier {
     return { method, bytes: size, md5: landedMd5 ?? expectedMd5, records: streamed?.records, verification };
   }
 
-  /**
-   * An existing blob counts as landed only if it is our own earlier copy of this very part (same
-   * generatedTime and source path in its metadata) and its length and MD5 agree with the source.
-   */
-  private matches(
-    props: BlobGetPropertiesResponse,
-    size: number,
-    sourceMd5: string | undefined,
-    metadata: Record<string, string>,
-  ): boolean {
+  /** Our own copy of this very part: the same generatedTime and source path in its metadata. */
+  private isCopyOfThisPart(props: BlobGetPropertiesResponse, metadata: Record<string, string>): boolean {
+    return ['mdvm_generated_time', 'mdvm_source_path'].every((key) => props.metadata?.[key] === metadata[key]);
+  }
+
+  /** An existing copy of this part counts as landed only if its length and MD5 agree with the source now. */
+  private matchesSource(props: BlobGetPropertiesResponse, size: number, sourceMd5: string | undefined): boolean {
     if (props.contentLength !== size) return false;
-    for (const key of ['mdvm_generated_time', 'mdvm_source_path']) {
-      if (props.metadata?.[key] !== metadata[key]) return false;
-    }
     const md5 = md5Of(props);
     return sourceMd5 === undefined || md5 === undefined || md5 === sourceMd5;
+  }
+
+  /** Deletes the blob only if it is still the version we looked at (its ETag): never one written since. */
+  private async deleteExactly(dest: BlockBlobClient, etag: string | undefined, abortSignal?: AbortSignal) {
+    try {
+      await dest.deleteIfExists({ ...(etag ? { conditions: { ifMatch: etag } } : {}), abortSignal });
+    } catch (error) {
+      if (!isStorageCondition(error, 'precondition-failed')) throw error;
+    }
   }
 
   private async sourceProperties(source: BlobClient, abortSignal?: AbortSignal): Promise<BlobGetPropertiesResponse> {
@@ -245,7 +276,7 @@ export class PartCopier {
     sourceProps: BlobGetPropertiesResponse,
     request: CopyRequest,
     conditions: { ifNoneMatch?: string },
-  ): Promise<void> {
+  ): Promise<string | undefined> {
     const blockSize = Math.max(this.options.blockSizeBytes, Math.ceil(size / MAX_BLOCKS));
     const count = Math.max(1, Math.ceil(size / blockSize));
     // Block ids of this attempt only: a concurrent delivery of the same part stages its own, so a late block of one
@@ -263,7 +294,7 @@ export class PartCopier {
     // version's; a moved ETag may mean a splice of two, and nothing is committed.
     const after = await this.sourceProperties(source, request.abortSignal);
     if (after.etag !== sourceProps.etag) throw sourceChanged();
-    await dest.commitBlockList(ids, {
+    const committed = await dest.commitBlockList(ids, {
       metadata: request.metadata,
       blobHTTPHeaders: {
         ...(sourceProps.contentType ? { blobContentType: sourceProps.contentType } : {}),
@@ -272,5 +303,6 @@ export class PartCopier {
       conditions,
       abortSignal: request.abortSignal,
     });
+    return committed.etag;
   }
 }

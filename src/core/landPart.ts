@@ -114,6 +114,11 @@ export function bindingProblem(sourcePath: string, row: PartRow): string | undef
   return undefined;
 }
 
+/** Two versions of a part row describe the same copy: the same source and the same landing name. */
+function sameBinding(a: PartRow, b: PartRow): boolean {
+  return a.sourcePath === b.sourcePath && a.landingPath === b.landingPath;
+}
+
 async function landOnePart(
   runtime: Runtime,
   telemetry: Telemetry,
@@ -175,6 +180,11 @@ async function landOnePart(
         mdvm_source_path: row.value.sourcePath,
       },
       ...(delivery.abortSignal ? { abortSignal: delivery.abortSignal } : {}),
+      // Read again just before: a blob is never replaced for a part that landed, or was re-bound, since the read above.
+      mayReplaceForeignBlob: async () => {
+        const now = (await runtime.store.getPart(exportId, snapshotId, part))?.value;
+        return now !== undefined && now.status !== 'landed' && sameBinding(now, row.value);
+      },
     });
   } catch (error) {
     const failure =
@@ -224,14 +234,24 @@ async function landOnePart(
     lastError: '',
   };
   let flipped = true;
+  let rebound = false;
   try {
     await runtime.store.updatePart(row, landedChanges);
   } catch (error) {
     if (!(error instanceof ConcurrentUpdateError)) throw error;
     flipped =
-      (await runtime.store.mutatePart(exportId, snapshotId, part, (r) =>
-        r.status === 'landed' ? undefined : { ...landedChanges, attempts: attempted(r) },
-      )) !== undefined;
+      (await runtime.store.mutatePart(exportId, snapshotId, part, (r) => {
+        if (r.status === 'landed') return undefined;
+        // Landed means landed from the source the row names now: a tick that re-bound the part meanwhile has sent a
+        // message for the new source, and this copy (of the old one) is left for that delivery to replace.
+        rebound = !sameBinding(r, row.value);
+        return rebound ? undefined : { ...landedChanges, attempts: attempted(r) };
+      })) !== undefined;
+  }
+  if (rebound) {
+    const reason = 'the part was bound to another source while this copy ran; the newer message lands it';
+    telemetry.track('part', { ...base, outcome: 'superseded', reason });
+    return { outcome: 'superseded', reason };
   }
   if (!flipped) {
     telemetry.track('part', { ...base, outcome: 'duplicate' });

@@ -32,7 +32,7 @@ export async function streamCopy(
   request: Pick<CopyRequest, 'metadata' | 'abortSignal'>,
   conditions: { ifNoneMatch?: string },
   options: Pick<CopyOptions, 'streamBuffers' | 'streamBufferBytes' | 'countRecords'>,
-): Promise<{ md5: string; bytes: number; records: number | undefined }> {
+): Promise<{ md5: string; bytes: number; records: number | undefined; etag: string | undefined }> {
   let download: Awaited<ReturnType<BlobClient['download']>>;
   try {
     // Pinned to the version whose size and MD5 we read: a source replaced since answers 412 instead of other bytes.
@@ -129,8 +129,9 @@ export async function streamCopy(
   }
 
   const md5 = hash.digest();
+  let committed: Awaited<ReturnType<BlockBlobClient['commitBlockList']>>;
   try {
-    await dest.commitBlockList(ids, {
+    committed = await dest.commitBlockList(ids, {
       metadata: request.metadata,
       blobHTTPHeaders: {
         ...(sourceProps.contentType ? { blobContentType: sourceProps.contentType } : {}),
@@ -143,7 +144,7 @@ export async function streamCopy(
     if (isStorageCondition(error, 'already-exists')) throw error;
     throw landingContainerMissing(error, dest.containerName) ?? classifyStorageError(error, 'commit block list');
   }
-  return { md5: md5.toString('base64'), bytes: total, records: counter?.records };
+  return { md5: md5.toString('base64'), bytes: total, records: counter?.records, etag: committed.etag };
 }
 
 /** `count` buffers of `size` bytes, allocated on first use and handed out again once given back. */

@@ -999,4 +999,86 @@ describe('bad input and failures', () => {
     const landed = await app.runtime.landing.getBlockBlobClient(request.landingPath).downloadToBuffer();
     expect(md5(landed)).toBe(md5(replacement));
   });
+  it('a delivery that read the row before another landed the part never deletes that landed blob, even after the source changed', async () => {
+    const quiet = new Telemetry({ info() {}, warn() {}, error() {} });
+    const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' }, { workers: 1 });
+    const snap = await stack.simulator.publish('hardware-firmware', {
+      generatedTime: '2026-11-17T04:01:00Z',
+      groups: [0],
+      partsPerGroup: 1,
+      recordsPerPart: 50,
+    });
+    const target = snap.parts[0];
+    if (!target) throw new Error('expected one part');
+    const sourceBlob = stack.simulator.sourceContainer(snap).getBlockBlobClient(target.blobName);
+    const original = await sourceBlob.downloadToBuffer();
+    const replacement = Buffer.from(original.map((b, i) => (i === original.length - 1 ? b ^ 0xff : b)));
+    await app.runner.tick();
+    const [message] = await takeQueuedMessages(app);
+    if (!message) throw new Error('no message');
+    // Delivery B reads the part row (queued); meanwhile delivery A, on another instance, lands the part and completes
+    // the snapshot, and then the source is replaced with other bytes of the same length.
+    let raced = false;
+    const instanceB = await createApp(stack, app.env, {
+      wrapRuntime: replacing('store', (real) => ({
+        async getPart(...args: Parameters<typeof real.getPart>) {
+          const row = await real.getPart(...args);
+          if (!raced) {
+            raced = true;
+            expect((await landPart(app.runtime, quiet, message, { dequeueCount: 1 })).outcome).toBe('landed');
+            await sourceBlob.uploadData(replacement);
+          }
+          return row;
+        },
+      })),
+    });
+    await expect(landPart(instanceB.runtime, quiet, message, { dequeueCount: 1 })).rejects.toThrow(
+      /holds a copy of this part from before its source changed.*it is kept/,
+    );
+    // Its retry finds the part landed and copies nothing.
+    expect((await landPart(instanceB.runtime, quiet, message, { dequeueCount: 2 })).outcome).toBe('duplicate');
+
+    const { snapshots, parts } = await state(app);
+    expect(snapshots[0]).toMatchObject({ status: 'complete' });
+    const folder = 'hardware-firmware/snapshot=2026-11-17T0401Z';
+    const manifest = JSON.parse(
+      (await app.runtime.landing.getBlockBlobClient(`${folder}/_manifest.json`).downloadToBuffer()).toString(),
+    ) as { parts: { md5: string | null }[] };
+    const landed = await app.runtime.landing.getBlockBlobClient(`${folder}/${target.relativePath}`).downloadToBuffer();
+    expect(md5(landed)).toBe(md5(original));
+    expect(manifest.parts[0]?.md5).toBe(md5(original));
+    expect(parts[0]).toMatchObject({ status: 'landed', md5: md5(original) });
+  });
+  it('a blob that is not this part is replaced only while the part row still says it is not landed, from the same source', async () => {
+    const quiet = new Telemetry({ info() {}, warn() {}, error() {} });
+    const { app, genuine } = await tickAndTakeOneMessage('2026-11-19T05:01:00Z');
+    const row = await app.runtime.store.getPart('information-gathering', genuine.snapshot, genuine.part);
+    if (!row) throw new Error('no row');
+    const blob = app.runtime.landing.getBlockBlobClient(row.value.landingPath);
+    await blob.uploadData(Buffer.from('not this part'));
+    // Between this delivery's read of the row and its look at the landing name, the row changes: here to landed,
+    // as a delivery on another instance would leave it (the bytes it describes are beside the point).
+    let changed = false;
+    const instance = await createApp(stack, app.env, {
+      wrapRuntime: replacing('store', (real) => ({
+        async getPart(...args: Parameters<typeof real.getPart>) {
+          const current = await real.getPart(...args);
+          if (!changed && current) {
+            changed = true;
+            await real.updatePart(current, {
+              status: 'landed',
+              bytes: 13,
+              landedAt: new Date().toISOString(),
+              verification: 'length',
+            });
+          }
+          return current;
+        },
+      })),
+    });
+    await expect(landPart(instance.runtime, quiet, genuine, { dequeueCount: 1 })).rejects.toThrow(
+      /is taken by a blob that is not this copy of the part, and the part's record changed meanwhile.*nothing replaced/,
+    );
+    expect((await blob.downloadToBuffer()).toString()).toBe('not this part');
+  });
 });
