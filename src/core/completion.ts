@@ -11,6 +11,7 @@ import {
   type SnapshotRow,
 } from './contracts.js';
 import { classifyStorageError, errorMessage, isStorageCondition, MdvmError } from './errors.js';
+import { ConcurrentUpdateError } from './manifestStore.js';
 import { record } from './observability.js';
 import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from './parts.js';
 import type { Runtime } from './runtime.js';
@@ -26,6 +27,11 @@ const JSON_HEADERS = { blobContentType: 'application/json; charset=utf-8' };
  * exactly one ever exists), moves `_latest.json` forward (never back), marks the snapshot complete.
  * Safe to call any number of times, concurrently, and after a crash at any step.
  * Returns true when the snapshot is complete.
+ *
+ * Each attempt decides from one read of the snapshot row and acts only while that row is unchanged: the flip to
+ * `complete` is conditional on its ETag, and so is replacing a manifest. A tick that records more parts, a check that
+ * reopens a missing blob or another completion meanwhile makes the attempt start again from fresh reads, so a slow
+ * completion can neither complete a snapshot over newer state nor put back a manifest that lists fewer parts.
  */
 export async function completeSnapshotIfReady(
   runtime: Runtime,
@@ -33,6 +39,24 @@ export async function completeSnapshotIfReady(
   exportId: string,
   generatedTime: string,
 ): Promise<boolean> {
+  for (let attempt = 1; attempt <= COMPLETION_ATTEMPTS; attempt++) {
+    const outcome = await completeFromOneRead(runtime, telemetry, exportId, generatedTime);
+    if (outcome !== 'changed-meanwhile') return outcome;
+  }
+  throw new MdvmError(
+    'transient',
+    `the snapshot row of ${exportId} ${generatedTime} kept changing during its completion (${COMPLETION_ATTEMPTS} attempts); the next landing or tick completes it`,
+  );
+}
+
+const COMPLETION_ATTEMPTS = 5;
+
+async function completeFromOneRead(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  exportId: string,
+  generatedTime: string,
+): Promise<boolean | 'changed-meanwhile'> {
   const snapshot = await runtime.store.getSnapshot(exportId, generatedTime);
   if (!snapshot) return false;
   if (snapshot.value.status === 'complete') return true;
@@ -61,7 +85,13 @@ export async function completeSnapshotIfReady(
   const path = manifestPath(exportId, snapshot.value.snapshotId);
   const manifestBlob = runtime.landing.getBlockBlobClient(path);
   const body = `${JSON.stringify(manifest, null, 2)}\n`;
-  await writeManifest(manifestBlob, manifest, body);
+  const unchangedSinceRead = async () =>
+    (await runtime.store.getSnapshot(exportId, generatedTime))?.etag === snapshot.etag;
+  // Read again just before the write: what was listed above still describes the snapshot.
+  if (!(await unchangedSinceRead())) return 'changed-meanwhile';
+  if ((await writeManifest(manifestBlob, manifest, body, unchangedSinceRead)) === 'changed-meanwhile') {
+    return 'changed-meanwhile';
+  }
   try {
     await advanceLatest(runtime, exportId, snapshot.value, path);
   } catch (error) {
@@ -78,12 +108,8 @@ export async function completeSnapshotIfReady(
   // Before the snapshot is marked complete, so a crash here enqueues them again on the next completion attempt.
   await enqueueDerivations(runtime, manifest);
 
-  let completedNow = false;
-  await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => {
-    // The callback runs again after an ETag conflict: only the attempt that sticks may say it completed.
-    completedNow = row.status !== 'complete';
-    if (!completedNow) return undefined;
-    return {
+  try {
+    await runtime.store.updateSnapshot(snapshot, {
       status: 'complete',
       completedAt: manifest.completedAt,
       manifestPath: path,
@@ -91,33 +117,38 @@ export async function completeSnapshotIfReady(
       bytesLanded: manifest.totals.bytes,
       recordsLanded: manifest.totals.records ?? undefined,
       lastError: '',
-    };
-  });
-  if (completedNow) {
-    record.snapshotLag(exportId, (Date.parse(manifest.completedAt) - Date.parse(generatedTime)) / 1000);
-    telemetry.track('snapshot', {
-      export: exportId,
-      snapshot: snapshot.value.snapshotId,
-      bytes: manifest.totals.bytes,
-      ...(manifest.totals.records === null ? {} : { records: manifest.totals.records }),
-      durationMs: Date.parse(manifest.completedAt) - Date.parse(snapshot.value.requestedAt),
-      outcome: 'completed',
     });
+  } catch (error) {
+    if (error instanceof ConcurrentUpdateError) return 'changed-meanwhile';
+    throw error;
   }
+  record.snapshotLag(exportId, (Date.parse(manifest.completedAt) - Date.parse(generatedTime)) / 1000);
+  telemetry.track('snapshot', {
+    export: exportId,
+    snapshot: snapshot.value.snapshotId,
+    bytes: manifest.totals.bytes,
+    ...(manifest.totals.records === null ? {} : { records: manifest.totals.records }),
+    durationMs: Date.parse(manifest.completedAt) - Date.parse(snapshot.value.requestedAt),
+    outcome: 'completed',
+  });
   return true;
 }
 
-/** Landed rows whose blob is not in the landing container with the recorded length. */
+/** Landed rows whose blob is not in the landing container with the recorded length (and MD5, where both have one). */
 async function partsNotInLanding(
   runtime: Runtime,
   exportId: string,
   snapshotId: string,
   landed: PartRow[],
 ): Promise<{ row: PartRow; problem: string }[]> {
-  const lengths = new Map<string, number | undefined>();
+  const listed = new Map<string, { length: number | undefined; md5: string | undefined }>();
   try {
     for await (const blob of runtime.landing.listBlobsFlat({ prefix: `${snapshotFolder(exportId, snapshotId)}/` })) {
-      lengths.set(blob.name, blob.properties.contentLength);
+      const md5 = blob.properties.contentMD5;
+      listed.set(blob.name, {
+        length: blob.properties.contentLength,
+        md5: md5 && md5.length > 0 ? Buffer.from(md5).toString('base64') : undefined,
+      });
     }
   } catch (error) {
     if (!isStorageCondition(error, 'not-found')) throw classifyStorageError(error, 'list the landed snapshot');
@@ -125,9 +156,13 @@ async function partsNotInLanding(
   }
   const out: { row: PartRow; problem: string }[] = [];
   for (const row of landed) {
-    const length = lengths.get(row.landingPath);
-    if (length === undefined) out.push({ row, problem: 'its landed blob is missing' });
-    else if (length !== row.bytes) out.push({ row, problem: `its landed blob has ${length} bytes, not ${row.bytes}` });
+    const blob = listed.get(row.landingPath);
+    if (blob?.length === undefined) out.push({ row, problem: 'its landed blob is missing' });
+    else if (blob.length !== row.bytes) {
+      out.push({ row, problem: `its landed blob has ${blob.length} bytes, not ${row.bytes}` });
+    } else if (blob.md5 && row.md5 && blob.md5 !== row.md5) {
+      out.push({ row, problem: `its landed blob has MD5 ${blob.md5}, not ${row.md5}` });
+    }
   }
   return out;
 }
@@ -167,15 +202,18 @@ async function reopenMissingParts(
 }
 
 /**
- * Create-only, so concurrent completions write one manifest. One that is already there and lists the same parts is
- * someone else's identical completion; one that lists other parts is from before Defender's file list for this
- * snapshot grew, and is replaced under its ETag by the manifest of every part.
+ * Create-only, so concurrent completions write one manifest. One that is already there and lists the same parts the
+ * same way is someone else's identical completion. One that lists a part this one does not is newer than what this
+ * completion read: `changed-meanwhile`, and nothing is written. Otherwise it is from before Defender's file list for
+ * this snapshot grew (or before a part was copied again), and is replaced under its ETag, only while the snapshot row
+ * is still the one this completion read (`unchangedSinceRead`).
  */
 async function writeManifest(
   blob: ReturnType<Runtime['landing']['getBlockBlobClient']>,
   manifest: SnapshotManifest,
   body: string,
-): Promise<void> {
+  unchangedSinceRead: () => Promise<boolean>,
+): Promise<'written' | 'changed-meanwhile'> {
   for (let attempt = 0; attempt < 5; attempt++) {
     let conditions: { ifNoneMatch: string } | { ifMatch: string } = { ifNoneMatch: '*' };
     if (attempt > 0) {
@@ -186,14 +224,22 @@ async function writeManifest(
       if (existing?.etag) {
         const text = existing.readableStreamBody ? await streamToString(existing.readableStreamBody) : '';
         const listed = manifestSchema.safeParse(parseJson(text));
-        const paths = (m: SnapshotManifest) => m.parts.map((p) => p.path).join('\n');
-        if (listed.success && paths(listed.data) === paths(manifest)) return;
+        if (listed.success) {
+          const entries = (m: SnapshotManifest) => new Map(m.parts.map((p) => [p.path, JSON.stringify(p)]));
+          const theirs = entries(listed.data);
+          const ours = entries(manifest);
+          if (theirs.size === ours.size && [...theirs].every(([path, entry]) => ours.get(path) === entry)) {
+            return 'written';
+          }
+          if ([...theirs.keys()].some((path) => !ours.has(path))) return 'changed-meanwhile';
+        }
+        if (!(await unchangedSinceRead())) return 'changed-meanwhile';
         conditions = { ifMatch: existing.etag };
       }
     }
     try {
       await blob.upload(body, Buffer.byteLength(body), { blobHTTPHeaders: JSON_HEADERS, conditions });
-      return;
+      return 'written';
     } catch (error) {
       if (!isStorageCondition(error, 'already-exists', 'precondition-failed', 'conflict')) {
         throw classifyStorageError(error, 'write _manifest.json');

@@ -226,6 +226,10 @@ describe('pipeline end to end (Azurite + simulator)', () => {
             snapshotWrites++;
             return real.mutateSnapshot(...args);
           },
+          updateSnapshot: (...args) => {
+            snapshotWrites++;
+            return real.updateSnapshot(...args);
+          },
         })),
       },
     );

@@ -1,0 +1,232 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { completeSnapshotIfReady } from '../../src/core/completion.js';
+import type { SnapshotManifest } from '../../src/core/contracts.js';
+import { landPart } from '../../src/core/landPart.js';
+import type { PartMessage } from '../../src/core/messages.js';
+import type { Runtime } from '../../src/core/runtime.js';
+import { Telemetry } from '../../src/core/telemetry.js';
+import { createApp, replacing, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
+
+/**
+ * A completion reads the snapshot's rows, lists its folder, then writes the manifest, moves `_latest.json` and flips
+ * the row. These tests let something else happen in the middle, at the listing, as another instance would: a tick
+ * that records a part more, a completion of the grown list, a blob deleted and reopened. Whatever the order, the
+ * row and the manifest must end up agreeing, and never claim a part that is not there.
+ */
+let stack: Stack;
+beforeAll(async () => {
+  stack = await startStack();
+});
+afterAll(async () => {
+  await stack?.stop();
+});
+
+const quiet = new Telemetry({ info() {}, warn() {}, error() {} });
+
+/** The runtime with `during` run once, the first time a completion lists a snapshot folder (before or after). */
+function atFirstListing(during: () => Promise<void>, when: 'before' | 'after') {
+  let fired = false;
+  return (runtime: Runtime): Runtime => {
+    const real = runtime.landing;
+    const landing = Object.assign(Object.create(real) as Runtime['landing'], {
+      listBlobsFlat(options?: Parameters<Runtime['landing']['listBlobsFlat']>[0]) {
+        const hit = !fired && (options?.prefix ?? '').includes('/snapshot=');
+        if (hit) fired = true;
+        return (async function* () {
+          if (hit && when === 'before') await during();
+          const listed = [];
+          for await (const blob of real.listBlobsFlat(options)) listed.push(blob);
+          if (hit && when === 'after') await during();
+          yield* listed;
+        })();
+      },
+    });
+    return { ...runtime, landing };
+  };
+}
+
+/** Defender's first answer for the export lists every file but the last. */
+function firstAnswerWithoutTheLastFile(exportId: Parameters<Stack['simulator']['injectFault']>[0]) {
+  stack.simulator.injectFault(exportId, {
+    kind: 'rewrite',
+    rewrite: (body) => ({ ...body, exportFiles: body.exportFiles.slice(0, -1) }),
+  });
+  stack.simulator.resetRateLimits();
+}
+
+async function manifestOf(app: TestApp, folder: string): Promise<SnapshotManifest> {
+  const blob = app.runtime.landing.getBlockBlobClient(`${folder}/_manifest.json`);
+  return JSON.parse((await blob.downloadToBuffer()).toString()) as SnapshotManifest;
+}
+
+async function snapshotRow(app: TestApp) {
+  const [row] = await tableRows(app.runtime.storage.snapshotsTable);
+  return row;
+}
+
+describe('completion races', () => {
+  it('a tick that records one more part while the last part completes: the snapshot completes only with it', async () => {
+    let other: TestApp | undefined;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'browser-extensions' },
+      {
+        workers: 1,
+        wrapRuntime: atFirstListing(async () => {
+          stack.simulator.resetRateLimits();
+          await other?.runner.tick();
+        }, 'before'),
+      },
+    );
+    other = await createApp(stack, app.env);
+    const snap = await stack.simulator.publish('browser-extensions', {
+      generatedTime: '2026-11-17T01:01:00Z',
+      recordsPerPart: 5,
+    });
+    firstAnswerWithoutTheLastFile('browser-extensions');
+    await app.runner.tick();
+    await app.runner.drain();
+
+    const folder = 'browser-extensions/snapshot=2026-11-17T0101Z';
+    expect(await snapshotRow(app)).toMatchObject({
+      status: 'complete',
+      partCount: snap.parts.length,
+      partsLanded: snap.parts.length,
+    });
+    expect((await manifestOf(app, folder)).totals.parts).toBe(snap.parts.length);
+  });
+
+  it('a slow completion of the shorter list never replaces the manifest of the grown one', async () => {
+    let other: TestApp | undefined;
+    const folder = 'certificates/snapshot=2026-11-17T0201Z';
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        workers: 1,
+        wrapRuntime: atFirstListing(async () => {
+          // Another instance's tick records the last file, its copy lands it and completes the snapshot. (Its
+          // message also reaches this instance's queue, where it is a duplicate.)
+          if (!other) return;
+          stack.simulator.resetRateLimits();
+          await other.runner.tick();
+          expect(sentByOther).toHaveLength(1);
+          for (const text of sentByOther) {
+            const message = JSON.parse(Buffer.from(text, 'base64').toString()) as PartMessage;
+            expect((await landPart(other.runtime, quiet, message, { dequeueCount: 1 })).outcome).toBe('landed');
+          }
+          expect((await manifestOf(other, folder)).totals.parts).toBe(9);
+        }, 'before'),
+      },
+    );
+    const sentByOther: string[] = [];
+    other = await createApp(stack, app.env, {
+      wrapRuntime: replacing('queue', (real) => ({
+        sendMessage: (...args) => {
+          sentByOther.push(args[0]);
+          return real.sendMessage(...args);
+        },
+      })),
+    });
+    const snap = await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-17T02:01:00Z',
+      recordsPerPart: 5,
+    });
+    expect(snap.parts).toHaveLength(9);
+    firstAnswerWithoutTheLastFile('certificates');
+    await app.runner.tick();
+    await app.runner.drain();
+
+    if ((await snapshotRow(app))?.status !== 'complete')
+      console.log(
+        'DIAG',
+        JSON.stringify(app.events.filter((e) => e.outcome !== 'landed')),
+        JSON.stringify(await snapshotRow(app)),
+      );
+    expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partCount: 9, partsLanded: 9 });
+    const manifest = await manifestOf(app, folder);
+    expect(manifest.totals.parts).toBe(9);
+    expect(new Set(manifest.parts.map((p) => p.part))).toEqual(new Set(snap.parts.map((p) => p.relativePath)));
+  });
+
+  it('a blob deleted and reopened by another check after this completion listed it: not completed over the reopen', async () => {
+    let other: TestApp | undefined;
+    const generatedTime = '2026-11-17T03:01:00Z';
+    const folder = 'security-baselines/snapshot=2026-11-17T0301Z';
+    let victim = '';
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'security-baselines' },
+      {
+        workers: 1,
+        wrapRuntime: atFirstListing(async () => {
+          if (!other) return;
+          // One landed blob goes (an operator, a lifecycle rule) and another instance's check finds it missing.
+          const [first] = await tableRows(other.runtime.storage.partsTable);
+          victim = String(first?.landingPath);
+          await other.runtime.landing.getBlobClient(victim).delete();
+          expect(await completeSnapshotIfReady(other.runtime, quiet, 'security-baselines', generatedTime)).toBe(false);
+        }, 'after'),
+      },
+    );
+    other = await createApp(stack, app.env);
+    const snap = await stack.simulator.publish('security-baselines', { generatedTime, recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+
+    // The row and the part rows agree: not complete while a part is not landed.
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts.filter((p) => p.status === 'failed').map((p) => p.landingPath)).toEqual([victim]);
+    expect((await snapshotRow(app))?.status).toBe('failed');
+
+    // The next tick copies it again, and then the snapshot completes with every blob there.
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    const manifest = await manifestOf(app, folder);
+    expect(manifest.totals.parts).toBe(snap.parts.length);
+    for (const part of manifest.parts) {
+      expect(await app.runtime.landing.getBlobClient(part.path).exists()).toBe(true);
+    }
+  });
+  it('a landed blob overwritten with other bytes of the same length before the completion: reopened, not listed', async () => {
+    let victim = '';
+    let original: Buffer | undefined;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware' },
+      {
+        workers: 1,
+        wrapRuntime: atFirstListing(async () => {
+          const [first] = await tableRows(app.runtime.storage.partsTable);
+          victim = String(first?.landingPath);
+          const blob = app.runtime.landing.getBlockBlobClient(victim);
+          original = await blob.downloadToBuffer();
+          await blob.uploadData(Buffer.from(original.map((b) => b ^ 0x01)));
+        }, 'before'),
+      },
+    );
+    const snap = await stack.simulator.publish('hardware-firmware', {
+      generatedTime: '2026-11-17T05:01:00Z',
+      recordsPerPart: 5,
+    });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    const folder = 'hardware-firmware/snapshot=2026-11-17T0501Z';
+    expect(await snapshotRow(app)).toMatchObject({ status: 'failed' });
+    const reopened = (await tableRows(app.runtime.storage.partsTable)).filter((p) => p.status === 'failed');
+    expect(reopened.map((p) => [p.landingPath, p.lastError])).toEqual([
+      [victim, expect.stringMatching(/its landed blob has MD5 .*, not /)],
+    ]);
+    expect(await app.runtime.landing.getBlobClient(`${folder}/_manifest.json`).exists()).toBe(false);
+
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    expect(await app.runtime.landing.getBlockBlobClient(victim).downloadToBuffer()).toEqual(original);
+  });
+});
