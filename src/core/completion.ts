@@ -140,49 +140,86 @@ async function partsNotInLanding(
   exportId: string,
   snapshotId: string,
   landed: PartRow[],
-): Promise<{ row: PartRow; problem: string }[]> {
-  const listed = new Map<string, { length: number | undefined; md5: string | undefined }>();
+): Promise<MissingPart[]> {
+  const listed = new Map<string, { length: number | undefined; md5: string | undefined; etag: string | undefined }>();
   try {
     for await (const blob of runtime.landing.listBlobsFlat({ prefix: `${snapshotFolder(exportId, snapshotId)}/` })) {
       const md5 = blob.properties.contentMD5;
       listed.set(blob.name, {
         length: blob.properties.contentLength,
         md5: md5 && md5.length > 0 ? Buffer.from(md5).toString('base64') : undefined,
+        etag: blob.properties.etag,
       });
     }
   } catch (error) {
     if (!isStorageCondition(error, 'not-found')) throw classifyStorageError(error, 'list the landed snapshot');
     // The landing container itself is gone: every part is missing.
   }
-  const out: { row: PartRow; problem: string }[] = [];
+  const out: MissingPart[] = [];
   for (const row of landed) {
     const blob = listed.get(row.landingPath);
     if (blob?.length === undefined) out.push({ row, problem: 'its landed blob is missing' });
     else if (blob.length !== row.bytes) {
-      out.push({ row, problem: `its landed blob has ${blob.length} bytes, not ${row.bytes}` });
+      out.push({
+        row,
+        problem: `its landed blob has ${blob.length} bytes, not ${row.bytes}`,
+        otherBlobEtag: blob.etag,
+      });
     } else if (blob.md5 && row.md5 && blob.md5 !== row.md5) {
-      out.push({ row, problem: `its landed blob has MD5 ${blob.md5}, not ${row.md5}` });
+      out.push({ row, problem: `its landed blob has MD5 ${blob.md5}, not ${row.md5}`, otherBlobEtag: blob.etag });
     }
   }
   return out;
 }
 
+/** A landed row whose blob is gone, or is other bytes (`otherBlobEtag`: the version the listing saw). */
+interface MissingPart {
+  readonly row: PartRow;
+  readonly problem: string;
+  readonly otherBlobEtag?: string | undefined;
+}
+
 /**
  * A part the rows call landed but the landing container does not hold (container deleted, blob deleted or
- * overwritten) is copied again: its row goes back to `failed` with the reason, so the snapshot shows it and the next
- * tick sends it with a fresh URL.
+ * overwritten) is copied again: the snapshot becomes `failed`, then the part's row goes back to `failed` with the
+ * reason, so the snapshot shows it and the next tick sends it with a fresh URL; other bytes under its name are
+ * deleted (that version only), because a copy never deletes a blob that carries its part's metadata.
+ *
+ * The snapshot row is written first, whatever its status but superseded: a completion that listed the folder before
+ * the blob went then fails its conditional flip (ADR 0013), and one that already flipped is undone, so the snapshot
+ * is never left complete over a part that is not there. A crash after it leaves a failed snapshot whose next check
+ * finds the same parts again.
  */
 async function reopenMissingParts(
   runtime: Runtime,
   telemetry: Telemetry,
   snapshot: SnapshotRow,
-  missing: { row: PartRow; problem: string }[],
+  missing: MissingPart[],
 ): Promise<void> {
-  for (const { row, problem } of missing) {
+  await runtime.store.mutateSnapshot(snapshot.exportId, snapshot.generatedTime, (current) =>
+    current.status === 'superseded'
+      ? undefined
+      : {
+          status: 'failed',
+          lastError: `${missing.length} part(s) recorded as landed are not in the landing container; the next tick copies them again`,
+        },
+  );
+  for (const { row, problem, otherBlobEtag } of missing) {
     const reason = `found at the completion check: ${problem}; the next tick copies it again`;
-    await runtime.store.mutatePart(snapshot.exportId, snapshot.snapshotId, row.path, (current) =>
+    const reopened = await runtime.store.mutatePart(snapshot.exportId, snapshot.snapshotId, row.path, (current) =>
       current.status === 'landed' ? { status: 'failed', lastError: reason } : undefined,
     );
+    if (reopened && otherBlobEtag) {
+      try {
+        await runtime.landing
+          .getBlockBlobClient(row.landingPath)
+          .deleteIfExists({ conditions: { ifMatch: otherBlobEtag } });
+      } catch (error) {
+        // Changed again since the listing: the copy decides what to do with whatever is there now.
+        if (!isStorageCondition(error, 'precondition-failed'))
+          throw classifyStorageError(error, 'delete a mismatched blob');
+      }
+    }
     telemetry.track('part', {
       export: snapshot.exportId,
       snapshot: snapshot.snapshotId,
@@ -191,14 +228,6 @@ async function reopenMissingParts(
       reason,
     });
   }
-  await runtime.store.mutateSnapshot(snapshot.exportId, snapshot.generatedTime, (current) =>
-    current.status === 'complete'
-      ? undefined
-      : {
-          status: 'failed',
-          lastError: `${missing.length} part(s) recorded as landed are not in the landing container; the next tick copies them again`,
-        },
-  );
 }
 
 /**

@@ -3,6 +3,7 @@ import { completeSnapshotIfReady } from '../../src/core/completion.js';
 import type { SnapshotManifest } from '../../src/core/contracts.js';
 import { landPart } from '../../src/core/landPart.js';
 import type { PartMessage } from '../../src/core/messages.js';
+import { snapshotIdOf } from '../../src/core/parts.js';
 import type { Runtime } from '../../src/core/runtime.js';
 import { Telemetry } from '../../src/core/telemetry.js';
 import { createApp, replacing, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
@@ -191,42 +192,110 @@ describe('completion races', () => {
       expect(await app.runtime.landing.getBlobClient(part.path).exists()).toBe(true);
     }
   });
-  it('a landed blob overwritten with other bytes of the same length before the completion: reopened, not listed', async () => {
+  it.each([
+    ['without metadata', '2026-11-17T05:01:00Z', false],
+    ["with the copier's metadata (as azcopy or a restored version keeps it)", '2026-11-17T06:01:00Z', true],
+  ] as const)(
+    'a landed blob overwritten with other bytes of the same length, %s: reopened, not listed, copied again',
+    async (_how, generatedTime, keepMetadata) => {
+      let victim = '';
+      let original: Buffer | undefined;
+      const app = await createApp(
+        stack,
+        { MDVM_EXPORTS: 'hardware-firmware' },
+        {
+          workers: 1,
+          wrapRuntime: atFirstListing(async () => {
+            const [first] = await tableRows(app.runtime.storage.partsTable);
+            victim = String(first?.landingPath);
+            const blob = app.runtime.landing.getBlockBlobClient(victim);
+            original = await blob.downloadToBuffer();
+            const { metadata } = await blob.getProperties();
+            await blob.uploadData(Buffer.from(original.map((b) => b ^ 0x01)), keepMetadata ? { metadata } : {});
+          }, 'before'),
+        },
+      );
+      const snap = await stack.simulator.publish('hardware-firmware', { generatedTime, recordsPerPart: 5 });
+      stack.simulator.resetRateLimits();
+      await app.runner.tick();
+      await app.runner.drain();
+      const folder = `hardware-firmware/snapshot=${snapshotIdOf(generatedTime)}`;
+      expect(await snapshotRow(app)).toMatchObject({ status: 'failed' });
+      const reopened = (await tableRows(app.runtime.storage.partsTable)).filter((p) => p.status === 'failed');
+      expect(reopened.map((p) => [p.landingPath, p.lastError])).toEqual([
+        [victim, expect.stringMatching(/its landed blob has MD5 .*, not /)],
+      ]);
+      expect(await app.runtime.landing.getBlobClient(`${folder}/_manifest.json`).exists()).toBe(false);
+
+      stack.simulator.resetRateLimits();
+      await app.runner.tick();
+      await app.runner.drain();
+      expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+      expect(await app.runtime.landing.getBlockBlobClient(victim).downloadToBuffer()).toEqual(original);
+    },
+  );
+  it('a check that finds a blob missing just after another instance completed the snapshot undoes the completion', async () => {
+    const generatedTime = '2026-11-17T07:01:00Z';
+    let other: TestApp | undefined;
+    let check: Promise<boolean> | undefined;
     let victim = '';
-    let original: Buffer | undefined;
+    let completionFlipped: () => void = () => {};
+    const flipped = new Promise<void>((resolve) => {
+      completionFlipped = resolve;
+    });
     const app = await createApp(
       stack,
-      { MDVM_EXPORTS: 'hardware-firmware' },
+      { MDVM_EXPORTS: 'security-baselines' },
       {
         workers: 1,
-        wrapRuntime: atFirstListing(async () => {
-          const [first] = await tableRows(app.runtime.storage.partsTable);
-          victim = String(first?.landingPath);
-          const blob = app.runtime.landing.getBlockBlobClient(victim);
-          original = await blob.downloadToBuffer();
-          await blob.uploadData(Buffer.from(original.map((b) => b ^ 0x01)));
-        }, 'before'),
+        wrapRuntime: (runtime) =>
+          atFirstListing(async () => {
+            // This completion has listed every blob. Now one goes, and another instance's check starts; its writes
+            // wait until this completion has flipped the row to complete.
+            const [first] = await tableRows(runtime.storage.partsTable);
+            victim = String(first?.landingPath);
+            await runtime.landing.getBlobClient(victim).delete();
+            check = other && completeSnapshotIfReady(other.runtime, quiet, 'security-baselines', generatedTime);
+          }, 'after')(
+            replacing('store', (real) => ({
+              updateSnapshot: async (...args) => {
+                await real.updateSnapshot(...args);
+                completionFlipped();
+              },
+            }))(runtime),
+          ),
       },
     );
-    const snap = await stack.simulator.publish('hardware-firmware', {
-      generatedTime: '2026-11-17T05:01:00Z',
-      recordsPerPart: 5,
+    other = await createApp(stack, app.env, {
+      wrapRuntime: replacing('store', (real) => ({
+        mutateSnapshot: async (...args) => {
+          await flipped;
+          return real.mutateSnapshot(...args);
+        },
+        mutatePart: async (...args) => {
+          await flipped;
+          return real.mutatePart(...args);
+        },
+      })),
     });
+    const snap = await stack.simulator.publish('security-baselines', { generatedTime, recordsPerPart: 5 });
     stack.simulator.resetRateLimits();
     await app.runner.tick();
     await app.runner.drain();
-    const folder = 'hardware-firmware/snapshot=2026-11-17T0501Z';
-    expect(await snapshotRow(app)).toMatchObject({ status: 'failed' });
-    const reopened = (await tableRows(app.runtime.storage.partsTable)).filter((p) => p.status === 'failed');
-    expect(reopened.map((p) => [p.landingPath, p.lastError])).toEqual([
-      [victim, expect.stringMatching(/its landed blob has MD5 .*, not /)],
-    ]);
-    expect(await app.runtime.landing.getBlobClient(`${folder}/_manifest.json`).exists()).toBe(false);
+    expect(await check).toBe(false);
 
+    // Not complete over a part that is not there: the row and the part rows agree.
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts.filter((p) => p.status !== 'landed').map((p) => [p.landingPath, p.status])).toEqual([
+      [victim, 'failed'],
+    ]);
+    expect((await snapshotRow(app))?.status).toBe('failed');
+
+    // The next tick copies it again, and the snapshot completes with every blob there.
     stack.simulator.resetRateLimits();
     await app.runner.tick();
     await app.runner.drain();
     expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
-    expect(await app.runtime.landing.getBlockBlobClient(victim).downloadToBuffer()).toEqual(original);
+    expect(await app.runtime.landing.getBlobClient(victim).exists()).toBe(true);
   });
 });
