@@ -182,6 +182,16 @@ async function tick(
       })
     : current;
   if (!snapshot) throw new MdvmError('fatal', `snapshot ${exportId}/${snapshotId} vanished during the tick`);
+  // The snapshot row first: its new ETag stops a completion that read the shorter list from marking the snapshot
+  // complete (ADR 0013), and its part count keeps any later check from completing before the new rows exist.
+  await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
+    status: statusAfterTick(row.status, plan.enqueue.length),
+    partCount: Math.max(row.partCount, plan.offered.length + refused.length),
+    partsRefused: refused.length,
+    lastRequestedAt: now.toISOString(),
+    ...(plan.expired.length > 0 ? { lastError: `${plan.expired.length} part(s): ${DEAD_ON_ARRIVAL_REASON}` } : {}),
+    ...(refusedNote ? { lastError: refusedNote } : {}),
+  }));
   await runtime.store.insertParts(plan.newParts);
   const expiredPaths = new Map(plan.markExpired.map((p) => [p.path, p]));
   const offeredSource = new Map(offered.map((p) => [p.relativePath, p.sourcePath]));
@@ -207,15 +217,6 @@ async function tick(
       reason: DEAD_ON_ARRIVAL_REASON,
     });
   }
-
-  await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
-    status: statusAfterTick(row.status, plan.enqueue.length),
-    partCount: Math.max(row.partCount, plan.offered.length + refused.length),
-    partsRefused: refused.length,
-    lastRequestedAt: now.toISOString(),
-    ...(plan.expired.length > 0 ? { lastError: `${plan.expired.length} part(s): ${DEAD_ON_ARRIVAL_REASON}` } : {}),
-    ...(refusedNote ? { lastError: refusedNote } : {}),
-  }));
 
   // Every row exists before the first message goes out, so no completion check can see a partial list of parts.
   const { sent, stopped } = await sendAndMarkInFlight(

@@ -72,9 +72,14 @@ export function planTick(inputs: TickInputs): TickPlan {
   const landed = inputs.parts.filter((row) => row.status === 'landed');
   const nothing = { newParts: [], requeue: [], markExpired: [], enqueue: [], expired: [] };
   const recorded = new Set(inputs.parts.map((row) => row.path));
-  // A complete snapshot is unchanged only while Defender lists no file it has not recorded; a grown list is copied
-  // (nothing landed is rewritten) and the snapshot completes again with a manifest that lists every part.
-  if (inputs.snapshot?.status === 'complete' && offered.every((p) => recorded.has(p.relativePath))) {
+  // A complete snapshot is unchanged only while Defender lists no file it has not recorded, and every recorded part
+  // is landed; a grown list (or a row a crashed tick left behind) is copied (nothing landed is rewritten) and the
+  // snapshot completes again with a manifest that lists every part.
+  if (
+    inputs.snapshot?.status === 'complete' &&
+    offered.every((p) => recorded.has(p.relativePath)) &&
+    inputs.parts.every((row) => row.status === 'landed')
+  ) {
     return { unchanged: true, supersede, createSnapshot: undefined, ...nothing, offered, landed };
   }
 

@@ -95,6 +95,19 @@ describe('planTick: the timer tick rules', () => {
     expect(p.landed.map((r) => r.path)).toEqual([pathOf('a')]);
   });
 
+  it.each(['queued', 'failed'] as const)(
+    'a complete snapshot with a recorded part that is %s (left by a tick or a check that stopped half-way) sends it again',
+    (status) => {
+      const p = plan({
+        snapshot: snapshotRow(GENERATED, 'complete'),
+        parts: [partRow('a', 'landed'), partRow('b', status)],
+      });
+      expect(p.unchanged).toBe(false);
+      expect(p.newParts).toEqual([]);
+      expect(enqueued(p)).toEqual(['b']);
+    },
+  );
+
   it('a new snapshot gets its row (status requested, one part per distinct file) and every part a message', () => {
     const p = plan({ offered: [offered('a'), offered('b'), offered('a')] });
     expect(p.unchanged).toBe(false);
