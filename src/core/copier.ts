@@ -142,7 +142,10 @@ export class PartCopier {
           if (!isStorageCondition(error, 'already-exists')) throw error;
           const existing = await this.destinationProperties(dest, request.abortSignal);
           if (!existing) {
-            // Only uncommitted blocks of a crashed attempt hold the name: nothing committed to protect.
+            // Nothing committed there: a blob another delivery has just deleted, or only uncommitted blocks of a
+            // crashed attempt (Azurite refuses a create-only write over those). Create-only once more first, so a
+            // copy another delivery commits meanwhile is never overwritten; then write over the blocks.
+            if (attempt === 1) continue;
             await write(false);
             break;
           }

@@ -12,9 +12,9 @@ import { classifyStorageError, isStorageCondition, landingContainerMissing, Mdvm
  */
 
 /**
- * Block ids must all have the same length. The block path stages fixed byte ranges, so a retried or
- * concurrent copy may reuse `mdvm-block-<index>` safely (same id, same bytes). The stream path cuts blocks
- * where network chunks happen to end, so each attempt gets its own prefix: two attempts can never mix blocks.
+ * Block ids must all have the same length: every attempt's prefix has ten characters, like the default. Each copy
+ * attempt (block path and stream path alike) stages under a prefix of its own, so two attempts of the same part,
+ * concurrent or one after a crash, can never mix blocks, whatever version of the source each read.
  */
 export function blockId(index: number, attempt = 'mdvm-block'): string {
   return Buffer.from(`${attempt}-${String(index).padStart(6, '0')}`).toString('base64');
