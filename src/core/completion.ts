@@ -11,7 +11,7 @@ import {
   type SnapshotRow,
 } from './contracts.js';
 import { classifyStorageError, errorMessage, isStorageCondition, MdvmError } from './errors.js';
-import { ConcurrentUpdateError } from './manifestStore.js';
+import { ConcurrentUpdateError, type Versioned } from './manifestStore.js';
 import { record } from './observability.js';
 import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from './parts.js';
 import type { Runtime } from './runtime.js';
@@ -39,8 +39,11 @@ export async function completeSnapshotIfReady(
   exportId: string,
   generatedTime: string,
 ): Promise<boolean> {
+  // Once an attempt has found a landed blob missing, later attempts check the blobs even of a snapshot another
+  // instance has meanwhile completed: that completion listed the folder before the blob went.
+  const seen = { missingBlobs: false };
   for (let attempt = 1; attempt <= COMPLETION_ATTEMPTS; attempt++) {
-    const outcome = await completeFromOneRead(runtime, telemetry, exportId, generatedTime);
+    const outcome = await completeFromOneRead(runtime, telemetry, exportId, generatedTime, seen);
     if (outcome !== 'changed-meanwhile') return outcome;
   }
   throw new MdvmError(
@@ -56,13 +59,21 @@ async function completeFromOneRead(
   telemetry: Telemetry,
   exportId: string,
   generatedTime: string,
+  seen: { missingBlobs: boolean },
 ): Promise<boolean | 'changed-meanwhile'> {
   const snapshot = await runtime.store.getSnapshot(exportId, generatedTime);
   if (!snapshot) return false;
-  if (snapshot.value.status === 'complete') return true;
   if (snapshot.value.status === 'superseded') return false;
-  const rows = (await runtime.store.listParts(exportId, snapshot.value.snapshotId)).map((r) => r.value);
+  const complete = snapshot.value.status === 'complete';
+  if (complete && !seen.missingBlobs) return true;
+  const versions = await runtime.store.listParts(exportId, snapshot.value.snapshotId);
+  const rows = versions.map((r) => r.value);
   const landed = rows.filter((r) => r.status === 'landed');
+  if (complete) {
+    const missing = await partsNotInLanding(runtime, exportId, snapshot.value.snapshotId, landed);
+    if (missing.length === 0) return true;
+    return reopenMissingParts(runtime, telemetry, snapshot, versions, missing);
+  }
   if (landed.length < snapshot.value.partCount || landed.length < rows.length) {
     await reconcileCounters(runtime, snapshot.value, landed);
     if (landed.length === rows.length && (snapshot.value.partsRefused ?? 0) > 0) {
@@ -77,8 +88,8 @@ async function completeFromOneRead(
   // The rows say every part landed; the manifest may only say so if the blobs agree. One listing of the folder.
   const missing = await partsNotInLanding(runtime, exportId, snapshot.value.snapshotId, landed);
   if (missing.length > 0) {
-    await reopenMissingParts(runtime, telemetry, snapshot.value, missing);
-    return false;
+    seen.missingBlobs = true;
+    return reopenMissingParts(runtime, telemetry, snapshot, versions, missing);
   }
 
   const manifest = checkedManifest(buildManifest(snapshot.value, landed, runtime.now()));
@@ -181,53 +192,61 @@ interface MissingPart {
 
 /**
  * A part the rows call landed but the landing container does not hold (container deleted, blob deleted or
- * overwritten) is copied again: the snapshot becomes `failed`, then the part's row goes back to `failed` with the
- * reason, so the snapshot shows it and the next tick sends it with a fresh URL; other bytes under its name are
- * deleted (that version only), because a copy never deletes a blob that carries its part's metadata.
+ * overwritten) is copied again: the snapshot becomes `failed`, other bytes under the part's name are deleted (that
+ * version only: a copy never deletes a blob that carries its part's metadata), then the part's row goes back to
+ * `failed` with the reason, so the snapshot shows it and the next tick sends it with a fresh URL.
  *
- * The snapshot row is written first, whatever its status but superseded: a completion that listed the folder before
- * the blob went then fails its conditional flip (ADR 0013), and one that already flipped is undone, so the snapshot
- * is never left complete over a part that is not there. A crash after it leaves a failed snapshot whose next check
- * finds the same parts again.
+ * Every write is conditional on what this check read. The snapshot row first, If-Match on the read this attempt
+ * started from (even a complete one, when an earlier attempt saw the blob missing and another instance completed
+ * meanwhile): a completion that listed the folder before the blob went then fails its flip, and a check whose reading
+ * is stale (someone reopened, copied again and completed since) starts again instead of failing a good copy. Then the
+ * blob, then the part row (If-Match on its read). A crash in between leaves a landed row over a missing blob, which
+ * the next check finds again.
  */
 async function reopenMissingParts(
   runtime: Runtime,
   telemetry: Telemetry,
-  snapshot: SnapshotRow,
+  snapshot: Versioned<SnapshotRow>,
+  versions: readonly Versioned<PartRow>[],
   missing: MissingPart[],
-): Promise<void> {
-  await runtime.store.mutateSnapshot(snapshot.exportId, snapshot.generatedTime, (current) =>
-    current.status === 'superseded'
-      ? undefined
-      : {
-          status: 'failed',
-          lastError: `${missing.length} part(s) recorded as landed are not in the landing container; the next tick copies them again`,
-        },
-  );
+): Promise<false | 'changed-meanwhile'> {
+  const { exportId, snapshotId } = snapshot.value;
+  try {
+    await runtime.store.updateSnapshot(snapshot, {
+      status: 'failed',
+      lastError: `${missing.length} part(s) recorded as landed are not in the landing container; the next tick copies them again`,
+    });
+  } catch (error) {
+    if (error instanceof ConcurrentUpdateError) return 'changed-meanwhile';
+    throw error;
+  }
+  const byPath = new Map(versions.map((v) => [v.value.path, v]));
   for (const { row, problem, otherBlobEtag } of missing) {
-    const reason = `found at the completion check: ${problem}; the next tick copies it again`;
-    const reopened = await runtime.store.mutatePart(snapshot.exportId, snapshot.snapshotId, row.path, (current) =>
-      current.status === 'landed' ? { status: 'failed', lastError: reason } : undefined,
-    );
-    if (reopened && otherBlobEtag) {
+    if (otherBlobEtag) {
       try {
         await runtime.landing
           .getBlockBlobClient(row.landingPath)
           .deleteIfExists({ conditions: { ifMatch: otherBlobEtag } });
       } catch (error) {
         // Changed again since the listing: the copy decides what to do with whatever is there now.
-        if (!isStorageCondition(error, 'precondition-failed'))
+        if (!isStorageCondition(error, 'precondition-failed')) {
           throw classifyStorageError(error, 'delete a mismatched blob');
+        }
       }
     }
-    telemetry.track('part', {
-      export: snapshot.exportId,
-      snapshot: snapshot.snapshotId,
-      part: row.path,
-      outcome: 'failed',
-      reason,
-    });
+    const reason = `found at the completion check: ${problem}; the next tick copies it again`;
+    const version = byPath.get(row.path);
+    if (!version) continue;
+    try {
+      await runtime.store.updatePart(version, { status: 'failed', lastError: reason });
+    } catch (error) {
+      // The row moved since this check read it: whoever moved it decides; the next check looks again.
+      if (!(error instanceof ConcurrentUpdateError)) throw error;
+      continue;
+    }
+    telemetry.track('part', { export: exportId, snapshot: snapshotId, part: row.path, outcome: 'failed', reason });
   }
+  return false;
 }
 
 /**

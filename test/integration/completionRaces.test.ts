@@ -298,4 +298,87 @@ describe('completion races', () => {
     expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
     expect(await app.runtime.landing.getBlobClient(victim).exists()).toBe(true);
   });
+  it('a check whose reading went stale (the part was reopened, copied again and completed meanwhile) changes nothing', async () => {
+    const generatedTime = '2026-11-17T08:01:00Z';
+    const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware' });
+    const snap = await stack.simulator.publish('hardware-firmware', { generatedTime, recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    // Every part landed but the snapshot is still copying, as a completion that died before its flip leaves it, and
+    // one landed blob now holds other bytes.
+    const snapshotId = snapshotIdOf(generatedTime);
+    await app.runtime.landing.getBlobClient(`hardware-firmware/snapshot=${snapshotId}/_manifest.json`).delete();
+    await app.runtime.store.mutateSnapshot('hardware-firmware', generatedTime, () => ({ status: 'copying' }));
+    const [first] = await tableRows(app.runtime.storage.partsTable);
+    const victim = app.runtime.landing.getBlockBlobClient(String(first?.landingPath));
+    const original = await victim.downloadToBuffer();
+    await victim.uploadData(Buffer.from(original.map((b) => b ^ 0x01)));
+
+    // A slow check lists the folder (and sees the bytes wrong); before it writes anything, another instance reopens
+    // the part, a tick sends it again, it lands and the snapshot completes.
+    const other = await createApp(stack, app.env);
+    const slow = await createApp(stack, app.env, {
+      wrapRuntime: atFirstListing(async () => {
+        expect(await completeSnapshotIfReady(other.runtime, quiet, 'hardware-firmware', generatedTime)).toBe(false);
+        stack.simulator.resetRateLimits();
+        await other.runner.tick();
+        await other.runner.drain();
+        expect((await snapshotRow(other))?.status).toBe('complete');
+      }, 'after'),
+    });
+    expect(await completeSnapshotIfReady(slow.runtime, quiet, 'hardware-firmware', generatedTime)).toBe(true);
+
+    expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts.every((p) => p.status === 'landed')).toBe(true);
+    expect(await victim.downloadToBuffer()).toEqual(original);
+  });
+  it('a check that dies between deleting a mismatched blob and reopening its part leaves it for the next check', async () => {
+    const generatedTime = '2026-11-17T09:01:00Z';
+    let victim = '';
+    let original: Buffer | undefined;
+    let died = false;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware' },
+      {
+        workers: 1,
+        wrapRuntime: (runtime) =>
+          atFirstListing(async () => {
+            // Other bytes under a landed part's name, with the copier's metadata kept (azcopy, a restored version).
+            const [first] = await tableRows(runtime.storage.partsTable);
+            victim = String(first?.landingPath);
+            const blob = runtime.landing.getBlockBlobClient(victim);
+            original = await blob.downloadToBuffer();
+            const { metadata } = await blob.getProperties();
+            await blob.uploadData(Buffer.from(original.map((b) => b ^ 0x01)), { metadata });
+          }, 'before')(
+            replacing('store', (real) => ({
+              updatePart: (...args) => {
+                if (!died && args[1].status === 'failed') {
+                  died = true;
+                  return Promise.reject(new Error('process died before reopening the part'));
+                }
+                return real.updatePart(...args);
+              },
+            }))(runtime),
+          ),
+      },
+    );
+    const snap = await stack.simulator.publish('hardware-firmware', { generatedTime, recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    expect(died).toBe(true);
+    // The redelivery's check found the blob gone and reopened the part.
+    expect(await app.runtime.landing.getBlobClient(victim).exists()).toBe(false);
+    expect((await tableRows(app.runtime.storage.partsTable)).filter((p) => p.status === 'failed')).toHaveLength(1);
+
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    expect(await app.runtime.landing.getBlockBlobClient(victim).downloadToBuffer()).toEqual(original);
+  });
 });
