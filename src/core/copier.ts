@@ -146,6 +146,15 @@ export class PartCopier {
             // crashed attempt (Azurite refuses a create-only write over those). Create-only once more first, so a
             // copy another delivery commits meanwhile is never overwritten; then write over the blocks.
             if (attempt === 1) continue;
+            if (!(await this.holdsUncommittedBlocks(dest, request.abortSignal))) {
+              throw new MdvmError(
+                'transient',
+                `${request.landingPath} keeps changing under this copy; the retry looks again`,
+                {
+                  cause: error,
+                },
+              );
+            }
             await write(false);
             break;
           }
@@ -214,6 +223,17 @@ export class PartCopier {
     if (props.contentLength !== size) return false;
     const md5 = md5Of(props);
     return sourceMd5 === undefined || md5 === undefined || md5 === sourceMd5;
+  }
+
+  /** Whether only uncommitted blocks (a crashed attempt's) hold the name: then nothing committed can be overwritten. */
+  private async holdsUncommittedBlocks(dest: BlockBlobClient, abortSignal?: AbortSignal): Promise<boolean> {
+    try {
+      const list = await dest.getBlockList('uncommitted', { abortSignal });
+      return (list.uncommittedBlocks?.length ?? 0) > 0;
+    } catch (error) {
+      if (isStorageCondition(error, 'not-found')) return false;
+      throw classifyStorageError(error, 'list uncommitted blocks');
+    }
   }
 
   /** Deletes the blob only if it is still the version we looked at (its ETag): never one written since. */

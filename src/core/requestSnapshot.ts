@@ -185,7 +185,6 @@ async function tick(
   // The snapshot row first: its new ETag stops a completion that read the shorter list from marking the snapshot
   // complete (ADR 0013), and its part count keeps any later check from completing before the new rows exist.
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
-    status: statusAfterTick(row.status, plan.enqueue.length),
     partCount: Math.max(row.partCount, plan.offered.length + refused.length),
     partsRefused: refused.length,
     lastRequestedAt: now.toISOString(),
@@ -217,6 +216,13 @@ async function tick(
       reason: DEAD_ON_ARRIVAL_REASON,
     });
   }
+
+  // Copying again only once the failed parts are queued again: a check that found them failed and nothing queued
+  // before that would mark the snapshot failed once more, under parts that are about to be copied.
+  await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => {
+    const status = statusAfterTick(row.status, plan.enqueue.length);
+    return status === row.status ? undefined : { status };
+  });
 
   // Every row exists before the first message goes out, so no completion check can see a partial list of parts.
   const { sent, stopped } = await sendAndMarkInFlight(

@@ -1081,4 +1081,23 @@ describe('bad input and failures', () => {
     );
     expect((await blob.downloadToBuffer()).toString()).toBe('not this part');
   });
+  it('Copy Blob From URL lands over blocks a crashed block-path attempt left uncommitted under the name', async () => {
+    const { app, genuine, target } = await tickAndTakeOneMessage('2026-11-19T06:01:00Z');
+    const row = await app.runtime.store.getPart('information-gathering', genuine.snapshot, genuine.part);
+    if (!row) throw new Error('no row');
+    const dest = app.runtime.landing.getBlockBlobClient(row.value.landingPath);
+    await dest.stageBlock(Buffer.from('0123456789-000000').toString('base64'), Buffer.from('left over'), 9);
+    // Azurite refuses a create-only write over uncommitted blocks (409) although nothing is committed there.
+    await expect(dest.getProperties()).rejects.toMatchObject({ statusCode: 404 });
+
+    await app.runtime.queue.sendMessage(encodeMessage(genuine));
+    await app.runner.drain();
+    expect(
+      (await app.runtime.store.getPart('information-gathering', genuine.snapshot, genuine.part))?.value,
+    ).toMatchObject({
+      status: 'landed',
+      copyMethod: 'copy-from-url',
+    });
+    expect(md5(await dest.downloadToBuffer())).toBe(target.md5);
+  });
 });
