@@ -65,7 +65,10 @@ async function completeFromOneRead(
   if (!snapshot) return false;
   if (snapshot.value.status === 'superseded') return false;
   const complete = snapshot.value.status === 'complete';
-  if (complete && !seen.missingBlobs) return true;
+  // Only a snapshot copied part by part can copy a part again; a paged read that completed stays complete, and a
+  // page missing since is for `mdvm-ingest verify` to find.
+  const copiedByParts = (snapshot.value.mode ?? 'files') === 'files';
+  if (complete && !(seen.missingBlobs && copiedByParts)) return true;
   const versions = await runtime.store.listParts(exportId, snapshot.value.snapshotId);
   const rows = versions.map((r) => r.value);
   const landed = rows.filter((r) => r.status === 'landed');
@@ -211,10 +214,18 @@ async function reopenMissingParts(
   missing: MissingPart[],
 ): Promise<false | 'changed-meanwhile'> {
   const { exportId, snapshotId } = snapshot.value;
+  const mode = snapshot.value.mode ?? 'files';
+  // What happens next: a part is copied again; a paged read's page is not, its export's next tick reads anew.
+  const next =
+    mode === 'files'
+      ? 'the next tick copies it again'
+      : mode === 'json'
+        ? 'a paged read cannot copy a page again: the next tick starts a new read'
+        : 'a paged read cannot copy a page again: the next window reads the range again';
   try {
     await runtime.store.updateSnapshot(snapshot, {
       status: 'failed',
-      lastError: `${missing.length} part(s) recorded as landed are not in the landing container; the next tick copies them again`,
+      lastError: `${missing.length} part(s) recorded as landed are not in the landing container; ${next}`,
     });
   } catch (error) {
     if (error instanceof ConcurrentUpdateError) return 'changed-meanwhile';
@@ -222,7 +233,8 @@ async function reopenMissingParts(
   }
   const byPath = new Map(versions.map((v) => [v.value.path, v]));
   for (const { row, problem, otherBlobEtag } of missing) {
-    if (otherBlobEtag) {
+    // Only for a copy part by part, whose copier keeps a blob that carries its part's metadata.
+    if (otherBlobEtag && mode === 'files') {
       try {
         await runtime.landing
           .getBlockBlobClient(row.landingPath)
@@ -234,7 +246,7 @@ async function reopenMissingParts(
         }
       }
     }
-    const reason = `found at the completion check: ${problem}; the next tick copies it again`;
+    const reason = `found at the completion check: ${problem}; ${next}`;
     const version = byPath.get(row.path);
     if (!version) continue;
     try {

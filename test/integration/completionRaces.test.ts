@@ -381,4 +381,38 @@ describe('completion races', () => {
     expect(await snapshotRow(app)).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
     expect(await app.runtime.landing.getBlockBlobClient(victim).downloadToBuffer()).toEqual(original);
   });
+  it('a JSON-mode page missing at the completion: the read fails saying a page is not copied again, the next tick reads anew', async () => {
+    await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-17T10:01:00Z',
+      recordsPerPart: 10,
+    });
+    let victim = '';
+    const app = await createApp(
+      stack,
+      {
+        MDVM_EXPORTS: 'software-inventory-noncpe',
+        MDVM_JSON_EXPORTS: 'software-inventory-noncpe',
+        MDVM_JSON_PAGE_SIZE: '40',
+      },
+      {
+        wrapRuntime: (runtime) =>
+          atFirstListing(async () => {
+            const [first] = await tableRows(runtime.storage.partsTable);
+            victim = String(first?.landingPath);
+            await runtime.landing.getBlobClient(victim).delete();
+          }, 'before')(runtime),
+      },
+    );
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    const [failed] = (await app.runtime.store.listSnapshots('software-inventory-noncpe')).map((r) => r.value);
+    expect(failed).toMatchObject({ status: 'failed', mode: 'json' });
+    expect(failed?.lastError).toMatch(/cannot copy a page again: the next tick starts a new read/);
+    expect(victim).toMatch(/json\/page-/);
+
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    const rows = (await app.runtime.store.listSnapshots('software-inventory-noncpe')).map((r) => r.value.status);
+    expect(rows).toEqual(['failed', 'complete']);
+  });
 });
