@@ -55,6 +55,23 @@ function firstAnswerWithoutTheLastFile(exportId: Parameters<Stack['simulator']['
   stack.simulator.resetRateLimits();
 }
 
+/**
+ * Other bytes of the same length under the first part row's landing name, with the copier's metadata kept or not:
+ * the name and the bytes that were there.
+ */
+async function overwriteFirstPart(
+  runtime: Runtime,
+  options: { keepMetadata: boolean },
+): Promise<{ name: string; original: Buffer }> {
+  const [first] = await tableRows(runtime.storage.partsTable);
+  const name = String(first?.landingPath);
+  const blob = runtime.landing.getBlockBlobClient(name);
+  const original = await blob.downloadToBuffer();
+  const { metadata } = await blob.getProperties();
+  await blob.uploadData(Buffer.from(original.map((b) => b ^ 0x01)), options.keepMetadata ? { metadata } : {});
+  return { name, original };
+}
+
 async function manifestOf(app: TestApp, folder: string): Promise<SnapshotManifest> {
   const blob = app.runtime.landing.getBlockBlobClient(`${folder}/_manifest.json`);
   return JSON.parse((await blob.downloadToBuffer()).toString()) as SnapshotManifest;
@@ -206,12 +223,7 @@ describe('completion races', () => {
         {
           workers: 1,
           wrapRuntime: atFirstListing(async () => {
-            const [first] = await tableRows(app.runtime.storage.partsTable);
-            victim = String(first?.landingPath);
-            const blob = app.runtime.landing.getBlockBlobClient(victim);
-            original = await blob.downloadToBuffer();
-            const { metadata } = await blob.getProperties();
-            await blob.uploadData(Buffer.from(original.map((b) => b ^ 0x01)), keepMetadata ? { metadata } : {});
+            ({ name: victim, original } = await overwriteFirstPart(app.runtime, { keepMetadata }));
           }, 'before'),
         },
       );
@@ -310,10 +322,8 @@ describe('completion races', () => {
     const snapshotId = snapshotIdOf(generatedTime);
     await app.runtime.landing.getBlobClient(`hardware-firmware/snapshot=${snapshotId}/_manifest.json`).delete();
     await app.runtime.store.mutateSnapshot('hardware-firmware', generatedTime, () => ({ status: 'copying' }));
-    const [first] = await tableRows(app.runtime.storage.partsTable);
-    const victim = app.runtime.landing.getBlockBlobClient(String(first?.landingPath));
-    const original = await victim.downloadToBuffer();
-    await victim.uploadData(Buffer.from(original.map((b) => b ^ 0x01)));
+    const { name, original } = await overwriteFirstPart(app.runtime, { keepMetadata: false });
+    const victim = app.runtime.landing.getBlockBlobClient(name);
 
     // A slow check lists the folder (and sees the bytes wrong); before it writes anything, another instance reopens
     // the part, a tick sends it again, it lands and the snapshot completes.
@@ -347,12 +357,7 @@ describe('completion races', () => {
         wrapRuntime: (runtime) =>
           atFirstListing(async () => {
             // Other bytes under a landed part's name, with the copier's metadata kept (azcopy, a restored version).
-            const [first] = await tableRows(runtime.storage.partsTable);
-            victim = String(first?.landingPath);
-            const blob = runtime.landing.getBlockBlobClient(victim);
-            original = await blob.downloadToBuffer();
-            const { metadata } = await blob.getProperties();
-            await blob.uploadData(Buffer.from(original.map((b) => b ^ 0x01)), { metadata });
+            ({ name: victim, original } = await overwriteFirstPart(runtime, { keepMetadata: true }));
           }, 'before')(
             replacing('store', (real) => ({
               updatePart: (...args) => {
