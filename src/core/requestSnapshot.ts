@@ -281,8 +281,9 @@ async function tick(
  * lands, a sent part counts as needing a message: a tick that dies in between makes the next tick send it again, and
  * the copy of a part that already landed is a duplicate that copies nothing. Stops taking parts when `abortSignal`
  * fires or a mark fails. Whatever was sent is marked before it returns or throws, except after a failed mark: that
- * batch and what was sent after it stay unmarked, for the next tick (after a failed send too, and then the error names both). A URL without an expiry is never marked (such a
- * part gets a message every tick, docs/contracts.md). `stopped`: not every part was sent.
+ * batch and what was sent after it stay unmarked, for the next tick (after a failed send too, and then the error
+ * names both). A URL without an expiry is never marked (such a part gets a message every tick, docs/contracts.md).
+ * `stopped`: not every part was sent.
  */
 async function sendAndMarkInFlight(
   runtime: Runtime,
