@@ -1,5 +1,9 @@
+import { TableClient } from '@azure/data-tables';
+import { BlobServiceClient } from '@azure/storage-blob';
+import { QueueServiceClient } from '@azure/storage-queue';
 import { z } from 'zod';
 import { EXPORT_IDS, type ExportId, isExportId, JSON_EXPORT_IDS, MAX_PAGE_SIZE } from './catalog.js';
+import { redact } from './redact.js';
 
 /**
  * Every setting the app reads, parsed once. The names are app-setting names (what you put in
@@ -251,6 +255,15 @@ export const settingsSchema = z
     if (s.MDVM_DERIVE_QUEUE === s.MDVM_PARTS_QUEUE) {
       ctx.addIssue({ code: 'custom', path: ['MDVM_DERIVE_QUEUE'], message: 'must differ from MDVM_PARTS_QUEUE' });
     }
+    // Each queue's dead letters go to <name>-poison: one function must never consume the other's dead letters.
+    for (const [setting, other] of [
+      ['MDVM_DERIVE_QUEUE', 'MDVM_PARTS_QUEUE'],
+      ['MDVM_PARTS_QUEUE', 'MDVM_DERIVE_QUEUE'],
+    ] as const) {
+      if (s[setting] === `${s[other]}-poison`) {
+        ctx.addIssue({ code: 'custom', path: [setting], message: `must not be ${other}'s poison queue` });
+      }
+    }
     const notRun = s.MDVM_JSON_EXPORTS.filter((id) => !s.MDVM_EXPORTS.includes(id));
     if (notRun.length > 0) {
       ctx.addIssue({
@@ -301,13 +314,30 @@ export const settingsSchema = z
           message: `must be https (got ${endpoint.protocol.replace(':', '')}; http only for a loopback host with MDVM_ALLOW_LOOPBACK=true)`,
         });
       }
-      if (endpoint && (endpoint.search || endpoint.username || endpoint.password)) {
-        ctx.addIssue({ code: 'custom', path: [key], message: 'must carry no query string or credentials' });
+      if (endpoint && (endpoint.search || endpoint.hash || endpoint.username || endpoint.password)) {
+        ctx.addIssue({ code: 'custom', path: [key], message: 'must carry no query string, fragment or credentials' });
+      }
+      // The service URL, not a container's: a path would put every blob under an extra prefix, off the documented
+      // layout. Only the emulator (a loopback host) puts the account name in the path.
+      const segments = endpoint?.pathname.split('/').filter(Boolean) ?? [];
+      const emulator = s.MDVM_ALLOW_LOOPBACK && endpoint !== undefined && isLoopbackHost(endpoint.hostname);
+      if (endpoint && segments.length > (emulator ? 1 : 0)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: [key],
+          message: `must be the account's service URL with no path (got path '${endpoint.pathname.slice(0, 60)}'${
+            key === 'MDVM_LANDING_BLOB_ENDPOINT' ? '; the container is MDVM_LANDING_CONTAINER' : ''
+          })`,
+        });
       }
     }
     for (const key of ['AzureWebJobsStorage', 'MDVM_LANDING_CONNECTION_STRING'] as const) {
       const value = s[key];
-      const problem = value === undefined ? undefined : connectionStringProblem(value);
+      const problem =
+        value === undefined
+          ? undefined
+          : (connectionStringProblem(value) ??
+            sdkConnectionStringProblem(value, key === 'AzureWebJobsStorage' ? 'queue-and-table' : 'blob'));
       if (problem) ctx.addIssue({ code: 'custom', path: [key], message: problem });
     }
     const base = safeUrl(s.MDVM_DEFENDER_API_BASE_URL);
@@ -504,7 +534,9 @@ export function loadConfig(env: Record<string, string | undefined> = process.env
  */
 export function looksLikeSecret(value: string): boolean {
   return (
-    /AccountKey=|SharedAccessSignature=|sig=|AccessKey|password=/i.test(value) ||
+    /AccountKey=|SharedAccessSignature=|sig=|sig%3d|AccessKey|password=/i.test(value) ||
+    // user:password@ in a URL
+    /\/\/[^/\s@]*:[^/\s@]*@/.test(value) ||
     /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}/.test(value) ||
     // Random key material mixes character classes; a long plain name (a 60-letter queue name) does not.
     (value.match(/[A-Za-z0-9+/_-]{32,}={0,2}/g) ?? []).some(
@@ -552,6 +584,27 @@ function connectionStringProblem(value: string): string | undefined {
     return 'names no AccountName and no endpoints (expected AccountName=…;AccountKey=… or …Endpoint=…)';
   }
   return undefined;
+}
+
+/**
+ * What the storage SDK says when it cannot build a client from the string (an account key without
+ * DefaultEndpointsProtocol, a SAS string without the service's endpoint), so the setting is named at startup
+ * instead of failing later without a name. Builds clients only; no request is sent.
+ */
+function sdkConnectionStringProblem(value: string, services: 'queue-and-table' | 'blob'): string | undefined {
+  try {
+    if (services === 'blob') {
+      BlobServiceClient.fromConnectionString(value);
+    } else {
+      QueueServiceClient.fromConnectionString(value);
+      TableClient.fromConnectionString(value, 'probe');
+    }
+    return undefined;
+  } catch (error) {
+    const said = redact(String((error as Error)?.message ?? error).split('\n')[0] ?? '');
+    const needs = services === 'blob' ? 'a blob endpoint' : 'queue and table endpoints';
+    return `the storage SDK cannot use it (it needs ${needs}): ${looksLikeSecret(said) ? 'its message withheld' : said.slice(0, 200)}`;
+  }
 }
 
 function safeUrl(text: string): URL | undefined {

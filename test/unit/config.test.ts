@@ -114,6 +114,24 @@ describe('configuration', () => {
     ['MDVM_SNAPSHOTS_TABLE', 'tables', /"tables" is reserved/],
     ['MDVM_PARTS_TABLE', 'Tables', /"tables" is reserved/],
     ['MDVM_DEFENDER_API_BASE_URL', 'https://api.security.microsoft.com/?x=1', /no query string/],
+    [
+      'AzureWebJobsStorage',
+      'AccountName=acct;AccountKey=abc',
+      /the storage SDK cannot use it \(it needs queue and table/,
+    ],
+    [
+      'MDVM_LANDING_CONNECTION_STRING',
+      'QueueEndpoint=https://acct.queue.core.windows.net;SharedAccessSignature=sv=2022&sig=abc',
+      /the storage SDK cannot use it \(it needs a blob endpoint/,
+    ],
+    [
+      'MDVM_LANDING_BLOB_ENDPOINT',
+      'https://acct.blob.core.windows.net/mdvm-landing',
+      /no path \(got path '\/mdvm-landing'; the container is MDVM_LANDING_CONTAINER/,
+    ],
+    ['MDVM_LANDING_BLOB_ENDPOINT', 'https://acct.blob.core.windows.net/#x', /no query string, fragment or credentials/],
+    ['MDVM_DERIVE_QUEUE', 'mdvm-parts-poison', /must not be MDVM_PARTS_QUEUE's poison queue/],
+    ['MDVM_PARTS_QUEUE', 'mdvm-derive-poison', /must not be MDVM_DERIVE_QUEUE's poison queue/],
   ])('refuses at startup what would fail later: %s=%s', (setting, value, problem) => {
     const env: Record<string, string> = { ...base, [setting]: value };
     if (setting === 'AzureWebJobsStorage__queueServiceUri') {
@@ -122,6 +140,38 @@ describe('configuration', () => {
     }
     if (setting === 'MDVM_LANDING_BLOB_ENDPOINT') delete env.MDVM_LANDING_CONNECTION_STRING;
     expect(problemsOf(env)).toEqual(expect.arrayContaining([{ setting, problem: expect.stringMatching(problem) }]));
+  });
+
+  it.each([
+    ['MDVM_LANDING_BLOB_ENDPOINT', 'https://mdvmadmin:Sup3rS3cretPassw0rd@acct.blob.core.windows.net'],
+    ['MDVM_DEFENDER_API_BASE_URL', 'https://mdvmadmin:Sup3rS3cretPassw0rd@api.security.microsoft.com'],
+    [
+      'MDVM_LANDING_CONNECTION_STRING',
+      'AccountName=x;BlobEndpoint=https://u:Sup3rS3cretPassw0rd@x.blob.core.windows.net;Q',
+    ],
+  ])('never echoes a password written into a URL: %s', (setting, value) => {
+    const env: Record<string, string> = { ...base, [setting]: value };
+    if (setting === 'MDVM_LANDING_BLOB_ENDPOINT') delete env.MDVM_LANDING_CONNECTION_STRING;
+    const problems = problemsOf(env);
+    expect(problems.map((p) => p.setting)).toContain(setting);
+    expect(JSON.stringify(problems)).not.toContain('Sup3rS3cretPassw0rd');
+  });
+
+  it('takes the emulator account path and the plain service URL as endpoints', () => {
+    const emulator = 'http://127.0.0.1:10000/devstoreaccount1';
+    const identity = { AzureWebJobsStorage: 'UseDevelopmentStorage=true', MDVM_ALLOW_LOOPBACK: 'true' };
+    expect(loadConfig({ ...identity, MDVM_LANDING_BLOB_ENDPOINT: emulator }).landing.blob).toEqual({
+      kind: 'identity',
+      url: emulator,
+    });
+    expect(
+      loadConfig({ ...identity, MDVM_LANDING_BLOB_ENDPOINT: 'https://acct.blob.core.windows.net/' }).landing.blob,
+    ).toEqual({ kind: 'identity', url: 'https://acct.blob.core.windows.net/' });
+    expect(
+      problemsOf({ AzureWebJobsStorage: 'UseDevelopmentStorage=true', MDVM_LANDING_BLOB_ENDPOINT: emulator }),
+    ).toEqual(
+      expect.arrayContaining([{ setting: 'MDVM_LANDING_BLOB_ENDPOINT', problem: expect.stringMatching(/no path/) }]),
+    );
   });
 
   it('accepts the schedules and names it should', () => {

@@ -20,6 +20,17 @@ describe('redact', () => {
     expect(out).toContain('https://acct.blob.core.windows.net/c/p/part.json.gz?<redacted>');
   });
 
+  it('removes a password written into a URL and a URL-encoded signature', () => {
+    const out = redact(
+      'GET https://mdvmadmin:Sup3rS3cretPassw0rd@acct.blob.core.windows.net/ failed; ' +
+        'next=https%3A%2F%2Fh%2Fp%3Fsv%3D1%26sig%3DAbCdEfEnc0ded%252B%26se%3D2 done',
+    );
+    expect(out).not.toContain('Sup3rS3cretPassw0rd');
+    expect(out).not.toContain('AbCdEfEnc0ded');
+    expect(out).toContain('https://<redacted>@acct.blob.core.windows.net/');
+    expect(out).toContain('%26se%3D2 done');
+  });
+
   it('errors redact their own message', () => {
     expect(new MdvmError('fatal', 'GET https://h/x?sig=SECRET1 failed').message).not.toContain('SECRET1');
   });
