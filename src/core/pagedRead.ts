@@ -5,6 +5,7 @@ import { DELTA_EXPORT, type ExportId, getExportType } from './catalog.js';
 import { completeSnapshotIfReady } from './completion.js';
 import type { PartRow, SnapshotRow } from './contracts.js';
 import { classifyStorageError, errorMessage, isNetworkError, isStorageCondition, MdvmError } from './errors.js';
+import { ConcurrentUpdateError } from './manifestStore.js';
 import { annotate, inSpan, record, SPAN_NAMES } from './observability.js';
 import { ODataRecordsTransform } from './odataRecords.js';
 import { canonicalGeneratedTime, compareGeneratedTime, landingPath, snapshotIdOf } from './parts.js';
@@ -54,6 +55,18 @@ const brokenBodies = new WeakSet<Error>();
 const refusedByDefender = new WeakSet<Error>();
 /** Errors of a reader that lost a race with another reader of the same page. */
 const overlapping = new WeakSet<Error>();
+/** Errors of a page whose JSON ended early although the response itself ended cleanly. */
+const cleanTruncations = new WeakSet<Error>();
+
+/**
+ * A landed page blob is written once and carries what its reader learnt from it, so a reader that finds it (one that
+ * overlapped, or the next tick after a crash between the commit and the row) adopts it instead of writing it again.
+ */
+const PAGE_RECORDS_KEY = 'mdvm_page_records';
+const PAGE_NEXT_LINK_KEY = 'mdvm_next_link';
+const PAGE_NEWEST_EVENT_KEY = 'mdvm_newest_event';
+/** Blob metadata holds 8 KiB in all; a nextLink is kept in it. */
+const MAX_NEXT_LINK_CHARS = 6_000;
 
 function refused(error: MdvmError): MdvmError {
   refusedByDefender.add(error);
@@ -175,11 +188,17 @@ async function deltaStart(runtime: Runtime): Promise<{ since: string; note?: str
     .at(-1);
   const fullUsable = full && Date.parse(full.generatedTime) >= oldestAllowed;
   if (fullUsable && (!watermark || compareGeneratedTime(full.generatedTime, watermark) > 0)) {
+    // A JSON-mode snapshot is named after when its read began, not when Defender generated the data it served,
+    // which may be hours older: changes in between would fall in no window. Start as far back as Defender allows
+    // instead (changes seen twice are duplicates downstream removes).
+    const since =
+      full.mode === 'json' ? canonicalGeneratedTime(new Date(oldestAllowed).toISOString()) : full.generatedTime;
+    const from = `the full snapshot ${full.snapshotId}${full.mode === 'json' ? ` (JSON mode: from ${since}, the oldest change Defender keeps, since the data may be older than the read)` : ''}`;
     return {
-      since: full.generatedTime,
+      since,
       note: watermark
-        ? `the watermark ${watermark} is older than Defender keeps changes (14 days); the delta restarts from the full snapshot ${full.snapshotId}`
-        : `no watermark yet; the delta starts from the full snapshot ${full.snapshotId}`,
+        ? `the watermark ${watermark} is older than Defender keeps changes (14 days); the delta restarts from ${from}`
+        : `no watermark yet; the delta starts from ${from}`,
     };
   }
   return {
@@ -270,6 +289,15 @@ async function landPages(
     let landed: LandedPage;
     let sourcePath = '';
     try {
+      // A nextLink cycle (A → B → A) never ends on its own: the read stops where a via-files listing would be refused.
+      if (page >= runtime.config.maxPartsPerSnapshot) {
+        throw refused(
+          new MdvmError(
+            'invalid-input',
+            `${endpoint.path}: more than ${runtime.config.maxPartsPerSnapshot} pages (MDVM_MAX_PARTS_PER_SNAPSHOT); the next page's links may loop`,
+          ),
+        );
+      }
       const url = pageUrl(row.cursor, endpoint);
       sourcePath = sourcePathOf(url);
       landed = await landPageWithRetries(
@@ -288,14 +316,26 @@ async function landPages(
         },
         options,
       );
-      if (landed.nextLink && carriesCredential(landed.nextLink)) {
-        throw refused(
-          new MdvmError(
-            'invalid-input',
-            `${endpoint.path}: the next page's link carries a credential; it is neither stored nor followed`,
-          ),
-        );
-      }
+      // Checked before the commit as well; again here for a page adopted from the blob another reader wrote.
+      const problem = landed.nextLink ? nextLinkProblem(landed.nextLink, runtime, endpoint, url) : undefined;
+      if (problem) throw refused(new MdvmError('invalid-input', `${endpoint.path}: ${problem}`));
+      await upsertLandedPart(runtime, {
+        exportId,
+        snapshotId,
+        path: relativePath,
+        sourcePath,
+        landingPath: landingPath(exportId, snapshotId, relativePath),
+        status: 'landed',
+        attempts: landed.attempts,
+        bytes: landed.bytes,
+        md5: landed.md5,
+        records: landed.records,
+        durationMs: landed.durationMs,
+        copyMethod: row.mode === 'delta' ? 'delta-page' : 'json-page',
+        verification: 'md5',
+        landedAt: runtime.now().toISOString(),
+        lastError: '',
+      });
     } catch (error) {
       const reason = `page ${page}: ${errorMessage(error)}`;
       // Throttling, a broken connection, an expired token, an overlapping reader: resume at this page on the next
@@ -321,23 +361,6 @@ async function landPages(
       });
       throw error instanceof MdvmError ? error : new MdvmError('fatal', reason, { cause: error });
     }
-    await upsertLandedPart(runtime, {
-      exportId,
-      snapshotId,
-      path: relativePath,
-      sourcePath,
-      landingPath: landingPath(exportId, snapshotId, relativePath),
-      status: 'landed',
-      attempts: landed.attempts,
-      bytes: landed.bytes,
-      md5: landed.md5,
-      records: landed.records,
-      durationMs: landed.durationMs,
-      copyMethod: row.mode === 'delta' ? 'delta-page' : 'json-page',
-      verification: 'md5',
-      landedAt: runtime.now().toISOString(),
-      lastError: '',
-    });
     const next = landed.nextLink;
     // Only the reader that lands the page the row expects moves it; another one that overlapped stops here.
     let moved = false;
@@ -352,8 +375,15 @@ async function landPages(
         recordsLanded: (current.recordsLanded ?? 0) + landed.records,
         lastRequestedAt: runtime.now().toISOString(),
         lastError: '',
+        // An event stamped after the window's end (a wrong clock upstream, or a forged page) must not move the
+        // watermark past it: every later window would start in the future and ask Defender nothing.
         ...(current.mode === 'delta' && landed.newestEvent
-          ? { nextSince: laterOf(current.nextSince ?? current.since ?? '', sliceStartOf(landed.newestEvent)) }
+          ? {
+              nextSince: laterOf(
+                current.nextSince ?? current.since ?? '',
+                sliceStartOf(earlierOf(landed.newestEvent, current.generatedTime)),
+              ),
+            }
           : {}),
       };
     });
@@ -413,6 +443,16 @@ async function landPageWithRetries(
       return { ...(await landPage(runtime, endpoint, url, target, options)), attempts: attempt };
     } catch (error) {
       // Only a body that broke off is asked for again here: the client has already retried the request itself.
+      if (cleanTruncations.has(error as Error) && attempt >= PAGE_ATTEMPTS) {
+        // The same page cut short with a clean end of the response every time: a malformed page, not a dropped
+        // connection. Resuming at it would ask for it on every tick, for good.
+        throw refused(
+          new MdvmError(
+            'invalid-input',
+            `${endpoint.path}: the page's JSON ended early ${PAGE_ATTEMPTS} times although the response ended cleanly: a malformed page (${errorMessage(error)})`,
+          ),
+        );
+      }
       if (!brokenBodies.has(error as Error) || attempt >= PAGE_ATTEMPTS || options.abortSignal?.aborted) {
         throw error instanceof MdvmError
           ? error
@@ -423,8 +463,9 @@ async function landPageWithRetries(
 }
 
 /**
- * One page: GET (with the client's budget and retries) → records as JSON Lines → gzip → staged blocks → commit
- * with its MD5 → read back: the blob must have the length and MD5 that went in.
+ * One page: a page blob this read already wrote is adopted as it is; otherwise GET (with the client's budget and
+ * retries) → records as JSON Lines → gzip → staged blocks → commit, create-only, with its MD5 and what the page said
+ * (records, nextLink, newest event) → read back: the blob must have the length and MD5 that went in.
  */
 async function landPage(
   runtime: Runtime,
@@ -435,6 +476,27 @@ async function landPage(
 ): Promise<Omit<LandedPage, 'attempts'>> {
   const { blobName } = target;
   const started = Date.now();
+  const blob = runtime.landing.getBlockBlobClient(blobName);
+  const readPage = () =>
+    blob.getProperties({ abortSignal: options.abortSignal }).then(
+      (props) => props,
+      (error: unknown) => {
+        if (isStorageCondition(error, 'not-found')) return undefined;
+        throw classifyStorageError(error, 'read a page blob');
+      },
+    );
+  // A page is written once. One that is there already (another reader's, or this read's before a crash) is the page:
+  // a reader that overlapped must never replace it with bytes read later, which may differ and link elsewhere.
+  const before = await readPage();
+  if (before) {
+    const adopted = adoptedPage(before, target.metadata, started);
+    if (adopted) return adopted;
+    // Not a page of this read (left by a version without page metadata, or foreign): replace exactly that version.
+    await blob.delete({ conditions: { ifMatch: before.etag }, abortSignal: options.abortSignal }).catch((error) => {
+      if (isStorageCondition(error, 'not-found', 'precondition-failed')) throw lostTo(blobName, error);
+      throw classifyStorageError(error, 'replace a foreign page blob');
+    });
+  }
   const body = await runtime.defender.openPage(url, endpoint, options).catch((error: unknown) => {
     if (error instanceof MdvmError && (error.statusCode === 400 || error.kind === 'invalid-input')) {
       refusedByDefender.add(error);
@@ -453,16 +515,6 @@ async function landPage(
         }
       : {}),
   });
-  const blob = runtime.landing.getBlockBlobClient(blobName);
-  // The blob as it is before this attempt (absent, or left by a crashed one): the commit replaces exactly that, so a
-  // reader that overlapped and committed first makes this commit fail instead of overwriting a landed page.
-  const before = await blob.getProperties({ abortSignal: options.abortSignal }).then(
-    (props) => props.etag,
-    (error: unknown) => {
-      if (isStorageCondition(error, 'not-found')) return undefined;
-      throw classifyStorageError(error, 'read a page blob before landing it');
-    },
-  );
   const sink = new BlockUploadSink(blob, {
     blockBytes: runtime.config.copy.streamBufferBytes,
     blocks: runtime.config.copy.streamBuffers,
@@ -472,31 +524,42 @@ async function landPage(
     await pipeline(body, records, createGzip(), sink);
   } catch (error) {
     body.destroy();
+    const network = isNetworkError(error) || /terminated|aborted|closed|socket/i.test(errorMessage(error));
     const truncated = error instanceof MdvmError && /truncated/.test(error.message);
-    if (truncated || isNetworkError(error) || /terminated|aborted|closed|socket/i.test(errorMessage(error))) {
+    if (truncated || network) {
       const broken = new MdvmError('transient', `${endpoint.path}: the page broke off: ${errorMessage(error)}`, {
         cause: error,
       });
       brokenBodies.add(broken);
+      if (truncated && !network) cleanTruncations.add(broken);
       throw broken;
     }
     if (error instanceof MdvmError) throw error;
     throw classifyStorageError(error, 'land a page');
   }
+  const nextLink = records.nextLink;
+  const problem = nextLink ? nextLinkProblem(nextLink, runtime, endpoint, url) : undefined;
+  // Refused before the commit: a link that carries a credential or leads off the endpoint is never stored.
+  if (problem) throw refused(new MdvmError('invalid-input', `${endpoint.path}: ${problem}`));
   let committed: { md5: string; bytes: number };
   try {
     committed = await sink.commit({
       contentType: 'application/gzip',
-      metadata: target.metadata,
-      conditions: before ? { ifMatch: before } : { ifNoneMatch: '*' },
+      metadata: {
+        ...target.metadata,
+        [PAGE_RECORDS_KEY]: String(records.records),
+        ...(nextLink ? { [PAGE_NEXT_LINK_KEY]: nextLink } : {}),
+        ...(newestEvent ? { [PAGE_NEWEST_EVENT_KEY]: newestEvent } : {}),
+      },
+      conditions: { ifNoneMatch: '*' },
     });
   } catch (error) {
     if (!isStorageCondition(error, 'precondition-failed', 'already-exists', 'conflict')) throw error;
-    const lost = new MdvmError('transient', `${blobName}: another reader landed this page first; this one stops`, {
-      cause: error,
-    });
-    overlapping.add(lost);
-    throw lost;
+    // Another reader committed this page meanwhile: its page is the page.
+    const theirs = await readPage();
+    const adopted = theirs ? adoptedPage(theirs, target.metadata, started) : undefined;
+    if (adopted) return adopted;
+    throw lostTo(blobName, error);
   }
   const { md5, bytes } = committed;
   const props = await blob.getProperties({ abortSignal: options.abortSignal }).catch((error: unknown) => {
@@ -513,16 +576,79 @@ async function landPage(
     bytes,
     md5,
     records: records.records,
-    nextLink: records.nextLink,
+    nextLink,
     newestEvent,
     durationMs: Date.now() - started,
   };
 }
 
+function lostTo(blobName: string, cause: unknown): MdvmError {
+  const lost = new MdvmError('transient', `${blobName}: another reader is landing this page; this one stops`, {
+    cause,
+  });
+  overlapping.add(lost);
+  return lost;
+}
+
+/** The landed page a blob holds, when it is a page of this read (its metadata names the same source page). */
+function adoptedPage(
+  props: { contentLength?: number; contentMD5?: Uint8Array; metadata?: Record<string, string> },
+  expected: Record<string, string>,
+  started: number,
+): Omit<LandedPage, 'attempts'> | undefined {
+  const metadata = props.metadata ?? {};
+  const records = metadata[PAGE_RECORDS_KEY];
+  if (records === undefined || !/^\d{1,12}$/.test(records)) return undefined;
+  const sameSource = ['mdvm_export', 'mdvm_generated_time', 'mdvm_source_path'].every(
+    (key) => metadata[key] === expected[key],
+  );
+  if (!sameSource || props.contentLength === undefined || !props.contentMD5) return undefined;
+  return {
+    bytes: props.contentLength,
+    md5: Buffer.from(props.contentMD5).toString('base64'),
+    records: Number(records),
+    nextLink: metadata[PAGE_NEXT_LINK_KEY] || undefined,
+    newestEvent: metadata[PAGE_NEWEST_EVENT_KEY] || undefined,
+    durationMs: Date.now() - started,
+  };
+}
+
+/**
+ * Why a page's nextLink must not be followed, or undefined. It must stay on the endpoint being read (another
+ * endpoint on the same host would put another export's records in this manifest), carry no credential, fit the
+ * blob's metadata and not point at the page it came from.
+ */
+function nextLinkProblem(next: string, runtime: Runtime, endpoint: Endpoint, current: URL): string | undefined {
+  if (carriesCredential(next)) return "the next page's link carries a credential; it is neither stored nor followed";
+  if (next.length > MAX_NEXT_LINK_CHARS || /[^\x21-\x7e]/.test(next)) {
+    return `the next page's link is not a plain URL of at most ${MAX_NEXT_LINK_CHARS} characters`;
+  }
+  let url: URL;
+  try {
+    url = new URL(next);
+  } catch {
+    return "the next page's link is not an absolute URL";
+  }
+  const expectedPath = new URL(`${runtime.config.defender.baseUrl}${endpoint.path}`).pathname;
+  if (url.pathname.toLowerCase() !== expectedPath.toLowerCase()) {
+    return `the next page's link leaves ${endpoint.path} (it points at ${url.pathname.slice(0, 200)})`;
+  }
+  if (url.href === current.href) return "the next page's link is this page's own link (a loop)";
+  return undefined;
+}
+
+/** Two readers that adopt the same page write the same row; the one that loses the race stops. */
 async function upsertLandedPart(runtime: Runtime, row: PartRow): Promise<void> {
-  const existing = await runtime.store.getPart(row.exportId, row.snapshotId, row.path);
-  if (existing) await runtime.store.updatePart(existing, row);
-  else await runtime.store.insertParts([row]);
+  try {
+    const existing = await runtime.store.getPart(row.exportId, row.snapshotId, row.path);
+    if (existing) await runtime.store.updatePart(existing, row);
+    else await runtime.store.insertParts([row]);
+  } catch (error) {
+    if (!(error instanceof ConcurrentUpdateError) && !isStorageCondition(error, 'already-exists', 'conflict')) {
+      throw error;
+    }
+    throw lostTo(row.landingPath, error);
+  }
 }
 
 /** The page's URL as recorded: path and query (no secret in either), redacted all the same. */
@@ -539,7 +665,9 @@ function eventTimestampOf(record: Buffer): string | undefined {
     const start = at + key.length;
     const end = record.indexOf(0x22, start);
     const text = record.toString('utf8', start, end);
-    return Number.isNaN(Date.parse(text)) ? undefined : new Date(text).toISOString();
+    // Defender's times are UTC; one without a zone read as local time would move the watermark by the zone offset.
+    const utc = /(Z|[+-]\d\d:?\d\d)$/i.test(text) ? text : `${text}Z`;
+    return Number.isNaN(Date.parse(utc)) ? undefined : new Date(utc).toISOString();
   }
   return undefined;
 }
@@ -552,6 +680,10 @@ function eventTimestampOf(record: Buffer): string | undefined {
 function sliceStartOf(time: string): string {
   const slice = DELTA_EXPORT.sliceInMs;
   return new Date(Math.floor(Date.parse(time) / slice) * slice).toISOString();
+}
+
+function earlierOf(a: string, b: string): string {
+  return compareGeneratedTime(a, b) <= 0 ? a : b;
 }
 
 function laterOf(a: string, b: string): string {

@@ -3,7 +3,8 @@
  * (logs, errors, table rows, telemetry, dead letters) goes through `redact`.
  */
 const URL_QUERY = /(\bhttps?:\/\/[^\s"'<>?]+)\?[^\s"'<>]*/gi;
-const SIG_PARAM = /([?&;\s"']|^)(sig|signature|se?ssion_?token|code)=([^&\s"']+)/gi;
+const SIG_PARAM =
+  /([?&;\s"']|^)(sig|signature|se?ssion_?token|code|access_token|id_token|refresh_token|client_secret|api[-_]?key|token)=([^&\s"']+)/gi;
 const BEARER = /\b(Bearer)\s+[A-Za-z0-9._~+/=-]+/gi;
 const ACCOUNT_KEY = /\b(AccountKey|SharedAccessSignature)=([^;\s"']+)/gi;
 const ACCESS_TOKEN_JSON = /("access_token"\s*:\s*")[^"]+(")/gi;

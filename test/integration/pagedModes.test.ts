@@ -1,3 +1,4 @@
+import { Readable } from 'node:stream';
 import { gunzipSync } from 'node:zlib';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { DELTA_EXPORT } from '../../src/core/catalog.js';
@@ -6,7 +7,7 @@ import { verifyLanding } from '../../src/ops/verify.js';
 import type { DeltaSlice } from '../../src/simulator/pagedEndpoints.js';
 import { generateRecords } from '../../src/simulator/records.js';
 import type { SimulatedSnapshot } from '../../src/simulator/simulator.js';
-import { createApp, md5, type Stack, startStack, type TestApp } from '../helpers/stack.js';
+import { createApp, md5, replacing, type Stack, startStack, type TestApp } from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {
@@ -134,7 +135,7 @@ describe('JSON mode: a full snapshot through the paged …ByMachine endpoint', (
     // A reader that loses a race stops (the row moved on, or its blocks went with the other's commit) and leaves the
     // read open; a later tick finishes whatever is left.
     for (const [tick] of ticks)
-      if (tick?.error) expect(tick.error).toMatch(/another reader (moved past page|landed this page)/);
+      if (tick?.error) expect(tick.error).toMatch(/another reader (moved past page|is landing this page)/);
     const [read] = (await app.runtime.store.listSnapshots('secure-configuration')).map((r) => r.value);
     if (read?.status === 'copying') await app.runner.tick();
     const rows = (await app.runtime.store.listSnapshots('secure-configuration')).map((r) => r.value);
@@ -326,5 +327,196 @@ describe('the software-vulnerability delta', () => {
     );
     const window = await latestManifest(app, DELTA_EXPORT.id);
     expect(window.window?.since).toBe(new Date(now - 3_600_000).toISOString().replace(/:\d\d\.\d{3}Z$/, ':00Z'));
+  });
+});
+
+describe('paged reads under overlap and hostile pages', () => {
+  /** A second app on the first one's tables, container and queues (another instance, or the CLI beside the app). */
+  const shared = (app: TestApp) =>
+    Object.fromEntries(
+      [
+        'MDVM_PARTS_QUEUE',
+        'MDVM_DERIVE_QUEUE',
+        'MDVM_SNAPSHOTS_TABLE',
+        'MDVM_PARTS_TABLE',
+        'MDVM_LANDING_CONTAINER',
+      ].map((key) => [key, app.env[key] ?? '']),
+    );
+
+  /** Pages served by the test instead of Defender: `pages(url, call)` gives each body. */
+  const serving = (pages: (url: URL, call: number) => string) => {
+    let call = 0;
+    return replacing('defender', () => ({
+      openPage: async (url: URL) => Readable.from([Buffer.from(pages(url, call++))]),
+    }));
+  };
+
+  it('a reader that overlapped adopts the page another landed and never replaces it with bytes read later', async () => {
+    const snap = await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-21T06:01:00Z',
+      recordsPerPart: 10,
+    });
+    const settings = {
+      MDVM_EXPORTS: 'certificates',
+      MDVM_JSON_EXPORTS: 'certificates',
+      MDVM_JSON_PAGE_SIZE: '10',
+      MDVM_DEFENDER_MAX_RETRIES: '0',
+    };
+    const first = await createApp(stack, settings);
+    stack.simulator.injectPageFault('certificates', { kind: 'status', status: 500 });
+    await first.runner.tick();
+    const [open] = (await first.runtime.store.listSnapshots('certificates')).map((s) => s.value);
+    expect(open).toMatchObject({ status: 'copying', partsLanded: 0 });
+
+    // The second reader reads the row (page 0 next) and then waits on Defender, for minutes in real life.
+    let release: () => void = () => {};
+    let reached: () => void = () => {};
+    const waiting = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    const gate = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let held = false;
+    const second = await createApp(
+      stack,
+      { ...settings, ...shared(first) },
+      {
+        wrapRuntime: replacing('defender', (real) => ({
+          openPage: async (...args: Parameters<typeof real.openPage>) => {
+            if (!held) {
+              held = true;
+              reached();
+              await gate;
+            }
+            return real.openPage(...args);
+          },
+        })),
+      },
+    );
+    const late = second.runner.tick();
+    await waiting;
+    // Meanwhile the first reader lands every page and completes; then Defender serves newer data.
+    const [done] = await first.runner.tick();
+    expect(done?.error).toBeUndefined();
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-22T06:01:00Z', recordsPerPart: 7 });
+    release();
+    const [lateTick] = await late;
+    if (lateTick?.error) expect(lateTick.error).toMatch(/another reader/);
+
+    const manifest = await latestManifest(first, 'certificates');
+    expect(manifest.snapshot).toBe(open?.snapshotId);
+    expect(canonical(await recordsOf(first, manifest))).toEqual(canonical(sourceRecords(snap)));
+    expect(await verifyLanding(first.runtime, { exports: ['certificates'], deep: true })).toMatchObject({
+      ok: true,
+      findings: [],
+    });
+  });
+
+  it.each([
+    [
+      'another endpoint on the same API',
+      (url: URL) => `${url.origin}/api/Machines/BrowserExtensionsInventoryByMachine?pageSize=5`,
+      /the next page's link leaves \/api\/machines\/HardwareFirmwareInventoryByMachine/,
+    ],
+    ['its own link (a loop)', (url: URL) => url.href, /this page's own link \(a loop\)/],
+    [
+      'a link that carries a token',
+      (url: URL) => `${url.origin}${url.pathname}?$skiptoken=x&access_token=SECRETTOKEN`,
+      /carries a credential; it is neither stored nor followed/,
+    ],
+  ])('fails the read on a nextLink to %s, and stores nothing of it', async (_, next, problem) => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware', MDVM_JSON_EXPORTS: 'hardware-firmware' },
+      { wrapRuntime: serving((url) => JSON.stringify({ value: [{ id: 'r1' }], '@odata.nextLink': next(url) })) },
+    );
+    const [tick] = await app.runner.tick();
+    expect(tick?.error).toMatch(problem);
+    const rows = (await app.runtime.store.listSnapshots('hardware-firmware')).map((s) => s.value);
+    expect(rows).toEqual([expect.objectContaining({ status: 'failed', partsLanded: 0 })]);
+    const blobs: string[] = [];
+    for await (const blob of app.runtime.landing.listBlobsFlat()) blobs.push(blob.name);
+    expect(blobs).toEqual([]);
+    expect(JSON.stringify(rows)).not.toContain('SECRETTOKEN');
+  });
+
+  it('stops a read whose links cycle after MDVM_MAX_PARTS_PER_SNAPSHOT pages', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware', MDVM_JSON_EXPORTS: 'hardware-firmware', MDVM_MAX_PARTS_PER_SNAPSHOT: '3' },
+      {
+        wrapRuntime: serving((url) => {
+          const other = url.searchParams.get('$skiptoken') === 'a' ? 'b' : 'a';
+          return JSON.stringify({
+            value: [{ id: url.search }],
+            '@odata.nextLink': `${url.origin}${url.pathname}?$skiptoken=${other}`,
+          });
+        }),
+      },
+    );
+    const [tick] = await app.runner.tick();
+    expect(tick?.error).toMatch(/more than 3 pages \(MDVM_MAX_PARTS_PER_SNAPSHOT\)/);
+    const rows = (await app.runtime.store.listSnapshots('hardware-firmware')).map((s) => s.value);
+    expect(rows).toEqual([expect.objectContaining({ status: 'failed', partsLanded: 3 })]);
+  });
+
+  it('a delta event stamped far in the future never moves the watermark past the window', async () => {
+    const slice = DELTA_EXPORT.sliceInMs;
+    await stack.simulator.publish('software-vulnerabilities', {
+      generatedTime: new Date(Math.floor(Date.now() / slice) * slice - slice + 60_000).toISOString(),
+      recordsPerPart: 3,
+    });
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-vulnerabilities', MDVM_DELTA_SCHEDULE: '0 30 */6 * * *' },
+      {
+        wrapRuntime: serving(() =>
+          JSON.stringify({ value: [{ id: 'x', eventTimestamp: '2099-01-01T00:00:00Z', status: 'New' }] }),
+        ),
+      },
+    );
+    await app.runner.tick(['software-vulnerabilities']);
+    await app.runner.drain();
+    const [tick] = await app.runner.tick([DELTA_EXPORT.id]);
+    expect(tick?.error).toBeUndefined();
+    const [window] = (await app.runtime.store.listSnapshots(DELTA_EXPORT.id)).map((s) => s.value);
+    expect(window?.status).toBe('complete');
+    expect(Date.parse(window?.nextSince ?? '')).toBeLessThanOrEqual(Date.parse(window?.generatedTime ?? ''));
+  });
+
+  it('a delta that continues a JSON-mode snapshot starts as far back as Defender keeps changes', async () => {
+    const app = await createApp(
+      stack,
+      {
+        MDVM_EXPORTS: 'software-vulnerabilities',
+        MDVM_JSON_EXPORTS: 'software-vulnerabilities',
+        MDVM_DELTA_SCHEDULE: '0 30 */6 * * *',
+      },
+      {
+        wrapRuntime: serving(() => JSON.stringify({ value: [{ id: 'r', eventTimestamp: new Date().toISOString() }] })),
+      },
+    );
+    await app.runner.tick(['software-vulnerabilities']);
+    const [full] = (await app.runtime.store.listSnapshots('software-vulnerabilities')).map((s) => s.value);
+    expect(full).toMatchObject({ status: 'complete', mode: 'json' });
+    await app.runner.tick([DELTA_EXPORT.id]);
+    const [window] = (await app.runtime.store.listSnapshots(DELTA_EXPORT.id)).map((s) => s.value);
+    // The JSON snapshot is named after when its read began; Defender's data behind it may be older.
+    const fullAt = Date.parse(full?.generatedTime ?? '');
+    expect(Date.parse(window?.since ?? '')).toBeLessThan(fullAt - 13 * 24 * 3_600_000);
+    expect(Date.parse(window?.since ?? '')).toBeGreaterThan(fullAt - DELTA_EXPORT.maxLookbackInMs);
+  });
+
+  it('fails the read on a page whose JSON ends early every time although the response ends cleanly', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware', MDVM_JSON_EXPORTS: 'hardware-firmware' },
+      { wrapRuntime: serving(() => '{"value":[{"a":1}') },
+    );
+    const [tick] = await app.runner.tick();
+    expect(tick?.error).toMatch(/ended early 3 times although the response ended cleanly/);
+    const rows = (await app.runtime.store.listSnapshots('hardware-firmware')).map((s) => s.value);
+    expect(rows).toEqual([expect.objectContaining({ status: 'failed', partsLanded: 0 })]);
   });
 });
