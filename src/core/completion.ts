@@ -13,7 +13,7 @@ import {
 import { classifyStorageError, errorMessage, isStorageCondition, MdvmError } from './errors.js';
 import { ConcurrentUpdateError, type Versioned } from './manifestStore.js';
 import { record } from './observability.js';
-import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder } from './parts.js';
+import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder, snapshotIdOf } from './parts.js';
 import type { Runtime } from './runtime.js';
 import { streamToString } from './storage.js';
 import type { Telemetry } from './telemetry.js';
@@ -358,6 +358,32 @@ function checkedManifest(manifest: SnapshotManifest): SnapshotManifest {
 const LATEST_ATTEMPTS = 20;
 
 /**
+ * Why a `_latest.json` pointer leads nowhere, if it does: it must name its own export, the manifest path its
+ * generatedTime gives, and that manifest must be there (a completion writes the manifest before the pointer).
+ */
+export async function latestPointerProblem(
+  runtime: Runtime,
+  exportId: string,
+  pointer: LatestPointer,
+): Promise<string | undefined> {
+  const expected = manifestPath(exportId, snapshotIdOf(pointer.generatedTime));
+  if (
+    pointer.export !== exportId ||
+    pointer.manifest !== expected ||
+    pointer.snapshot !== snapshotIdOf(pointer.generatedTime)
+  ) {
+    return `points at ${pointer.manifest} for export '${pointer.export}', not at ${expected}`;
+  }
+  const there = await runtime.landing
+    .getBlockBlobClient(expected)
+    .exists()
+    .catch((error: unknown) => {
+      throw classifyStorageError(error, 'read the manifest _latest.json points at');
+    });
+  return there ? undefined : `points at ${pointer.generatedTime}, whose manifest ${expected} is not there`;
+}
+
+/**
  * `_latest.json` only ever moves to a newer generatedTime, under ETag guard. Throws when it cannot be moved (a lease
  * on it, a pointer that keeps changing): the caller leaves the snapshot incomplete and says why.
  */
@@ -377,7 +403,16 @@ async function advanceLatest(
       const body = response.readableStreamBody ? await streamToString(response.readableStreamBody) : '';
       // A pointer that is not JSON or breaks its contract is replaced (still under its ETag).
       const pointer = latestSchema.safeParse(parseJson(body));
-      if (pointer.success && compareGeneratedTime(pointer.data.generatedTime, snapshot.generatedTime) >= 0) return;
+      // A newer pointer stays only while it leads somewhere: one aimed at a snapshot that never completed (a wrong
+      // clock, a hand edit) would otherwise pin the export for good.
+      if (
+        pointer.success &&
+        compareGeneratedTime(pointer.data.generatedTime, snapshot.generatedTime) >= 0 &&
+        (pointer.data.generatedTime === snapshot.generatedTime ||
+          (await latestPointerProblem(runtime, exportId, pointer.data)) === undefined)
+      ) {
+        return;
+      }
     } catch (error) {
       if (!isStorageCondition(error, 'not-found')) throw classifyStorageError(error, 'read _latest.json');
     }

@@ -199,4 +199,69 @@ describe('file lists the tick must not trust blindly', () => {
     const report = await verifyLanding(app.runtime, { exports: ['secure-configuration'] });
     expect(report.findings.map((f) => f.kind)).toEqual(['latest-behind']);
   });
+
+  it('a _latest.json aimed at a snapshot that never completed is a verify finding, and the next completion replaces it', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-17T07:01:00Z' });
+    await tick(app);
+    const pointer = app.runtime.landing.getBlockBlobClient('certificates/_latest.json');
+    const forged = {
+      v: 1,
+      export: 'certificates',
+      snapshot: '2099-01-01T0000Z',
+      generatedTime: '2099-01-01T00:00:00Z',
+      manifest: 'certificates/snapshot=2099-01-01T0000Z/_manifest.json',
+      updatedAt: '2026-11-17T07:05:00Z',
+    };
+    await pointer.upload(JSON.stringify(forged), JSON.stringify(forged).length);
+    const report = await verifyLanding(app.runtime, { exports: ['certificates'] });
+    expect(report.findings).toEqual([
+      expect.objectContaining({ kind: 'latest-behind', detail: expect.stringMatching(/manifest .* is not there/) }),
+    ]);
+
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-17T08:01:00Z' });
+    await tick(app);
+    expect(JSON.parse((await pointer.downloadToBuffer()).toString())).toMatchObject({
+      generatedTime: '2026-11-17T08:01:00Z',
+      manifest: 'certificates/snapshot=2026-11-17T0801Z/_manifest.json',
+    });
+    expect((await verifyLanding(app.runtime, { exports: ['certificates'] })).ok).toBe(true);
+  });
+
+  it('a landed part rewritten without a Content-MD5 is a verify finding even without --deep', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-17T09:01:00Z' });
+    await tick(app);
+    const manifest = await manifestOf(app, 'certificates/snapshot=2026-11-17T0901Z');
+    const part = manifest.parts[0];
+    if (!part) throw new Error('no part landed');
+    const blob = app.runtime.landing.getBlockBlobClient(part.path);
+    const bytes = await blob.downloadToBuffer();
+    for (let i = 0; i < bytes.length; i++) bytes[i] = (bytes[i] ?? 0) ^ 0xff;
+    // What azcopy or an SDK block upload does: same size, new bytes, no MD5 on the blob.
+    await blob.stageBlock(Buffer.from('b1').toString('base64'), bytes, bytes.length);
+    await blob.commitBlockList([Buffer.from('b1').toString('base64')]);
+    const report = await verifyLanding(app.runtime, { exports: ['certificates'] });
+    expect(report.findings).toEqual([
+      expect.objectContaining({
+        kind: 'md5-mismatch',
+        path: part.path,
+        detail: expect.stringMatching(/no Content-MD5/),
+      }),
+    ]);
+    const deep = await verifyLanding(app.runtime, { exports: ['certificates'], deep: true });
+    expect(deep.findings).toEqual([
+      expect.objectContaining({ kind: 'md5-mismatch', path: part.path, detail: expect.stringMatching(/^landed MD5/) }),
+    ]);
+  });
+
+  it('verify --snapshot with an id no export has is a finding, not "0 snapshots, ok"', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates,secure-configuration' });
+    const report = await verifyLanding(app.runtime, {
+      exports: ['certificates', 'secure-configuration'],
+      snapshot: '2026-11-15T0610Z',
+    });
+    expect(report.ok).toBe(false);
+    expect(report.findings).toEqual([expect.objectContaining({ kind: 'unknown-snapshot' })]);
+  });
 });
