@@ -26,8 +26,15 @@ interface GlobalOptions {
   verbose?: boolean;
 }
 
-const out = (line = '') => process.stdout.write(`${redact(line)}\n`);
-const err = (line: string) => process.stderr.write(`${redact(line)}\n`);
+/** Control characters (ESC sequences, carriage returns) in text from a queue or a table never reach the terminal. */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are what it removes
+const CONTROL = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g;
+const out = (line = '') => process.stdout.write(`${redact(line).replace(CONTROL, '?')}\n`);
+const err = (line: string) => process.stderr.write(`${redact(line).replace(CONTROL, '?')}\n`);
+/** One field of one output line: a forged message must not write lines of its own (a fake summary). */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are what it removes
+const ANY_CONTROL = /[\u0000-\u001f\u007f-\u009f]/g;
+const field = (text: string) => text.replace(ANY_CONTROL, '?').slice(0, 300);
 
 /** The same parser as MDVM_EXPORTS, which also takes the delta's id. */
 function exportList(value: string): LandedExportId[] {
@@ -41,13 +48,22 @@ function exportList(value: string): LandedExportId[] {
 }
 
 function exportId(value: string): LandedExportId {
-  return exportList(value)[0] as LandedExportId;
+  const list = exportList(value);
+  if (list.length !== 1 || value.trim().toLowerCase() === 'all') {
+    throw new InvalidArgumentError(`one export id (got ${list.length}: ${list.join(', ')})`);
+  }
+  return list[0] as LandedExportId;
 }
 
-function positiveInt(name: string) {
+/** Node's timers hold at most 2^31-1 ms; a longer wait would fire at once. */
+const MAX_SECONDS = Math.floor((2 ** 31 - 1) / 1000);
+
+function positiveInt(name: string, max = MAX_SECONDS) {
   return (value: string): number => {
-    const n = Number(value);
-    if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError(`${name} must be a whole number ≥ 1`);
+    const n = /^\d+$/.test(value.trim()) ? Number(value) : Number.NaN;
+    if (!Number.isInteger(n) || n < 1 || n > max) {
+      throw new InvalidArgumentError(`${name} must be a whole number from 1 to ${max}`);
+    }
     return n;
   };
 }
@@ -299,7 +315,9 @@ async function main(argv: string[]): Promise<number> {
       });
       if (options.json) out(JSON.stringify(report, null, 2));
       else {
-        for (const e of report.entries) out(`${e.action.padEnd(10)} ${e.export ?? '-'} ${e.part ?? '-'}  ${e.reason}`);
+        for (const e of report.entries) {
+          out(`${e.action.padEnd(10)} ${field(e.export ?? '-')} ${field(e.part ?? '-')}  ${field(e.reason)}`);
+        }
         out(`${report.dryRun ? 'would move' : 'moved'} ${report.moved}, refused ${report.refused}`);
       }
       code = report.refused > 0 ? 1 : 0;

@@ -6,8 +6,8 @@ export class SettingsFileError extends Error {}
 
 /**
  * The CLI reads the app's own settings, by their app-setting names, from the environment and optionally
- * from a file: a Functions `local.settings.json` (its `Values`) or a `.env` file. The environment wins, so
- * a one-off override needs no file edit.
+ * from a file: a Functions `local.settings.json` (its `Values`) or a `.env` file. The environment wins (when it
+ * has a value), so a one-off override needs no file edit.
  */
 export function settingsFrom(
   file: string | undefined,
@@ -37,5 +37,8 @@ export function settingsFrom(
   } else {
     values = parseEnv(text) as Record<string, string>;
   }
-  return { ...values, ...env };
+  // The environment wins, but only with a value: an empty variable (`MDVM_LANDING_CONTAINER=`) must not put the
+  // file's setting back to its default and quietly point the CLI at other resources.
+  const setInEnvironment = Object.entries(env).filter(([, value]) => value !== undefined && value.trim() !== '');
+  return { ...values, ...Object.fromEntries(setInEnvironment) };
 }

@@ -90,6 +90,9 @@ async function verdict(runtime: Runtime, text: string, options: RequeueOptions):
   } catch {
     return { export: null, part: null, action: 'refused', reason: 'not a base64 JSON message' };
   }
+  if (json === null || typeof json !== 'object' || Array.isArray(json)) {
+    return { export: null, part: null, action: 'refused', reason: 'not a JSON object' };
+  }
   const letter = json as { reason?: unknown; original?: unknown };
   if (typeof letter.reason === 'string' && typeof letter.original === 'string') {
     return {

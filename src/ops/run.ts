@@ -129,6 +129,8 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
 
 function noteFor(s: ExportSummary, tick: string, error: string | undefined, reason: string | undefined): string {
   if (error) return firstLine(error);
+  // A paged read that refused or failed says why (the delta without a full snapshot to start from).
+  if ((tick === 'refused' || tick === 'failed') && reason) return firstLine(reason);
   if (tick === 'unchanged') return 'unchanged — nothing copied';
   if (tick === 'empty') return 'Defender listed no files — nothing recorded, the next run asks again';
   if (tick === 'rate-limited') return `rate limited — ${firstLine(reason ?? 'next run retries')}`;

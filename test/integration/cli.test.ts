@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { EXPORT_IDS } from '../../src/core/catalog.js';
+import { DELTA_EXPORT, EXPORT_IDS } from '../../src/core/catalog.js';
 import type { DeadLetter } from '../../src/core/messages.js';
 import { NODE_ARGUMENTS } from '../../src/deploy/nodeArguments.js';
 import { curatedPartPath as curatedPathOf } from '../../src/derive/contracts.js';
@@ -309,6 +309,38 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'complete' });
   });
 
+  it('requeue judges a poison queue holding null and forged text without crashing or printing lines of its own', async () => {
+    const app = await appFor('certificates');
+    const send = (text: string) => app.runtime.poisonQueue.sendMessage(Buffer.from(text).toString('base64'));
+    await send('null');
+    await send(
+      JSON.stringify({
+        v: 1,
+        reason: 'x\nmoved 3, refused 0\u001b[2J',
+        deadLetteredAt: new Date().toISOString(),
+        original: 'x',
+      }),
+    );
+    const result = await cli(['requeue', '--dry-run'], app.env);
+    expect(result.code).toBe(1);
+    const lines = result.stdout.trim().split('\n');
+    expect(lines).toHaveLength(3);
+    expect(lines[0]).toMatch(/^refused +- - {2}not a JSON object$/);
+    expect(lines[1]).not.toContain('\u001b');
+    expect(lines[2]).toBe('would move 0, refused 2');
+  });
+
+  it('run says why the delta did not start', async () => {
+    const app = await createApp(stack, {
+      MDVM_EXPORTS: 'software-vulnerabilities',
+      MDVM_DELTA_SCHEDULE: '0 30 */6 * * *',
+    });
+    const result = await cli(['run', '--exports', DELTA_EXPORT.id], app.env);
+    expect(result.stdout).toMatch(
+      /no watermark yet: the delta starts from a complete software-vulnerabilities snapshot/,
+    );
+  });
+
   it('bad input: one line naming what is wrong, non-zero exit, no stack trace unless --verbose', async () => {
     const app = await appFor('certificates');
     const unknown = await cli(['run', '--exports', 'everything'], app.env);
@@ -342,6 +374,15 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     const wrongCredential = await cli(['run'], { ...app.env, IDENTITY_HEADER: 'not-the-secret' });
     expect(wrongCredential.code).toBe(1);
     expect(wrongCredential.stdout).toMatch(/certificates .*could not get a token/);
+
+    // One export where one is meant: never the first of a list, silently.
+    const twoExports = await cli(['verify', '--export', 'certificates,secure-configuration'], app.env);
+    expect(twoExports.code).toBe(2);
+    expect(twoExports.stderr).toMatch(/one export id \(got 2/);
+    // Past Node's timer limit the run would give up at once.
+    const hugeTimeout = await cli(['run', '--timeout-s', '3000000'], app.env);
+    expect(hugeTimeout.code).toBe(2);
+    expect(hugeTimeout.stderr).toMatch(/--timeout-s must be a whole number from 1 to 2147483/);
 
     const settingsMissing = await cli(['--settings', '/nonexistent/local.settings.json', 'status'], app.env);
     expect(settingsMissing.code).toBe(2);
@@ -407,6 +448,9 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     writeFileSync(json, JSON.stringify({ IsEncrypted: false, Values: app.env }));
     const overridden = await cli(['--settings', json, 'status', '--json'], { MDVM_EXPORTS: 'hardware-firmware' });
     expect((JSON.parse(overridden.stdout) as StatusReport).exports.map((e) => e.export)).toEqual(['hardware-firmware']);
+    // An empty variable is not a value: the file's setting stands (not the default).
+    const blank = await cli(['--settings', json, 'status', '--json'], { MDVM_EXPORTS: '', MDVM_SNAPSHOTS_TABLE: ' ' });
+    expect((JSON.parse(blank.stdout) as StatusReport).exports.map((e) => e.export)).toEqual(['certificates']);
     rmSync(dir, { recursive: true, force: true });
   });
 
