@@ -378,6 +378,14 @@ async function supersede(
   older: readonly SnapshotRow[],
 ): Promise<string[]> {
   for (const row of older) {
+    // Every part may have landed with only the completion left undone (a derive message that could not be sent,
+    // _latest.json under a lease): that snapshot is complete, not superseded, and its derived outputs still get built.
+    if ((row.mode ?? 'files') === 'files') {
+      const completed = await completeSnapshotIfReady(runtime, telemetry, exportId, row.generatedTime).catch(
+        () => false,
+      );
+      if (completed) continue;
+    }
     await runtime.store.mutateSnapshot(exportId, row.generatedTime, (r) =>
       r.status === 'complete' || r.status === 'superseded'
         ? undefined

@@ -7,6 +7,7 @@ import { ConcurrentUpdateError } from '../../src/core/manifestStore.js';
 import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
 import { encodeMessage } from '../../src/core/messages.js';
 import { Telemetry } from '../../src/core/telemetry.js';
+import { curatedManifestPath } from '../../src/derive/contracts.js';
 import { requeuePoisoned } from '../../src/ops/requeue.js';
 import {
   createApp,
@@ -1099,5 +1100,46 @@ describe('bad input and failures', () => {
       copyMethod: 'copy-from-url',
     });
     expect(md5(await dest.downloadToBuffer())).toBe(target.md5);
+  });
+
+  it('a snapshot whose derive messages could not be sent completes when a newer one supersedes it, and is derived', async () => {
+    let deriveQueueDown = true;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'browser-extensions', MDVM_CURATED_EXPORTS: 'browser-extensions' },
+      {
+        wrapRuntime: (runtime) => {
+          const queue = runtime.storage.deriveQueue;
+          const send = queue.sendMessage.bind(queue);
+          queue.sendMessage = (async (...args: Parameters<typeof send>) => {
+            if (deriveQueueDown) throw Object.assign(new Error('The server is busy.'), { statusCode: 503 });
+            return send(...args);
+          }) as typeof queue.sendMessage;
+          return runtime;
+        },
+      },
+    );
+    await stack.simulator.publish('browser-extensions', { generatedTime: '2026-11-19T01:01:00Z', recordsPerPart: 5 });
+    await app.runner.tick();
+    await app.runner.drain({ only: 'parts' });
+    const first = (await tableRows(app.runtime.storage.snapshotsTable)).find(
+      (r) => r.rowKey === '2026-11-19T01:01:00Z',
+    );
+    expect(first?.status).toBe('copying');
+
+    // The queue is back, but Defender already serves a newer snapshot: the tick must not give the first one up.
+    deriveQueueDown = false;
+    await stack.simulator.publish('browser-extensions', { generatedTime: '2026-11-19T02:01:00Z', recordsPerPart: 5 });
+    await tickCleanlyAndDrain(app);
+    const rows = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(rows.map((r) => [r.rowKey, r.status])).toEqual([
+      ['2026-11-19T01:01:00Z', 'complete'],
+      ['2026-11-19T02:01:00Z', 'complete'],
+    ]);
+    for (const snapshot of ['2026-11-19T0101Z', '2026-11-19T0201Z']) {
+      expect(
+        await app.runtime.landing.getBlobClient(curatedManifestPath('browser-extensions', snapshot)).exists(),
+      ).toBe(true);
+    }
   });
 });
