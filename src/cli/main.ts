@@ -7,7 +7,7 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import ora from 'ora';
 import { DELTA_EXPORT, type ExportId, type LandedExportId, landedExports } from '../core/catalog.js';
-import { ConfigError, loadConfig, parseExportList } from '../core/config.js';
+import { type AppConfig, ConfigError, loadConfig, parseExportList } from '../core/config.js';
 import { errorMessage, isStorageCondition } from '../core/errors.js';
 import { redact } from '../core/redact.js';
 import { createRuntime, type Runtime } from '../core/runtime.js';
@@ -68,12 +68,40 @@ function positiveInt(name: string, max = MAX_SECONDS) {
   };
 }
 
+/** The settings the command runs with, to name the resource a 404 is about. */
+let openedConfig: AppConfig | undefined;
+
 function openRuntime(global: GlobalOptions): Runtime {
   const env = settingsFrom(global.settings);
   // Credentials (managed identity endpoint, tenant, client id) are read from the process environment.
   for (const [key, value] of Object.entries(env))
     if (process.env[key] === undefined && value !== undefined) process.env[key] = value;
-  return createRuntime(loadConfig(env));
+  openedConfig = loadConfig(env);
+  return createRuntime(openedConfig);
+}
+
+/**
+ * A container, table or queue the settings name is not there (deleted, or the settings point at another account):
+ * say which and by which setting, instead of the service's raw 404 body.
+ */
+function missingResource(error: unknown, config: AppConfig | undefined): string | undefined {
+  const e = (error ?? {}) as { statusCode?: number; code?: string; cause?: unknown };
+  const inner = (e.cause ?? {}) as { statusCode?: number; code?: string };
+  const status = e.statusCode ?? inner.statusCode;
+  const code = e.code ?? inner.code ?? '';
+  if (!config || (status !== 404 && !/NotFound$/.test(code)) || code === 'BlobNotFound') return undefined;
+  const container = `the landing container '${config.landing.container}' (MDVM_LANDING_CONTAINER)`;
+  const tables = `the tables '${config.snapshotsTable}' (MDVM_SNAPSHOTS_TABLE) and '${config.partsTable}' (MDVM_PARTS_TABLE)`;
+  const queues = `the queues '${config.queueName}' (MDVM_PARTS_QUEUE), '${config.derive.queueName}' (MDVM_DERIVE_QUEUE) and their -poison queues`;
+  const what =
+    code === 'ContainerNotFound'
+      ? `${container} does not exist`
+      : code === 'TableNotFound'
+        ? `${tables} do not exist`
+        : code === 'QueueNotFound'
+          ? `${queues} do not exist`
+          : `a resource the settings name does not exist (${container}; ${tables}; ${queues})`;
+  return `${what}: check the settings and the account, or create it (azd provision creates them in Azure; \`mdvm-ingest run\` creates them against Azurite)`;
 }
 
 async function createMissing(runtime: Runtime): Promise<void> {
@@ -342,7 +370,7 @@ async function main(argv: string[]): Promise<number> {
       err(`mdvm-ingest: ${error.message}`);
       return 2;
     }
-    err(`mdvm-ingest: ${oneLine(errorMessage(error))}`);
+    err(`mdvm-ingest: ${missingResource(error, openedConfig) ?? oneLine(errorMessage(error))}`);
     if (verbose && error instanceof Error && error.stack) err(redact(error.stack));
     return 1;
   }

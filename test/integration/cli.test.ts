@@ -330,6 +330,28 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     expect(lines[2]).toBe('would move 0, refused 2');
   });
 
+  it('names the container, table or queue that is gone, and its setting, instead of a raw 404', async () => {
+    const app = await appFor('certificates');
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-13T02:01:00Z', recordsPerPart: 3 });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain();
+    await app.runtime.storage.poisonQueue.delete();
+    const requeue = await cli(['requeue'], app.env);
+    expect(requeue.code).toBe(1);
+    expect(requeue.stderr).toMatch(/MDVM_PARTS_QUEUE/);
+    await app.runtime.landing.delete();
+    const verify = await cli(['verify'], app.env);
+    expect(verify.stderr).toMatch(
+      /the landing container 'landing-[0-9a-f]+' \(MDVM_LANDING_CONTAINER\) does not exist/,
+    );
+    await app.runtime.storage.snapshotsTable.deleteTable();
+    const status = await cli(['status'], app.env);
+    expect(status.code).toBe(1);
+    expect(status.stderr).toMatch(/MDVM_SNAPSHOTS_TABLE/);
+    for (const result of [requeue, verify, status]) expect(result.stderr.trim().split('\n')).toHaveLength(1);
+  });
+
   it('run says why the delta did not start', async () => {
     const app = await createApp(stack, {
       MDVM_EXPORTS: 'software-vulnerabilities',
