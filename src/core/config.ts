@@ -34,19 +34,31 @@ const booleanSetting = (defaultValue: boolean) =>
     .default(defaultValue ? 'true' : 'false')
     .transform((v) => v.toLowerCase() === 'true' || v === '1');
 
+/** Plain decimal digits only: `0x10`, `1e4` and `0b11` are numbers to JavaScript but not what anyone meant. */
+const onlyDecimal = (pattern: RegExp) => (value: unknown) =>
+  typeof value === 'string' && !pattern.test(value.trim()) ? Number.NaN : value;
+
 const intSetting = (defaultValue: number, min: number, max: number) =>
-  z.coerce
-    .number({ error: 'expected a whole number' })
-    .int({ error: 'expected a whole number' })
-    .min(min, { error: `must be at least ${min}` })
-    .max(max, { error: `must be at most ${max}` })
+  z
+    .preprocess(
+      onlyDecimal(/^-?\d+$/),
+      z.coerce
+        .number({ error: 'expected a whole number' })
+        .int({ error: 'expected a whole number' })
+        .min(min, { error: `must be at least ${min}` })
+        .max(max, { error: `must be at most ${max}` }),
+    )
     .default(defaultValue);
 
 const numberSetting = (defaultValue: number, min: number, max: number) =>
-  z.coerce
-    .number({ error: 'expected a number' })
-    .min(min, { error: `must be at least ${min}` })
-    .max(max, { error: `must be at most ${max}` })
+  z
+    .preprocess(
+      onlyDecimal(/^-?\d+(\.\d+)?$/),
+      z.coerce
+        .number({ error: 'expected a number' })
+        .min(min, { error: `must be at least ${min}` })
+        .max(max, { error: `must be at most ${max}` }),
+    )
     .default(defaultValue);
 
 const urlSetting = z.url({ error: 'expected an absolute URL' });
@@ -124,6 +136,11 @@ const hostPatterns = z
   .refine((list) => list.length > 0, { error: 'expected at least one host pattern' })
   .refine((list) => list.every((p) => /^(\*\.)?[a-z0-9.-]+$/.test(p)), {
     error: 'each entry must be a host name, optionally starting with "*." (e.g. *.blob.core.windows.net)',
+  })
+  // A wildcard over a wider domain (*.net, *.core.windows.net) would admit any host under it: a source is a storage
+  // account under a blob service domain.
+  .refine((list) => list.every((p) => !p.startsWith('*.') || p.split('.').length >= 5), {
+    error: 'a wildcard entry must name a storage service domain (e.g. *.blob.core.windows.net), not a wider one',
   });
 
 /**
@@ -239,7 +256,12 @@ export const settingsSchema = z
     MDVM_STREAM_BUFFERS: intSetting(4, 1, 32),
     MDVM_COUNT_RECORDS: booleanSetting(false),
     // Identity
-    AZURE_CLIENT_ID: z.string().optional(),
+    AZURE_CLIENT_ID: z
+      .string()
+      .regex(/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i, {
+        error: "expected the managed identity's client id, a GUID",
+      })
+      .optional(),
   })
   .superRefine((s, ctx) => {
     for (const setting of ['MDVM_CURATED_EXPORTS', 'MDVM_CHANGE_SET_EXPORTS'] as const) {
@@ -263,6 +285,14 @@ export const settingsSchema = z
       if (s[setting] === `${s[other]}-poison`) {
         ctx.addIssue({ code: 'custom', path: [setting], message: `must not be ${other}'s poison queue` });
       }
+    }
+    if (s.MDVM_DELTA_SCHEDULE !== undefined && !s.MDVM_EXPORTS.includes('software-vulnerabilities')) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['MDVM_DELTA_SCHEDULE'],
+        message:
+          'the delta starts from a complete software-vulnerabilities snapshot: add software-vulnerabilities to MDVM_EXPORTS',
+      });
     }
     const notRun = s.MDVM_JSON_EXPORTS.filter((id) => !s.MDVM_EXPORTS.includes(id));
     if (notRun.length > 0) {

@@ -130,6 +130,12 @@ describe('configuration', () => {
       /no path \(got path '\/mdvm-landing'; the container is MDVM_LANDING_CONTAINER/,
     ],
     ['MDVM_LANDING_BLOB_ENDPOINT', 'https://acct.blob.core.windows.net/#x', /no query string, fragment or credentials/],
+    ['MDVM_ENQUEUE_CONCURRENCY', '0x4', /expected a whole number/],
+    ['MDVM_ENQUEUE_CONCURRENCY', '1e1', /expected a whole number/],
+    ['MDVM_COPY_BLOCK_SIZE_MIB', '0b11', /expected a number/],
+    ['MDVM_SOURCE_HOST_ALLOWLIST', '*.net', /a wildcard entry must name a storage service domain/],
+    ['MDVM_SOURCE_HOST_ALLOWLIST', '*.core.windows.net', /a wildcard entry must name a storage service domain/],
+    ['AZURE_CLIENT_ID', 'my-identity', /a GUID/],
     ['MDVM_DERIVE_QUEUE', 'mdvm-parts-poison', /must not be MDVM_PARTS_QUEUE's poison queue/],
     ['MDVM_PARTS_QUEUE', 'mdvm-derive-poison', /must not be MDVM_DERIVE_QUEUE's poison queue/],
   ])('refuses at startup what would fail later: %s=%s', (setting, value, problem) => {
@@ -172,6 +178,30 @@ describe('configuration', () => {
     ).toEqual(
       expect.arrayContaining([{ setting: 'MDVM_LANDING_BLOB_ENDPOINT', problem: expect.stringMatching(/no path/) }]),
     );
+  });
+
+  it('refuses a delta schedule without the full export it starts from', () => {
+    expect(problemsOf({ ...base, MDVM_EXPORTS: 'certificates', MDVM_DELTA_SCHEDULE: '0 30 */6 * * *' })).toEqual([
+      {
+        setting: 'MDVM_DELTA_SCHEDULE',
+        problem: expect.stringMatching(/add software-vulnerabilities to MDVM_EXPORTS/),
+      },
+    ]);
+  });
+
+  it('still takes plain decimals, a storage-account wildcard and a GUID client id', () => {
+    const config = loadConfig({
+      ...base,
+      MDVM_ENQUEUE_CONCURRENCY: ' 12 ',
+      MDVM_COPY_BLOCK_SIZE_MIB: '0.5',
+      MDVM_SOURCE_HOST_ALLOWLIST: '*.blob.core.windows.net, *.blob.core.usgovcloudapi.net',
+      AZURE_CLIENT_ID: '0b6f2a5e-3c1d-4e8f-9a7b-1c2d3e4f5a6b',
+    });
+    expect(config).toMatchObject({
+      enqueueConcurrency: 12,
+      copy: expect.objectContaining({ blockSizeBytes: 512 * 1024 }),
+      managedIdentityClientId: '0b6f2a5e-3c1d-4e8f-9a7b-1c2d3e4f5a6b',
+    });
   });
 
   it('accepts the schedules and names it should', () => {
