@@ -181,7 +181,12 @@ async function deriveCommand(
   global: GlobalOptions,
   options: { exports?: ExportId[]; only?: 'curated' | 'changes'; since?: string; workers: number; json?: boolean },
 ): Promise<number> {
-  if (options.since !== undefined && Number.isNaN(Date.parse(options.since))) {
+  // Date.parse reads '1' as the year 2001: only a date (and optional time) in ISO form is taken.
+  if (
+    options.since !== undefined &&
+    (!/^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?$/.test(options.since) ||
+      Number.isNaN(Date.parse(options.since)))
+  ) {
     err(`mdvm-ingest: --since '${options.since}' is not an ISO time (e.g. 2026-11-01T00:00:00Z)`);
     return 2;
   }
@@ -227,7 +232,7 @@ async function deriveCommand(
       },
     });
     spinner?.stop();
-    if (options.json) out(JSON.stringify(report, null, 2));
+    if (options.json) out(JSON.stringify({ v: 1, ...report }, null, 2));
     else {
       out(line(report));
       out(

@@ -529,7 +529,8 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     const first = await cli(['derive', '--exports', 'secure-configuration', '--json'], app.env);
     expect(first.stderr).toBe('');
     expect(first.code).toBe(0);
-    const report = JSON.parse(first.stdout) as BackfillReport;
+    const report = JSON.parse(first.stdout) as BackfillReport & { v: number };
+    expect(report.v).toBe(1);
     expect(report.snapshots).toBe(2);
     expect(report.curatedParts).toMatchObject({ built: report.curatedParts.total, failed: 0, rows: 2 * 9 * 20 });
     expect(report.changeSets).toMatchObject({ total: 2, built: 2, failed: 0 });
@@ -556,6 +557,9 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     const bad = await cli(['derive', '--since', 'last tuesday'], app.env);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/--since 'last tuesday' is not an ISO time/);
+    const bare = await cli(['derive', '--since', '1'], app.env);
+    expect(bare.code).toBe(2);
+    expect(bare.stderr).toMatch(/--since '1' is not an ISO time/);
     // Without --exports it builds what the settings opt in to; with nothing opted in it says so.
     const nothing = await cli(['derive'], app.env);
     expect(nothing.code).toBe(2);
