@@ -409,6 +409,24 @@ async function landPages(
       outcome: 'landed',
     });
   }
+  // A full inventory with no record in it is far likelier an upstream fault than the truth, and a complete snapshot
+  // would tell downstream every device and finding is gone. Via files refuses an empty list the same way.
+  if (row.mode === 'json' && (row.recordsLanded ?? 0) === 0) {
+    const reason = `${endpoint.path} served no record: an empty full snapshot is not recorded as complete; the next tick reads again`;
+    await runtime.store.mutateSnapshot(exportId, generatedTime, (current) =>
+      current.status === 'copying' ? { status: 'failed', lastError: reason } : undefined,
+    );
+    telemetry.track('request', { export: exportId, snapshot: snapshotId, outcome: 'refused', reason });
+    return {
+      exportId,
+      snapshotId,
+      generatedTime,
+      outcome: 'refused',
+      pagesLanded: row.partsLanded,
+      recordsLanded: 0,
+      reason,
+    };
+  }
   const complete = await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
   return {
     exportId,

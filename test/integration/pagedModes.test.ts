@@ -508,6 +508,21 @@ describe('paged reads under overlap and hostile pages', () => {
     expect(Date.parse(window?.since ?? '')).toBeGreaterThan(fullAt - DELTA_EXPORT.maxLookbackInMs);
   });
 
+  it('an empty full snapshot is refused, not recorded as complete', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware', MDVM_JSON_EXPORTS: 'hardware-firmware' },
+      { wrapRuntime: serving(() => '{"value":[]}') },
+    );
+    const [tick] = await app.runner.tick();
+    expect(tick?.error).toBeUndefined();
+    const rows = (await app.runtime.store.listSnapshots('hardware-firmware')).map((s) => s.value);
+    expect(rows).toEqual([
+      expect.objectContaining({ status: 'failed', lastError: expect.stringMatching(/served no record/) }),
+    ]);
+    expect(await app.runtime.landing.getBlobClient('hardware-firmware/_latest.json').exists()).toBe(false);
+  });
+
   it('fails the read on a page whose JSON ends early every time although the response ends cleanly', async () => {
     const app = await createApp(
       stack,
