@@ -3,7 +3,7 @@ import { completeSnapshotIfReady } from './completion.js';
 import { TrailingRuns } from './concurrency.js';
 import { errorMessage, MdvmError } from './errors.js';
 import { ConcurrentUpdateError, type PartRow } from './manifestStore.js';
-import { type DeadLetter, type PartMessage, parsePartMessage } from './messages.js';
+import { boundedDeadLetter, encodeDeadLetter, type PartMessage, parsePartMessage, safeStringify } from './messages.js';
 import { annotate, inSpan, linkFrom, record, SPAN_NAMES } from './observability.js';
 import { canonicalGeneratedTime, landingPath, parseSourceUrl, snapshotIdOf } from './parts.js';
 import { redact } from './redact.js';
@@ -376,36 +376,4 @@ async function deadLetter(
   await runtime.poisonQueue.sendMessage(encodeDeadLetter(letter));
   telemetry.track('part', { outcome: 'dead-lettered', reason: letter.reason });
   return { outcome: 'dead-lettered', reason: letter.reason };
-}
-
-/** A queue message is at most 64 KiB; the dead letter's base64 stays well under it. */
-const MAX_DEAD_LETTER_BASE64 = 48 * 1024;
-
-function encodeDeadLetter(letter: DeadLetter): string {
-  return Buffer.from(JSON.stringify(letter)).toString('base64');
-}
-
-/**
- * The dead letter with as much of the (already redacted) original as fits: JSON escaping can grow a character
- * six-fold (control characters) and base64 by a third, so the size is checked after encoding, not guessed before.
- */
-export function boundedDeadLetter(reason: string, original: string, deadLetteredAt: string): DeadLetter {
-  for (let keep = Math.min(original.length, 32_000); ; keep = Math.floor(keep / 2)) {
-    const cut = keep < original.length;
-    const letter: DeadLetter = {
-      v: 1,
-      reason: cut ? `${reason} (original cut to ${keep} of ${original.length} characters)` : reason,
-      deadLetteredAt,
-      original: original.slice(0, keep),
-    };
-    if (encodeDeadLetter(letter).length <= MAX_DEAD_LETTER_BASE64 || keep === 0) return letter;
-  }
-}
-
-function safeStringify(value: unknown): string {
-  try {
-    return JSON.stringify(value) ?? String(value);
-  } catch {
-    return String(value);
-  }
 }

@@ -70,3 +70,36 @@ export function parsePartMessage(input: unknown): PartMessage {
   }
   return parsed.data;
 }
+
+/** A queue message is at most 64 KiB; the dead letter's base64 stays well under it. */
+const MAX_DEAD_LETTER_BASE64 = 48 * 1024;
+
+export function encodeDeadLetter(letter: DeadLetter): string {
+  return Buffer.from(JSON.stringify(letter)).toString('base64');
+}
+
+/**
+ * The dead letter with as much of the (already redacted) original as fits: JSON escaping can grow a character
+ * six-fold (control characters) and base64 by a third, so the size is checked after encoding, not guessed before.
+ */
+export function boundedDeadLetter(reason: string, original: string, deadLetteredAt: string): DeadLetter {
+  for (let keep = Math.min(original.length, 32_000); ; keep = Math.floor(keep / 2)) {
+    const cut = keep < original.length;
+    const letter: DeadLetter = {
+      v: 1,
+      reason: cut ? `${reason} (original cut to ${keep} of ${original.length} characters)` : reason,
+      deadLetteredAt,
+      original: original.slice(0, keep),
+    };
+    if (encodeDeadLetter(letter).length <= MAX_DEAD_LETTER_BASE64 || keep === 0) return letter;
+  }
+}
+
+/** JSON of a value that came off a queue, or its String() when it cannot be JSON (a cycle, a BigInt). */
+export function safeStringify(value: unknown): string {
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}

@@ -1,6 +1,8 @@
 import { createHash } from 'node:crypto';
+import { Transform, type TransformCallback } from 'node:stream';
 import { finished, pipeline } from 'node:stream/promises';
 import { createGzip } from 'node:zlib';
+import type { BlockBlobClient } from '@azure/storage-blob';
 import { BlockUploadSink } from '../core/blockUpload.js';
 import type { LandedExportId } from '../core/catalog.js';
 import { contractProblems, manifestSchema, parseJson, type SnapshotManifest } from '../core/contracts.js';
@@ -23,11 +25,13 @@ import { hasChangeSets, type RecordSchema, recordSchema } from './schemas.js';
 
 /**
  * What appeared, disappeared or changed per device between two consecutive complete snapshots of one export type,
- * by the type's documented key (schemas.ts). Three streaming passes keep memory to one short entry per record of the
- * previous snapshot (a 16-byte key hash and, when the type tracks columns, their values), never whole records:
+ * by the type's documented key (schemas.ts). Three streaming passes keep memory to one short entry per distinct key
+ * of the previous snapshot (a 16-byte key hash and, when the type tracks columns, their values) and one per key the
+ * current snapshot adds (the hash alone), never whole records:
  * 1. the previous snapshot: key hash → tracked values (and expiry);
- * 2. the current one: `added` when the key is new, `changed` when a tracked column differs, `expired` when its expiry
- *    date passed between the two snapshots; every key seen is marked;
+ * 2. the current one: `added` when the key is new (and an entry for it, so a repeat is a duplicate), `changed` when a
+ *    tracked column differs, `expired` when its expiry date passed between the two snapshots; every key seen is
+ *    marked;
  * 3. the previous one again: `removed` for every key not seen.
  * Rows are gzip JSON Lines: `{Change, DeviceId, Key, Changed?, Record}`, Record being the normalised row (the new one,
  * or the old one for `removed`).
@@ -299,22 +303,40 @@ export async function forEachRecord(
   visit: (row: TypedRow) => void | Promise<void>,
 ): Promise<void> {
   for (const part of manifest.parts) {
-    for await (const record of readRawRecords(runtime, part, options)) await visit(normalise(record));
+    for await (const { record } of readRawRecords(runtime, part, options)) await visit(normalise(record));
   }
 }
 
-/** Change rows as gzip JSON Lines into staged blocks; committed on close (it replaces an unfinished earlier attempt). */
+/**
+ * Change rows as gzip JSON Lines into staged blocks, committed create-only on close. The same inputs always give the
+ * same bytes, and two deliveries of one message can run at once (on two instances): the one that commits second finds
+ * the blob there (or its blocks dropped by the first commit: InvalidBlockList) and, when the blob has its length and
+ * MD5, goes on as if it had written it. Block ids are unique per attempt (BlockUploadSink), so two deliveries' blocks
+ * never end up in one blob.
+ */
 export class ChangeWriter {
   private readonly gzip = createGzip();
+  private readonly hash = createHash('md5');
+  private readonly blob: BlockBlobClient;
   private readonly sink: BlockUploadSink;
   private readonly done: Promise<void>;
   constructor(runtime: Runtime, path: string, abortSignal?: AbortSignal) {
-    this.sink = new BlockUploadSink(runtime.landing.getBlockBlobClient(path), {
+    this.blob = runtime.landing.getBlockBlobClient(path);
+    this.sink = new BlockUploadSink(this.blob, {
       blockBytes: 4 * 1024 * 1024,
       blocks: 2,
       ...(abortSignal ? { abortSignal } : {}),
     });
-    this.done = pipeline(this.gzip, this.sink);
+    // Our own MD5 of the bytes, for comparing with a blob another delivery committed first (the sink gives its MD5
+    // only from a commit that succeeded).
+    const hash = this.hash;
+    const md5Tap = new Transform({
+      transform(chunk: Buffer, _encoding, callback: TransformCallback) {
+        hash.update(chunk);
+        callback(null, chunk);
+      },
+    });
+    this.done = pipeline(this.gzip, md5Tap, this.sink);
     this.done.catch(() => undefined);
   }
   async write(row: ChangeRow): Promise<void> {
@@ -335,11 +357,44 @@ export class ChangeWriter {
     this.gzip.end();
     await this.done;
     await finished(this.sink).catch(() => undefined);
-    return this.sink.commit({ contentType: 'application/x-ndjson' }).catch((error: unknown) => {
-      throw error instanceof MdvmError ? error : classifyStorageError(error, 'commit the change set');
-    });
+    try {
+      return await this.sink.commit({ contentType: 'application/x-ndjson', conditions: { ifNoneMatch: '*' } });
+    } catch (error) {
+      if (!lostTheCommitRace(error)) {
+        throw error instanceof MdvmError ? error : classifyStorageError(error, 'commit the change set');
+      }
+      return this.sameBlobAlreadyThere({ bytes: this.sink.bytes, md5: this.hash.digest('base64') });
+    }
   }
   abort(): void {
     this.gzip.destroy();
   }
+
+  /** Another delivery committed first: its blob must be ours byte for byte, else this one tries again later. */
+  private async sameBlobAlreadyThere(ours: { bytes: number; md5: string }): Promise<{ bytes: number; md5: string }> {
+    const props = await this.blob.getProperties().catch((error: unknown) => {
+      if (isStorageCondition(error, 'not-found')) {
+        throw new MdvmError('transient', `${this.blob.name}: the commit lost a race, but no blob is there`, {
+          cause: error,
+        });
+      }
+      throw classifyStorageError(error, `read ${this.blob.name}`);
+    });
+    const md5 = props.contentMD5 ? Buffer.from(props.contentMD5).toString('base64') : undefined;
+    if (props.contentLength === ours.bytes && md5 === ours.md5) return ours;
+    throw new MdvmError(
+      'transient',
+      `${this.blob.name} was committed by another delivery with other bytes (${props.contentLength} bytes, MD5 ${md5 ?? 'none'}; ours ${ours.bytes} bytes, MD5 ${ours.md5})`,
+    );
+  }
+}
+
+/**
+ * A create-only commit that found the blob there (409/412), or whose staged blocks were dropped by another commit to
+ * the same blob (400 InvalidBlockList, classified fatal by the sink: the cause still has the service's code).
+ */
+function lostTheCommitRace(error: unknown): boolean {
+  if (isStorageCondition(error, 'precondition-failed', 'already-exists', 'conflict')) return true;
+  const cause = error instanceof MdvmError ? error.cause : error;
+  return (cause as { code?: string } | undefined)?.code === 'InvalidBlockList';
 }

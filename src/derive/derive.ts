@@ -1,8 +1,8 @@
 import { isExportId } from '../core/catalog.js';
 import { Semaphore } from '../core/concurrency.js';
 import type { SnapshotManifest } from '../core/contracts.js';
-import { MdvmError } from '../core/errors.js';
-import type { DeadLetter } from '../core/messages.js';
+import { classifyStorageError, MdvmError } from '../core/errors.js';
+import { boundedDeadLetter, safeStringify } from '../core/messages.js';
 import { redact } from '../core/redact.js';
 import type { Runtime } from '../core/runtime.js';
 import type { Telemetry } from '../core/telemetry.js';
@@ -44,17 +44,20 @@ export async function enqueueDerivations(runtime: Runtime, manifest: SnapshotMan
   return messages.length;
 }
 
-/** A derive message that can never succeed, on the derive poison queue with why (derive messages carry no credential). */
+/**
+ * A derive message that can never succeed, on the derive poison queue with why (derive messages carry no credential).
+ * Bounded like the copy's dead letters: the message that came in fit the queue, but JSON escaping and base64 can
+ * make the letter around it too big for one (413), which would leave it on the host's poison queue with no reason.
+ */
 export async function parkDeriveMessage(runtime: Runtime, input: unknown, reason: string): Promise<void> {
   const original =
-    typeof input === 'string' ? input : Buffer.isBuffer(input) ? input.toString('utf8') : JSON.stringify(input);
-  const letter: DeadLetter = {
-    v: 1,
-    reason: redact(reason),
-    deadLetteredAt: runtime.now().toISOString(),
-    original: redact(original ?? ''),
-  };
-  await runtime.storage.derivePoisonQueue.sendMessage(Buffer.from(JSON.stringify(letter)).toString('base64'));
+    typeof input === 'string' ? input : Buffer.isBuffer(input) ? input.toString('utf8') : safeStringify(input);
+  const letter = boundedDeadLetter(redact(reason), redact(original), runtime.now().toISOString());
+  await runtime.storage.derivePoisonQueue
+    .sendMessage(Buffer.from(JSON.stringify(letter)).toString('base64'))
+    .catch((error: unknown) => {
+      throw classifyStorageError(error, 'park the derive message');
+    });
 }
 
 export interface DeriveOutcome {

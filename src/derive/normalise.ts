@@ -117,15 +117,25 @@ export function parseDefenderTime(text: string): Date | null | undefined {
   const year = Number(y);
   if (year <= 1) return null;
   const ms = Number(fraction.padEnd(3, '0').slice(0, 3));
+  // Date.UTC carries any overflow into the next field (second 99 is 1:39 later), so every field is range-checked.
   let time = Date.UTC(year, Number(mo) - 1, Number(d), Number(h), Number(mi), Number(s), ms);
   const check = new Date(time);
-  if (check.getUTCDate() !== Number(d) || check.getUTCMonth() !== Number(mo) - 1 || Number(h) > 23 || Number(mi) > 59) {
+  if (
+    check.getUTCDate() !== Number(d) ||
+    check.getUTCMonth() !== Number(mo) - 1 ||
+    Number(h) > 23 ||
+    Number(mi) > 59 ||
+    Number(s) > 59
+  ) {
     return undefined;
   }
   if (zone && zone.toUpperCase() !== 'Z') {
     const sign = zone.startsWith('-') ? -1 : 1;
     const digits = zone.slice(1).replace(':', '');
-    time -= sign * (Number(digits.slice(0, 2)) * 60 + Number(digits.slice(2))) * 60_000;
+    const offsetHours = Number(digits.slice(0, 2));
+    const offsetMinutes = Number(digits.slice(2));
+    if (offsetHours > 23 || offsetMinutes > 59) return undefined;
+    time -= sign * (offsetHours * 60 + offsetMinutes) * 60_000;
   }
   return new Date(time);
 }

@@ -1,6 +1,7 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { DELTA_EXPORT, EXPORT_TYPES, type LandedExportId } from '../../src/core/catalog.js';
+import { ROW_GROUP_RAW_BYTES, ROW_GROUP_ROWS, rowGroupFull } from '../../src/derive/curate.js';
 import {
   dataExplorerScript,
   INGESTION_MAPPING_NAME,
@@ -229,5 +230,37 @@ describe('record normaliser (curated columns)', () => {
     expect(parseDefenderTime('0001-01-01T00:00:00Z')).toBeNull();
     expect(parseDefenderTime('2021-02-30 10:00:00')).toBeUndefined();
     expect(parseDefenderTime('yesterday')).toBeUndefined();
+  });
+
+  it.each([
+    '2020-12-30 14:17:99',
+    '2020-12-30 14:17:60',
+    '2020-12-30T14:17:26+01:99',
+    '2020-12-30T14:17:26-0060',
+    '2020-12-30T14:17:26+24:00',
+  ])('refuses %s (a field out of range is not carried into the next one)', (text) => {
+    expect(parseDefenderTime(text)).toBeUndefined();
+    const certificates = recordNormaliser(RECORD_SCHEMAS.certificates);
+    const row = certificates.normalise({ deviceId: 'd', notAfter: text });
+    expect(row.NotAfter).toBeNull();
+    expect(row[ADDITIONAL_PROPERTIES]).toEqual({ notAfter: text });
+  });
+
+  it('reads the last second and the widest offsets of a day', () => {
+    expect(parseDefenderTime('2020-12-30 23:59:59')?.toISOString()).toBe('2020-12-30T23:59:59.000Z');
+    expect(parseDefenderTime('2020-12-30T14:00:00+14:00')?.toISOString()).toBe('2020-12-30T00:00:00.000Z');
+    expect(parseDefenderTime('2020-12-30T14:00:00-09:59')?.toISOString()).toBe('2020-12-30T23:59:00.000Z');
+  });
+});
+
+describe('curated row groups', () => {
+  it('are cut at 5,000 rows or when their raw JSON reaches 16 MiB, whichever comes first', () => {
+    expect(ROW_GROUP_ROWS).toBe(5000);
+    expect(ROW_GROUP_RAW_BYTES).toBe(16 * 1024 * 1024);
+    expect(rowGroupFull(4999, 1024 * 4999)).toBe(false);
+    expect(rowGroupFull(5000, 1024 * 5000)).toBe(true);
+    expect(rowGroupFull(273, 273 * 60 * 1024)).toBe(false);
+    expect(rowGroupFull(274, 274 * 60 * 1024)).toBe(true);
+    expect(rowGroupFull(1, 40 * 1024 * 1024)).toBe(true);
   });
 });
