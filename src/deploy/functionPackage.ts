@@ -76,12 +76,18 @@ export function buildFunctionPackage(options: FunctionPackageOptions): FunctionP
   // 1. The project's own files, as .funcignore selects them. node_modules never comes from the project: it
   //    holds the dev tools (Azurite, vitest, a Node binary); production dependencies are installed below.
   const funcignore = readFuncignore(projectDir);
-  const projectFiles = listIncluded(projectDir, (path, isDir) => {
+  const selected = listIncluded(projectDir, (path, isDir) => {
     if (path === 'node_modules' || isOutput(projectDir, outDir, path)) return true;
     return funcignore.ignores(isDir ? `${path}/` : path);
   });
+  // tsc never deletes what it emitted for a source that is gone: such files would ship unseen.
+  const stale = selected.filter((file) => isStaleBuildOutput(projectDir, file));
+  const projectFiles = selected.filter((file) => !stale.includes(file));
   for (const file of projectFiles) copyInto(projectDir, stagingDir, file);
   log(`project files: ${projectFiles.length} (selected by .funcignore)`);
+  if (stale.length > 0) {
+    log(`left out ${stale.length} stale build files whose source is gone: ${stale.slice(0, 5).join(', ')}`);
+  }
   // What the host must find before anything is installed: host.json at the root, the entry point "main" names.
   if (!existsSync(join(stagingDir, 'host.json'))) {
     throw new PackageError('host.json is not in the package: check .funcignore');
@@ -150,6 +156,17 @@ function isOutput(projectDir: string, outDir: string, path: string): boolean {
 }
 
 /** Every file below `root` ('/'-separated, sorted) whose path and folders `excluded` lets through. */
+/**
+ * Build output of a source file that no longer exists: `dist/src/<dir>/<name>.js` (or its map or declaration) where
+ * `src/<dir>/` is there but `src/<dir>/<name>.ts` is not. A folder without sources (a copy of dist/ alone) says nothing.
+ */
+function isStaleBuildOutput(projectDir: string, file: string): boolean {
+  const emitted = /^dist\/(src\/.+?)\.(js|js\.map|d\.ts|d\.ts\.map)$/.exec(file);
+  if (!emitted?.[1]) return false;
+  const source = emitted[1];
+  return existsSync(join(projectDir, posix.dirname(source))) && !existsSync(join(projectDir, `${source}.ts`));
+}
+
 function listIncluded(root: string, excluded: (path: string, isDir: boolean) => boolean): string[] {
   const files: string[] = [];
   const visit = (dir: string) => {

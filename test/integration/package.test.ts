@@ -232,6 +232,19 @@ describe('.funcignore', () => {
     );
   });
 
+  it('leaves out build output whose source is gone (tsc never deletes it)', () => {
+    const project = projectWith(readFileSync(join(root, '.funcignore'), 'utf8'));
+    cpSync(join(root, 'src'), join(project, 'src'), { recursive: true });
+    writeFileSync(join(project, 'dist', 'src', 'core', 'removedLongAgo.js'), 'export const stale = true;\n');
+    const lines: string[] = [];
+    const built = buildFunctionPackage({ projectDir: project, log: (line) => lines.push(line) });
+    expect(built.files).not.toContain('dist/src/core/removedLongAgo.js');
+    expect(built.files).toContain('dist/src/core/landPart.js');
+    expect(lines).toContainEqual(
+      expect.stringMatching(/left out \d+ stale build files .*dist\/src\/core\/removedLongAgo\.js/),
+    );
+  }, 120_000);
+
   it('keeps everything at the root out unless it is listed, so a stray secret file never ships', () => {
     const project = projectWith(readFileSync(join(root, '.funcignore'), 'utf8'));
     writeFileSync(join(project, '.env'), 'MDVM_LANDING_CONNECTION_STRING=AccountKey=not-a-real-key\n');
