@@ -169,6 +169,18 @@ class RowTable<T extends object> {
     }
   }
 
+  /** Delete the row only if it still has its ETag (ConcurrentUpdateError otherwise); one already gone is fine. */
+  async remove(current: Versioned<T>): Promise<void> {
+    const entity = this.toEntity(current.value);
+    try {
+      await this.table.deleteEntity(entity.partitionKey, entity.rowKey, { etag: current.etag });
+    } catch (error) {
+      if (isStorageCondition(error, 'not-found')) return;
+      if (isStorageCondition(error, 'precondition-failed')) throw new ConcurrentUpdateError();
+      throw classifyStorageError(error, `delete ${this.mapping.what}`);
+    }
+  }
+
   /**
    * Read-modify-write with optimistic concurrency (ETag), retried with jitter until it sticks. `change` returns
    * undefined to leave the row alone. Undefined when the row does not exist.
@@ -341,6 +353,17 @@ export class ManifestStore {
 
   updatePart(current: Versioned<PartRow>, changes: Partial<PartRow>): Promise<void> {
     return this.parts.update(current, changes);
+  }
+
+  /**
+   * Forget a paged read that found nothing (its rows, not its blobs): the part rows first, the snapshot row last and
+   * under its ETag, so a crash in between leaves a read the next tick finds and forgets again.
+   */
+  async forgetRead(snapshot: Versioned<SnapshotRow>): Promise<void> {
+    for (const part of await this.listParts(snapshot.value.exportId, snapshot.value.snapshotId)) {
+      await this.parts.remove(part);
+    }
+    await this.snapshots.remove(snapshot);
   }
 
   /**

@@ -10,6 +10,7 @@ import { annotate, inSpan, record, SPAN_NAMES } from './observability.js';
 import { ODataRecordsTransform } from './odataRecords.js';
 import { canonicalGeneratedTime, compareGeneratedTime, landingPath, snapshotIdOf } from './parts.js';
 import { carriesCredential, redact } from './redact.js';
+import { MAX_CLOCK_SKEW_IN_MS } from './requestSnapshot.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
 
@@ -48,6 +49,8 @@ interface Endpoint {
 
 /** Never ask for a sinceTime this close to the 14-day limit: the clocks of the app and Defender differ. */
 const LOOKBACK_MARGIN_IN_MS = 15 * 60_000;
+/** How much older than its read the data of a JSON-mode snapshot may be (Defender regenerates it daily at most). */
+const JSON_DATA_AGE_ALLOWANCE_IN_MS = 24 * 3_600_000;
 const PAGE_ATTEMPTS = 3;
 /** Errors of a page body that broke off after a 200 (the request itself is retried by the client). */
 const brokenBodies = new WeakSet<Error>();
@@ -65,8 +68,8 @@ const cleanTruncations = new WeakSet<Error>();
 const PAGE_RECORDS_KEY = 'mdvm_page_records';
 const PAGE_NEXT_LINK_KEY = 'mdvm_next_link';
 const PAGE_NEWEST_EVENT_KEY = 'mdvm_newest_event';
-/** Blob metadata holds 8 KiB in all; a nextLink is kept in it. */
-const MAX_NEXT_LINK_CHARS = 6_000;
+/** Blob metadata holds 8 KiB in all; a nextLink is kept in it beside the source path (2,000) and the other keys. */
+const MAX_NEXT_LINK_CHARS = 5_000;
 
 function refused(error: MdvmError): MdvmError {
   refusedByDefender.add(error);
@@ -96,6 +99,8 @@ export async function requestJsonSnapshot(
     const unfinished = await unfinishedRead(runtime, exportId);
     let row = unfinished;
     if (!row) {
+      const wrongClock = await clockRefusal(runtime, telemetry, exportId);
+      if (wrongClock) return wrongClock;
       const generatedTime = canonicalGeneratedTime(runtime.now().toISOString());
       const existing = await runtime.store.getSnapshot(exportId, generatedTime);
       if (existing) return unchanged(telemetry, existing.value, 'a JSON read already began at this instant');
@@ -135,6 +140,8 @@ export async function requestDelta(
           reason: start.refused,
         };
       }
+      const wrongClock = await clockRefusal(runtime, telemetry, exportId);
+      if (wrongClock) return wrongClock;
       const until = canonicalGeneratedTime(runtime.now().toISOString());
       if (compareGeneratedTime(start.since, until) >= 0) {
         const reason = `no new slice yet: the next window starts at ${start.since}`;
@@ -189,11 +196,18 @@ async function deltaStart(runtime: Runtime): Promise<{ since: string; note?: str
   const fullUsable = full && Date.parse(full.generatedTime) >= oldestAllowed;
   if (fullUsable && (!watermark || compareGeneratedTime(full.generatedTime, watermark) > 0)) {
     // A JSON-mode snapshot is named after when its read began, not when Defender generated the data it served,
-    // which may be hours older: changes in between would fall in no window. Start as far back as Defender allows
-    // instead (changes seen twice are duplicates downstream removes).
+    // which may be hours older: changes in between would fall in no window. Start a day earlier (changes seen twice
+    // are duplicates downstream removes), but never at the 14-day limit itself, where a page asked for later would
+    // fall outside what Defender keeps.
     const since =
-      full.mode === 'json' ? canonicalGeneratedTime(new Date(oldestAllowed).toISOString()) : full.generatedTime;
-    const from = `the full snapshot ${full.snapshotId}${full.mode === 'json' ? ` (JSON mode: from ${since}, the oldest change Defender keeps, since the data may be older than the read)` : ''}`;
+      full.mode === 'json'
+        ? canonicalGeneratedTime(
+            new Date(
+              Math.max(Date.parse(full.generatedTime) - JSON_DATA_AGE_ALLOWANCE_IN_MS, oldestAllowed + 3_600_000),
+            ).toISOString(),
+          )
+        : full.generatedTime;
+    const from = `the full snapshot ${full.snapshotId}${full.mode === 'json' ? ` (JSON mode: from ${since}, a day earlier, since the data may be older than the read)` : ''}`;
     return {
       since,
       note: watermark
@@ -206,6 +220,29 @@ async function deltaStart(runtime: Runtime): Promise<{ since: string; note?: str
       ? `the watermark ${watermark} is older than Defender keeps changes (14 days): land a full ${DELTA_EXPORT.fullExportId} snapshot (it must be in MDVM_EXPORTS); the delta restarts from its generatedTime`
       : `no watermark yet: the delta starts from a complete ${DELTA_EXPORT.fullExportId} snapshot of the last 14 days; add ${DELTA_EXPORT.fullExportId} to MDVM_EXPORTS and let it complete`,
   };
+}
+
+/**
+ * A paged read is named after this machine's clock (Defender's JSON endpoints say nothing of when the data was made):
+ * a clock far ahead would name a snapshot that sorts after every real one and holds `_latest.json` until the clock
+ * of the world catches up. The storage service's clock (the Date of one cheap response) is the check; a read does not
+ * start while the two differ by more than the skew via files allows. No answer to compare with: no check.
+ */
+async function clockRefusal(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  exportId: string,
+): Promise<PagedTickResult | undefined> {
+  const serviceTime = await runtime.landing.getProperties().then(
+    (props) => props.date,
+    () => undefined,
+  );
+  if (!serviceTime) return undefined;
+  const offInMs = runtime.now().getTime() - serviceTime.getTime();
+  if (Math.abs(offInMs) <= MAX_CLOCK_SKEW_IN_MS) return undefined;
+  const reason = `this machine's clock (${runtime.now().toISOString()}) is ${Math.round(Math.abs(offInMs) / 60_000)} minutes ${offInMs > 0 ? 'ahead of' : 'behind'} the storage service's (${serviceTime.toISOString()}): a paged read is named after it, so none starts until the clock is right`;
+  telemetry.track('request', { export: exportId, outcome: 'refused', reason });
+  return { exportId, snapshotId: '', generatedTime: '', outcome: 'refused', pagesLanded: 0, recordsLanded: 0, reason };
 }
 
 async function unfinishedRead(runtime: Runtime, exportId: string): Promise<SnapshotRow | undefined> {
@@ -306,6 +343,10 @@ async function landPages(
         url,
         {
           blobName: landingPath(exportId, snapshotId, relativePath),
+          expectsPage: async () => {
+            const now = await runtime.store.getSnapshot(exportId, generatedTime);
+            return now?.value.status === 'copying' && now.value.partsLanded === page;
+          },
           // The same metadata as a copied part; the source is the page's URL path and query (no credential in it).
           metadata: {
             mdvm_export: exportId,
@@ -410,12 +451,20 @@ async function landPages(
     });
   }
   // A full inventory with no record in it is far likelier an upstream fault than the truth, and a complete snapshot
-  // would tell downstream every device and finding is gone. Via files refuses an empty list the same way.
+  // would tell downstream every device and finding is gone. As for an empty file list, nothing is recorded: the
+  // page blobs, then the rows; the next tick reads again.
   if (row.mode === 'json' && (row.recordsLanded ?? 0) === 0) {
-    const reason = `${endpoint.path} served no record: an empty full snapshot is not recorded as complete; the next tick reads again`;
-    await runtime.store.mutateSnapshot(exportId, generatedTime, (current) =>
-      current.status === 'copying' ? { status: 'failed', lastError: reason } : undefined,
-    );
+    const reason = `${endpoint.path} served no record: an empty full snapshot is not recorded; the next tick reads again`;
+    for (const part of await runtime.store.listParts(exportId, snapshotId)) {
+      await runtime.landing
+        .getBlockBlobClient(part.value.landingPath)
+        .deleteIfExists()
+        .catch((error: unknown) => {
+          throw classifyStorageError(error, 'delete the page of an empty read');
+        });
+    }
+    const current = await runtime.store.getSnapshot(exportId, generatedTime);
+    if (current) await runtime.store.forgetRead(current);
     telemetry.track('request', { export: exportId, snapshot: snapshotId, outcome: 'refused', reason });
     return {
       exportId,
@@ -438,6 +487,13 @@ async function landPages(
   };
 }
 
+interface PageTarget {
+  readonly blobName: string;
+  readonly metadata: Record<string, string>;
+  /** Whether the snapshot row still waits for this page (no other reader has moved past it). */
+  readonly expectsPage: () => Promise<boolean>;
+}
+
 interface LandedPage {
   readonly bytes: number;
   readonly md5: string;
@@ -453,15 +509,17 @@ async function landPageWithRetries(
   runtime: Runtime,
   endpoint: Endpoint,
   url: URL,
-  target: { blobName: string; metadata: Record<string, string> },
+  target: PageTarget,
   options: { abortSignal?: AbortSignal },
 ): Promise<LandedPage> {
+  let cleanEndings = 0;
   for (let attempt = 1; ; attempt++) {
     try {
       return { ...(await landPage(runtime, endpoint, url, target, options)), attempts: attempt };
     } catch (error) {
+      if (cleanTruncations.has(error as Error)) cleanEndings++;
       // Only a body that broke off is asked for again here: the client has already retried the request itself.
-      if (cleanTruncations.has(error as Error) && attempt >= PAGE_ATTEMPTS) {
+      if (cleanEndings >= PAGE_ATTEMPTS) {
         // The same page cut short with a clean end of the response every time: a malformed page, not a dropped
         // connection. Resuming at it would ask for it on every tick, for good.
         throw refused(
@@ -489,7 +547,7 @@ async function landPage(
   runtime: Runtime,
   endpoint: Endpoint,
   url: URL,
-  target: { blobName: string; metadata: Record<string, string> },
+  target: PageTarget,
   options: { abortSignal?: AbortSignal },
 ): Promise<Omit<LandedPage, 'attempts'>> {
   const { blobName } = target;
@@ -509,7 +567,10 @@ async function landPage(
   if (before) {
     const adopted = adoptedPage(before, target.metadata, started);
     if (adopted) return adopted;
-    // Not a page of this read (left by a version without page metadata, or foreign): replace exactly that version.
+    // Not a page of this read (left by a version without page metadata, or foreign): replace exactly that version,
+    // and only while the row still waits for this page. A reader of an older version may have landed it and moved
+    // the row on with the nextLink it read there; replacing it now would put other bytes under that link.
+    if (!(await target.expectsPage())) throw lostTo(blobName, undefined);
     await blob.delete({ conditions: { ifMatch: before.etag }, abortSignal: options.abortSignal }).catch((error) => {
       if (isStorageCondition(error, 'not-found', 'precondition-failed')) throw lostTo(blobName, error);
       throw classifyStorageError(error, 'replace a foreign page blob');

@@ -8,6 +8,7 @@ import { annotate, inSpan, SPAN_NAMES, traceparentOf } from './observability.js'
 import {
   canonicalGeneratedTime,
   exportFolderOf,
+  manifestPath,
   namesTooLong,
   parseSourceUrl,
   type SourcePart,
@@ -382,9 +383,24 @@ async function supersede(
     // _latest.json under a lease): that snapshot is complete, not superseded, and its derived outputs still get built.
     if ((row.mode ?? 'files') === 'files') {
       const completed = await completeSnapshotIfReady(runtime, telemetry, exportId, row.generatedTime).catch(
-        () => false,
+        (error: unknown) => {
+          telemetry.track('request', {
+            export: exportId,
+            snapshot: row.snapshotId,
+            outcome: 'error',
+            reason: `completing it before superseding it failed: ${errorMessage(error)}`,
+          });
+          return false;
+        },
       );
       if (completed) continue;
+      // Its manifest is written, so its completion failed after that: leave it for the next tick to complete again
+      // rather than supersede a snapshot downstream can already see.
+      const manifestWritten = await runtime.landing
+        .getBlockBlobClient(manifestPath(exportId, row.snapshotId))
+        .exists()
+        .catch(() => false);
+      if (manifestWritten) continue;
     }
     await runtime.store.mutateSnapshot(exportId, row.generatedTime, (r) =>
       r.status === 'complete' || r.status === 'superseded'

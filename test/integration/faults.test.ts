@@ -1127,9 +1127,25 @@ describe('bad input and failures', () => {
     );
     expect(first?.status).toBe('copying');
 
-    // The queue is back, but Defender already serves a newer snapshot: the tick must not give the first one up.
-    deriveQueueDown = false;
+    // Defender already serves a newer snapshot while the queue is still down: the first one, whose manifest is
+    // written, is not given up (superseded) but left for a later tick to complete.
     await stack.simulator.publish('browser-extensions', { generatedTime: '2026-11-19T02:01:00Z', recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    await app.runner.drain({ only: 'parts' });
+    const stillOpen = (await tableRows(app.runtime.storage.snapshotsTable)).find(
+      (r) => r.rowKey === '2026-11-19T01:01:00Z',
+    );
+    expect(stillOpen?.status).toBe('copying');
+    expect(app.events).toContainEqual(
+      expect.objectContaining({
+        outcome: 'error',
+        reason: expect.stringMatching(/completing it before superseding it failed/),
+      }),
+    );
+
+    // The queue is back: the next tick completes both.
+    deriveQueueDown = false;
     await tickCleanlyAndDrain(app);
     const rows = await tableRows(app.runtime.storage.snapshotsTable);
     expect(rows.map((r) => [r.rowKey, r.status])).toEqual([

@@ -7,7 +7,7 @@ import { verifyLanding } from '../../src/ops/verify.js';
 import type { DeltaSlice } from '../../src/simulator/pagedEndpoints.js';
 import { generateRecords } from '../../src/simulator/records.js';
 import type { SimulatedSnapshot } from '../../src/simulator/simulator.js';
-import { createApp, md5, replacing, type Stack, startStack, type TestApp } from '../helpers/stack.js';
+import { createApp, md5, replacing, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {
@@ -485,7 +485,7 @@ describe('paged reads under overlap and hostile pages', () => {
     expect(Date.parse(window?.nextSince ?? '')).toBeLessThanOrEqual(Date.parse(window?.generatedTime ?? ''));
   });
 
-  it('a delta that continues a JSON-mode snapshot starts as far back as Defender keeps changes', async () => {
+  it('a delta that continues a JSON-mode snapshot starts a day before its read began', async () => {
     const app = await createApp(
       stack,
       {
@@ -504,11 +504,29 @@ describe('paged reads under overlap and hostile pages', () => {
     const [window] = (await app.runtime.store.listSnapshots(DELTA_EXPORT.id)).map((s) => s.value);
     // The JSON snapshot is named after when its read began; Defender's data behind it may be older.
     const fullAt = Date.parse(full?.generatedTime ?? '');
-    expect(Date.parse(window?.since ?? '')).toBeLessThan(fullAt - 13 * 24 * 3_600_000);
-    expect(Date.parse(window?.since ?? '')).toBeGreaterThan(fullAt - DELTA_EXPORT.maxLookbackInMs);
+    expect(window?.since).toBe(new Date(fullAt - 24 * 3_600_000).toISOString().replace('.000Z', 'Z'));
   });
 
-  it('an empty full snapshot is refused, not recorded as complete', async () => {
+  it("a paged read does not start while this machine's clock is far from the storage service's", async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware', MDVM_JSON_EXPORTS: 'hardware-firmware' },
+      { wrapRuntime: (runtime) => ({ ...runtime, now: () => new Date(Date.now() + 3 * 86_400_000) }) },
+    );
+    const asked = stack.simulator.requests.length;
+    const [tick] = await app.runner.tick();
+    expect(tick?.error).toBeUndefined();
+    expect(await app.runtime.store.listSnapshots('hardware-firmware')).toEqual([]);
+    expect(stack.simulator.requests.length).toBe(asked);
+    expect(app.events).toContainEqual(
+      expect.objectContaining({
+        outcome: 'refused',
+        reason: expect.stringMatching(/is 4320 minutes ahead of the storage service's/),
+      }),
+    );
+  });
+
+  it('an empty full snapshot is not recorded at all, as an empty file list is not', async () => {
     const app = await createApp(
       stack,
       { MDVM_EXPORTS: 'hardware-firmware', MDVM_JSON_EXPORTS: 'hardware-firmware' },
@@ -516,11 +534,15 @@ describe('paged reads under overlap and hostile pages', () => {
     );
     const [tick] = await app.runner.tick();
     expect(tick?.error).toBeUndefined();
-    const rows = (await app.runtime.store.listSnapshots('hardware-firmware')).map((s) => s.value);
-    expect(rows).toEqual([
-      expect.objectContaining({ status: 'failed', lastError: expect.stringMatching(/served no record/) }),
-    ]);
-    expect(await app.runtime.landing.getBlobClient('hardware-firmware/_latest.json').exists()).toBe(false);
+    // Nothing recorded, as for an empty file list: no row, no part row, no blob; the next tick reads again.
+    expect(await app.runtime.store.listSnapshots('hardware-firmware')).toEqual([]);
+    expect(await tableRows(app.runtime.storage.partsTable)).toEqual([]);
+    const blobs: string[] = [];
+    for await (const blob of app.runtime.landing.listBlobsFlat()) blobs.push(blob.name);
+    expect(blobs).toEqual([]);
+    expect(app.events).toContainEqual(
+      expect.objectContaining({ outcome: 'refused', reason: expect.stringMatching(/served no record/) }),
+    );
   });
 
   it('fails the read on a page whose JSON ends early every time although the response ends cleanly', async () => {
