@@ -74,8 +74,9 @@ let openedConfig: AppConfig | undefined;
 function openRuntime(global: GlobalOptions): Runtime {
   const env = settingsFrom(global.settings);
   // Credentials (managed identity endpoint, tenant, client id) are read from the process environment.
+  // As in settingsFrom, an empty variable is no value: the file's one is used (AZURE_TENANT_ID= must not hide it).
   for (const [key, value] of Object.entries(env))
-    if (process.env[key] === undefined && value !== undefined) process.env[key] = value;
+    if ((process.env[key] ?? '').trim() === '' && value !== undefined) process.env[key] = value;
   openedConfig = loadConfig(env);
   return createRuntime(openedConfig);
 }
@@ -85,11 +86,13 @@ function openRuntime(global: GlobalOptions): Runtime {
  * say which and by which setting, instead of the service's raw 404 body.
  */
 function missingResource(error: unknown, config: AppConfig | undefined): string | undefined {
-  const e = (error ?? {}) as { statusCode?: number; code?: string; cause?: unknown };
-  const inner = (e.cause ?? {}) as { statusCode?: number; code?: string };
-  const status = e.statusCode ?? inner.statusCode;
+  const e = (error ?? {}) as { statusCode?: number; code?: string; cause?: unknown; name?: string };
+  const inner = (e.cause ?? {}) as { statusCode?: number; code?: string; name?: string };
   const code = e.code ?? inner.code ?? '';
-  if (!config || (status !== 404 && !/NotFound$/.test(code)) || code === 'BlobNotFound') return undefined;
+  const known = ['ContainerNotFound', 'TableNotFound', 'QueueNotFound'].includes(code);
+  // A 404 of the storage SDK without one of those codes (Azurite answers a missing queue so); never Defender's 404.
+  const storage404 = [e, inner].some((x) => x.name === 'RestError' && x.statusCode === 404) && code !== 'BlobNotFound';
+  if (!config || !(known || storage404)) return undefined;
   const container = `the landing container '${config.landing.container}' (MDVM_LANDING_CONTAINER)`;
   const tables = `the tables '${config.snapshotsTable}' (MDVM_SNAPSHOTS_TABLE) and '${config.partsTable}' (MDVM_PARTS_TABLE)`;
   const queues = `the queues '${config.queueName}' (MDVM_PARTS_QUEUE), '${config.derive.queueName}' (MDVM_DERIVE_QUEUE) and their -poison queues`;
@@ -184,10 +187,13 @@ async function deriveCommand(
   // Date.parse reads '1' as the year 2001: only a date (and optional time) in ISO form is taken.
   if (
     options.since !== undefined &&
-    (!/^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?$/.test(options.since) ||
+    // A time needs its zone: without one Date.parse reads local time, while a date alone is read as UTC.
+    (!/^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2}))?$/.test(options.since) ||
       Number.isNaN(Date.parse(options.since)))
   ) {
-    err(`mdvm-ingest: --since '${options.since}' is not an ISO time (e.g. 2026-11-01T00:00:00Z)`);
+    err(
+      `mdvm-ingest: --since '${options.since}' is not an ISO time (e.g. 2026-11-01 or 2026-11-01T00:00:00Z; a time needs its zone)`,
+    );
     return 2;
   }
   const runtime = openRuntime(global);
@@ -301,7 +307,7 @@ async function main(argv: string[]): Promise<number> {
       });
       if (options.json) out(JSON.stringify(report, null, 2));
       else {
-        for (const f of report.findings) out(`${f.kind.padEnd(24)} ${f.path}  ${f.detail}`);
+        for (const f of report.findings) out(`${f.kind.padEnd(24)} ${field(f.path)}  ${field(f.detail)}`);
         out(
           `${report.ok ? 'ok' : 'PROBLEMS'}: ${report.checked.snapshots} snapshots, ${report.checked.blobs} parts checked${report.deep ? `, ${formatBytes(report.checked.bytesHashed)} re-hashed` : ''}, ${report.findings.length} findings`,
         );

@@ -89,7 +89,8 @@ export function renderStatus(report: StatusReport): string {
       `${e.partsLanded}/${e.partCount}`,
       formatBytes(e.bytes),
       age(e.ageMinutes),
-      (e.lastError ?? '').slice(0, 80),
+      // One line per export: a stored error may hold line breaks (or worse) from a service's answer.
+      (e.lastError ?? '').replace(/\s+/g, ' ').slice(0, 80),
     ],
     ...e.incomplete.map((i) => ['', i.snapshot, i.status, `${i.partsLanded}/${i.partCount}`, '', '', '']),
   ]);
