@@ -90,8 +90,9 @@ function missingResource(error: unknown, config: AppConfig | undefined): string 
   const inner = (e.cause ?? {}) as { statusCode?: number; code?: string; name?: string };
   const code = e.code ?? inner.code ?? '';
   const known = ['ContainerNotFound', 'TableNotFound', 'QueueNotFound'].includes(code);
-  // A 404 of the storage SDK without one of those codes (Azurite answers a missing queue so); never Defender's 404.
-  const storage404 = [e, inner].some((x) => x.name === 'RestError' && x.statusCode === 404) && code !== 'BlobNotFound';
+  // A 404 of the storage SDK with no code at all (Azurite answers a missing queue so); never Defender's 404, never a
+  // blob or message that is gone.
+  const storage404 = [e, inner].some((x) => x.name === 'RestError' && x.statusCode === 404) && code === '';
   if (!config || !(known || storage404)) return undefined;
   const container = `the landing container '${config.landing.container}' (MDVM_LANDING_CONTAINER)`;
   const tables = `the tables '${config.snapshotsTable}' (MDVM_SNAPSHOTS_TABLE) and '${config.partsTable}' (MDVM_PARTS_TABLE)`;
@@ -189,7 +190,9 @@ async function deriveCommand(
     options.since !== undefined &&
     // A time needs its zone: without one Date.parse reads local time, while a date alone is read as UTC.
     (!/^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2}))?$/.test(options.since) ||
-      Number.isNaN(Date.parse(options.since)))
+      Number.isNaN(Date.parse(options.since)) ||
+      // Date.parse rolls 2026-02-30 over to March: the day must survive the round trip.
+      new Date(`${options.since.slice(0, 10)}T00:00:00Z`).toISOString().slice(0, 10) !== options.since.slice(0, 10))
   ) {
     err(
       `mdvm-ingest: --since '${options.since}' is not an ISO time (e.g. 2026-11-01 or 2026-11-01T00:00:00Z; a time needs its zone)`,

@@ -207,7 +207,9 @@ async function deltaStart(runtime: Runtime): Promise<{ since: string; note?: str
             ).toISOString(),
           )
         : full.generatedTime;
-    const from = `the full snapshot ${full.snapshotId}${full.mode === 'json' ? ` (JSON mode: from ${since}, a day earlier, since the data may be older than the read)` : ''}`;
+    const clamped =
+      full.mode === 'json' && Date.parse(since) > Date.parse(full.generatedTime) - JSON_DATA_AGE_ALLOWANCE_IN_MS;
+    const from = `the full snapshot ${full.snapshotId}${full.mode === 'json' ? ` (JSON mode: from ${since}, ${clamped ? 'the oldest change Defender still keeps, less than a day before the read: changes older than that are not asked for' : 'a day earlier, since the data may be older than the read'})` : ''}`;
     return {
       since,
       note: watermark
@@ -463,8 +465,7 @@ async function landPages(
           throw classifyStorageError(error, 'delete the page of an empty read');
         });
     }
-    const current = await runtime.store.getSnapshot(exportId, generatedTime);
-    if (current) await runtime.store.forgetRead(current);
+    await forgetEmptyRead(runtime, exportId, generatedTime);
     telemetry.track('request', { export: exportId, snapshot: snapshotId, outcome: 'refused', reason });
     return {
       exportId,
@@ -714,6 +715,29 @@ function nextLinkProblem(next: string, runtime: Runtime, endpoint: Endpoint, cur
   }
   if (url.href === current.href) return "the next page's link is this page's own link (a loop)";
   return undefined;
+}
+
+/**
+ * The rows of a read that found nothing, removed under their ETags. A reader that overlapped may touch the row
+ * meanwhile (its lastError): read again and retry while the row still says the read is done and found nothing.
+ */
+async function forgetEmptyRead(runtime: Runtime, exportId: string, generatedTime: string): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    const current = await runtime.store.getSnapshot(exportId, generatedTime);
+    if (!current || current.value.cursor || (current.value.recordsLanded ?? 0) > 0) return;
+    try {
+      await runtime.store.forgetRead(current);
+      return;
+    } catch (error) {
+      if (!(error instanceof ConcurrentUpdateError) || attempt >= 5) {
+        throw new MdvmError(
+          'transient',
+          `${exportId} ${current.value.snapshotId}: could not remove the rows of a read that found nothing (${errorMessage(error)}); the next tick tries again`,
+          { cause: error },
+        );
+      }
+    }
+  }
 }
 
 /** Two readers that adopt the same page write the same row; the one that loses the race stops. */

@@ -9,7 +9,7 @@ const BEARER = /\b(Bearer)\s+[A-Za-z0-9._~+/=-]+/gi;
 const ACCOUNT_KEY = /\b(AccountKey|SharedAccessSignature)=([^;\s"']+)/gi;
 const ACCESS_TOKEN_JSON = /("access_token"\s*:\s*")[^"]+(")/gi;
 /** `user:password@` in a URL (a setting pasted with credentials in it). */
-const URL_USER_INFO = /(\b[a-z][a-z0-9+.-]{0,31}:\/\/)[^/\s@"'<>]{1,256}@/gi;
+const URL_USER_INFO = /(\b[a-z][a-z0-9+.-]{0,31}:\/\/)[^/\s@"'<>]+@/gi;
 /** A signature inside a URL-encoded query (`sig%3D…`), e.g. a SAS URL quoted as a parameter of another URL. */
 const ENCODED_SIG_PARAM = /(?<![a-z])(sig|signature)%3D([^&\s"'%]|%(?!26)[0-9a-f]{2})+/gi;
 

@@ -382,25 +382,29 @@ async function supersede(
     // Every part may have landed with only the completion left undone (a derive message that could not be sent,
     // _latest.json under a lease): that snapshot is complete, not superseded, and its derived outputs still get built.
     if ((row.mode ?? 'files') === 'files') {
+      let failure: unknown;
       const completed = await completeSnapshotIfReady(runtime, telemetry, exportId, row.generatedTime).catch(
         (error: unknown) => {
-          telemetry.track('request', {
-            export: exportId,
-            snapshot: row.snapshotId,
-            outcome: 'error',
-            reason: `completing it before superseding it failed: ${errorMessage(error)}`,
-          });
+          failure = error;
           return false;
         },
       );
       if (completed) continue;
-      // Its manifest is written, so its completion failed after that: leave it for the next tick to complete again
-      // rather than supersede a snapshot downstream can already see.
-      const manifestWritten = await runtime.landing
-        .getBlockBlobClient(manifestPath(exportId, row.snapshotId))
-        .exists()
-        .catch(() => false);
-      if (manifestWritten) continue;
+      // The completion itself failed (not: parts are missing) after the manifest was written: downstream can already
+      // see this snapshot, so it is left for the next tick to complete again rather than superseded. When it cannot
+      // be told whether the manifest is there, it is kept too: superseding is the step that cannot be undone.
+      if (failure !== undefined) {
+        const manifestWritten = await runtime.landing
+          .getBlockBlobClient(manifestPath(exportId, row.snapshotId))
+          .exists()
+          .catch(() => true);
+        telemetry.track('request', {
+          export: exportId,
+          outcome: 'error',
+          reason: `${row.snapshotId}: completing it before superseding it failed (${manifestWritten ? 'kept for the next tick: its manifest is written' : 'superseded'}): ${errorMessage(failure)}`,
+        });
+        if (manifestWritten) continue;
+      }
     }
     await runtime.store.mutateSnapshot(exportId, row.generatedTime, (r) =>
       r.status === 'complete' || r.status === 'superseded'

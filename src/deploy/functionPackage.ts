@@ -155,18 +155,17 @@ function isOutput(projectDir: string, outDir: string, path: string): boolean {
   return relative(projectDir, outDir).split(sep).join('/') === path;
 }
 
-/** Every file below `root` ('/'-separated, sorted) whose path and folders `excluded` lets through. */
 /**
- * Build output of a source file that no longer exists: `dist/src/<dir>/<name>.js` (or its map or declaration) where
- * `src/<dir>/` is there but `src/<dir>/<name>.ts` is not. A folder without sources (a copy of dist/ alone) says nothing.
+ * Build output of a source file that no longer exists: `dist/src/<path>.js` (or its map or declaration) where `src/`
+ * is there but `src/<path>.ts` is not (a whole folder removed too). A project without `src/` (dist/ alone) says nothing.
  */
 function isStaleBuildOutput(projectDir: string, file: string): boolean {
   const emitted = /^dist\/(src\/.+?)\.(js|js\.map|d\.ts|d\.ts\.map)$/.exec(file);
   if (!emitted?.[1]) return false;
-  const source = emitted[1];
-  return existsSync(join(projectDir, posix.dirname(source))) && !existsSync(join(projectDir, `${source}.ts`));
+  return existsSync(join(projectDir, 'src')) && !existsSync(join(projectDir, `${emitted[1]}.ts`));
 }
 
+/** Every file below `root` ('/'-separated, sorted) whose path and folders `excluded` lets through. */
 function listIncluded(root: string, excluded: (path: string, isDir: boolean) => boolean): string[] {
   const files: string[] = [];
   const visit = (dir: string) => {

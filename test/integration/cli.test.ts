@@ -557,7 +557,7 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     const bad = await cli(['derive', '--since', 'last tuesday'], app.env);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/--since 'last tuesday' is not an ISO time/);
-    for (const since of ['1', '2026-11-01T00:00']) {
+    for (const since of ['1', '2026-11-01T00:00', '2026-02-30']) {
       const refused = await cli(['derive', '--since', since], app.env);
       expect(refused.code).toBe(2);
       expect(refused.stderr).toContain(`--since '${since}' is not an ISO time`);

@@ -236,9 +236,12 @@ describe('.funcignore', () => {
     const project = projectWith(readFileSync(join(root, '.funcignore'), 'utf8'));
     cpSync(join(root, 'src'), join(project, 'src'), { recursive: true });
     writeFileSync(join(project, 'dist', 'src', 'core', 'removedLongAgo.js'), 'export const stale = true;\n');
+    mkdirSync(join(project, 'dist', 'src', 'removedFolder'));
+    writeFileSync(join(project, 'dist', 'src', 'removedFolder', 'gone.js'), 'export const stale = true;\n');
     const lines: string[] = [];
     const built = buildFunctionPackage({ projectDir: project, log: (line) => lines.push(line) });
     expect(built.files).not.toContain('dist/src/core/removedLongAgo.js');
+    expect(built.files).not.toContain('dist/src/removedFolder/gone.js');
     expect(built.files).toContain('dist/src/core/landPart.js');
     expect(lines).toContainEqual(
       expect.stringMatching(/left out \d+ stale build files .*dist\/src\/core\/removedLongAgo\.js/),
@@ -249,8 +252,7 @@ describe('.funcignore', () => {
     const project = projectWith(readFileSync(join(root, '.funcignore'), 'utf8'));
     writeFileSync(join(project, '.env'), 'MDVM_LANDING_CONNECTION_STRING=AccountKey=not-a-real-key\n');
     writeFileSync(join(project, 'local.settings.json'), '{}');
-    mkdirSync(join(project, 'src'));
-    writeFileSync(join(project, 'src', 'index.ts'), '');
+    cpSync(join(root, 'src'), join(project, 'src'), { recursive: true });
     const built = buildFunctionPackage({ projectDir: project });
     expect(built.files.filter((f) => !f.startsWith('node_modules/'))).not.toContainEqual(
       expect.stringMatching(/^(\.env|local\.settings\.json|src\/)/),

@@ -29,6 +29,9 @@ describe('redact', () => {
     expect(out).not.toContain('AbCdEfEnc0ded');
     expect(out).toContain('https://<redacted>@acct.blob.core.windows.net/');
     expect(out).toContain('%26se%3D2 done');
+    // However long: a token used as the password too.
+    const token = 'T'.repeat(300);
+    expect(redact(`https://u:${token}@acct.blob.core.windows.net/`)).not.toContain(token);
   });
 
   it('errors redact their own message', () => {
