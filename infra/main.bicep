@@ -194,6 +194,8 @@ module runtimeStorage 'modules/runtime-storage.bicep' = {
     tags: tags
     deploymentContainerName: names.deploymentContainer
     identityPrincipalId: identity.outputs.IDENTITY_PRINCIPAL_ID
+    operatorPrincipalId: principalId
+    operatorPrincipalType: principalType
     logAnalyticsWorkspaceId: monitoring.outputs.LOG_ANALYTICS_ID
   }
 }

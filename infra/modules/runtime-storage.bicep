@@ -41,6 +41,17 @@ param partsTableName string = 'parts'
 @description('Principal (object) id of the Function App\'s managed identity; it gets the data roles below.')
 param identityPrincipalId string
 
+@description('Principal (object) id of the person or pipeline that runs azd (AZURE_PRINCIPAL_ID). It gets Storage Table Data Reader on the two tables, which `mdvm-ingest status` and `verify` read; empty: no grant. `requeue` and `derive` write: grant those by hand (infra/README.md).')
+param operatorPrincipalId string = ''
+
+@description('Kind of principal operatorPrincipalId is.')
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param operatorPrincipalType string = 'User'
+
 @description('Resource id of the Log Analytics workspace that receives the queue logs (table StorageQueueLogs): every message put on, read from and deleted from the parts queue and its poison queue.')
 param logAnalyticsWorkspaceId string
 
@@ -48,6 +59,7 @@ param logAnalyticsWorkspaceId string
 var storageBlobDataOwnerRoleId = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
 var storageQueueDataContributorRoleId = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 var storageTableDataContributorRoleId = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
+var storageTableDataReaderRoleId = '76199698-9eea-4c19-bc75-cec21354c6b6'
 
 // The host dead-letters to '<queue>-poison'; the app reads the same name (config.ts poisonQueueName).
 var queueNames = [
@@ -187,6 +199,27 @@ resource partsTableDataContributor 'Microsoft.Authorization/roleAssignments@2022
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageTableDataContributorRoleId)
     principalId: identityPrincipalId
     principalType: 'ServicePrincipal'
+  }
+}
+
+// The operator's read of the manifest state, for the CLI commands the alerts point to (status, verify).
+resource operatorSnapshotsTableReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(operatorPrincipalId)) {
+  name: guid(snapshotsTable.id, operatorPrincipalId, storageTableDataReaderRoleId)
+  scope: snapshotsTable
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageTableDataReaderRoleId)
+    principalId: operatorPrincipalId
+    principalType: operatorPrincipalType
+  }
+}
+
+resource operatorPartsTableReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(operatorPrincipalId)) {
+  name: guid(partsTable.id, operatorPrincipalId, storageTableDataReaderRoleId)
+  scope: partsTable
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageTableDataReaderRoleId)
+    principalId: operatorPrincipalId
+    principalType: operatorPrincipalType
   }
 }
 

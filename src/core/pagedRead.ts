@@ -96,7 +96,7 @@ export async function requestJsonSnapshot(
   if (!('jsonPath' in type)) throw new MdvmError('fatal', `${exportId} has no paged JSON endpoint`);
   const endpoint = { path: type.jsonPath, exportId, permission: type.permission };
   return inSpan(SPAN_NAMES.tick, { export: exportId, mode: 'json' }, async (span) => {
-    const unfinished = await unfinishedRead(runtime, exportId);
+    const unfinished = await unfinishedRead(runtime, telemetry, exportId);
     let row = unfinished;
     if (!row) {
       const wrongClock = await clockRefusal(runtime, telemetry, exportId);
@@ -123,7 +123,7 @@ export async function requestDelta(
   const exportId = DELTA_EXPORT.id;
   const endpoint = { path: DELTA_EXPORT.apiPath, exportId, permission: DELTA_EXPORT.permission };
   return inSpan(SPAN_NAMES.tick, { export: exportId, mode: 'delta' }, async (span) => {
-    const unfinished = await unfinishedRead(runtime, exportId);
+    const unfinished = await unfinishedRead(runtime, telemetry, exportId);
     let row = unfinished;
     if (!row) {
       const start = await deltaStart(runtime);
@@ -247,7 +247,11 @@ async function clockRefusal(
   return { exportId, snapshotId: '', generatedTime: '', outcome: 'refused', pagesLanded: 0, recordsLanded: 0, reason };
 }
 
-async function unfinishedRead(runtime: Runtime, exportId: string): Promise<SnapshotRow | undefined> {
+async function unfinishedRead(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  exportId: string,
+): Promise<SnapshotRow | undefined> {
   const unfinished = (await runtime.store.listSnapshots(exportId))
     .map((s) => s.value)
     .filter((s) => (s.mode === 'json' || s.mode === 'delta') && (s.status === 'copying' || s.status === 'requested'));
@@ -259,6 +263,12 @@ async function unfinishedRead(runtime: Runtime, exportId: string): Promise<Snaps
         ? { status: 'superseded', supersededBy: newest?.generatedTime ?? row.generatedTime }
         : undefined,
     );
+    telemetry.track('request', {
+      export: exportId,
+      snapshot: older.snapshotId,
+      outcome: 'superseded',
+      reason: `another read of ${exportId} began at the same time; ${newest?.snapshotId ?? 'the newest'} goes on`,
+    });
   }
   return newest;
 }
@@ -394,6 +404,9 @@ async function landPages(
           ? { lastError: reason, ...(resumable ? {} : { status: 'failed' as const }) }
           : undefined,
       );
+      // A read that failed for good is over (the next tick starts another): say so with its id, so the late-snapshot
+      // alert and the workbook do not wait on it.
+      if (!resumable) telemetry.track('request', { export: exportId, snapshot: snapshotId, outcome: 'failed', reason });
       record.failure(exportId, error instanceof MdvmError ? error.kind : 'transient');
       telemetry.track('part', {
         export: exportId,

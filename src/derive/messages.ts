@@ -51,11 +51,12 @@ export function parseDeriveMessage(input: unknown): DeriveMessage {
   return parsed.data;
 }
 
-/** The export and snapshot a derive message names, when it parses: for telemetry about a message that failed. */
-export function deriveMessageLabels(input: unknown): { export?: string; snapshot?: string } {
+/** The export, snapshot and kind (as `method`) a derive message names, when it parses: telemetry about one that failed. */
+export function deriveMessageLabels(input: unknown): { export?: string; snapshot?: string; method?: string } {
   try {
     const m = parseDeriveMessage(input);
-    return { export: m.export, snapshot: m.snapshot };
+    // The same method names the `derived` events of built outputs carry, so a failure groups with its kind.
+    return { export: m.export, snapshot: m.snapshot, method: m.kind === 'curate-part' ? 'curated' : 'changes' };
   } catch {
     return {};
   }

@@ -191,11 +191,11 @@ describe('curated Parquet', () => {
     expect(names.filter((n) => !n.startsWith(`curated/certificates/snapshot=${raw.snapshot}/`))).toEqual([]);
     // Each parked message is a telemetry event, with the export and snapshot when the message names them.
     const parkedEvents = app.events.filter((e) => e.event === 'derived' && e.outcome === 'dead-lettered');
-    expect(parkedEvents.map((e) => [e.export, e.snapshot])).toEqual(
+    expect(parkedEvents.map((e) => [e.export, e.snapshot, e.method])).toEqual(
       expect.arrayContaining([
-        ['certificates', raw.snapshot],
-        ['certificates', '2026-11-21T0801Z'],
-        [undefined, undefined],
+        ['certificates', raw.snapshot, 'curated'],
+        ['certificates', '2026-11-21T0801Z', 'curated'],
+        [undefined, undefined, undefined],
       ]),
     );
     expect(parkedEvents).toHaveLength(3);

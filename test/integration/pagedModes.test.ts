@@ -435,6 +435,10 @@ describe('paged reads under overlap and hostile pages', () => {
     expect(tick?.error).toMatch(problem);
     const rows = (await app.runtime.store.listSnapshots('hardware-firmware')).map((s) => s.value);
     expect(rows).toEqual([expect.objectContaining({ status: 'failed', partsLanded: 0 })]);
+    // The read is over: its end is in the telemetry, so the late-snapshot alert does not wait on it.
+    expect(app.events).toContainEqual(
+      expect.objectContaining({ event: 'request', snapshot: rows[0]?.snapshotId, outcome: 'failed' }),
+    );
     const blobs: string[] = [];
     for await (const blob of app.runtime.landing.listBlobsFlat()) blobs.push(blob.name);
     expect(blobs).toEqual([]);

@@ -396,6 +396,18 @@ describe('infrastructure (offline Bicep checks)', () => {
     }
   });
 
+  it('gives the deploying user read access to the manifest tables, for the status and verify the alerts point to', () => {
+    const bicep = (path: string) => readFileSync(new URL(`../../infra/${path}`, import.meta.url), 'utf8');
+    const runtime = bicep('modules/runtime-storage.bicep');
+    expect(runtime).toContain("var storageTableDataReaderRoleId = '76199698-9eea-4c19-bc75-cec21354c6b6'");
+    for (const table of ['snapshotsTable', 'partsTable']) {
+      expect(runtime).toMatch(
+        new RegExp(`guid\\(${table}\\.id, operatorPrincipalId, storageTableDataReaderRoleId\\)\\s+scope: ${table}\\n`),
+      );
+    }
+    expect(bicep('main.bicep')).toMatch(/operatorPrincipalId: principalId\n\s+operatorPrincipalType: principalType/);
+  });
+
   it('the parameters file fills what azd knows', () => {
     const parameters = JSON.parse(readFileSync(new URL('../../infra/main.parameters.json', import.meta.url), 'utf8'));
     expect(parameters.parameters).toMatchObject({
