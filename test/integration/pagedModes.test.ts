@@ -425,6 +425,16 @@ describe('paged reads under overlap and hostile pages', () => {
       (url: URL) => `${url.origin}${url.pathname}?$skiptoken=x&access_token=SECRETTOKEN`,
       /carries a credential; it is neither stored nor followed/,
     ],
+    [
+      'a link longer than 5,000 characters (it goes into blob metadata and the row)',
+      (url: URL) => `${url.origin}${url.pathname}?$skiptoken=${'x'.repeat(5000)}`,
+      /not a plain URL of at most 5000 characters/,
+    ],
+    [
+      'a link with a character outside printable ASCII',
+      (url: URL) => `${url.origin}${url.pathname}?$skiptoken=a\u2028b`,
+      /not a plain URL of at most 5000 characters/,
+    ],
   ])('fails the read on a nextLink to %s, and stores nothing of it', async (_, next, problem) => {
     const app = await createApp(
       stack,
@@ -443,6 +453,47 @@ describe('paged reads under overlap and hostile pages', () => {
     for await (const blob of app.runtime.landing.listBlobsFlat()) blobs.push(blob.name);
     expect(blobs).toEqual([]);
     expect(JSON.stringify(rows)).not.toContain('SECRETTOKEN');
+  });
+
+  it('of two reads begun at the same time, the newest goes on and the other is superseded, with its own event', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'hardware-firmware', MDVM_JSON_EXPORTS: 'hardware-firmware' },
+      { wrapRuntime: serving(() => JSON.stringify({ value: [{ id: 'r1' }] })) },
+    );
+    // What two first ticks on two instances leave behind when both start a read before either sees the other's row.
+    const first = `${app.runtime.config.defender.baseUrl}/api/machines/HardwareFirmwareInventoryByMachine?pageSize=5`;
+    const at = (msAgo: number) => new Date(Date.now() - msAgo).toISOString().replace(/\.\d{3}Z$/, 'Z');
+    const [older, newer] = [at(3_000), at(2_000)].map((generatedTime, i) => ({
+      exportId: 'hardware-firmware',
+      generatedTime,
+      snapshotId: `read-${i}`,
+      status: 'copying' as const,
+      partCount: 1,
+      partsLanded: 0,
+      bytesLanded: 0,
+      recordsLanded: 0,
+      requestedAt: generatedTime,
+      lastRequestedAt: generatedTime,
+      mode: 'json' as const,
+      cursor: first,
+    }));
+    for (const row of [older, newer]) if (row) await app.runtime.store.createSnapshot(row);
+    const [tick] = await app.runner.tick();
+    expect(tick?.error).toBeUndefined();
+    const rows = (await app.runtime.store.listSnapshots('hardware-firmware')).map((s) => s.value);
+    expect(rows).toEqual([
+      expect.objectContaining({ snapshotId: 'read-0', status: 'superseded', supersededBy: newer?.generatedTime }),
+      expect.objectContaining({ snapshotId: 'read-1', status: 'complete', recordsLanded: 1 }),
+    ]);
+    expect(app.events).toContainEqual(
+      expect.objectContaining({
+        event: 'request',
+        snapshot: 'read-0',
+        outcome: 'superseded',
+        reason: expect.stringMatching(/another read of hardware-firmware began at the same time; read-1 goes on/),
+      }),
+    );
   });
 
   it('stops a read whose links cycle after MDVM_MAX_PARTS_PER_SNAPSHOT pages', async () => {
@@ -509,6 +560,50 @@ describe('paged reads under overlap and hostile pages', () => {
     // The JSON snapshot is named after when its read began; Defender's data behind it may be older.
     const fullAt = Date.parse(full?.generatedTime ?? '');
     expect(window?.since).toBe(new Date(fullAt - 24 * 3_600_000).toISOString().replace('.000Z', 'Z'));
+  });
+
+  it('a delta that continues a JSON-mode snapshot near the 14-day edge starts inside it, and says so', async () => {
+    const app = await createApp(
+      stack,
+      {
+        MDVM_EXPORTS: 'software-vulnerabilities',
+        MDVM_JSON_EXPORTS: 'software-vulnerabilities',
+        MDVM_DELTA_SCHEDULE: '0 30 */6 * * *',
+      },
+      {
+        wrapRuntime: serving(() => JSON.stringify({ value: [{ id: 'r', eventTimestamp: new Date().toISOString() }] })),
+      },
+    );
+    // A JSON read that began 13.5 days ago: a day before it is already past what Defender keeps.
+    const fullAt = new Date(Date.now() - 13.5 * 24 * 3_600_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
+    await app.runtime.store.createSnapshot({
+      exportId: 'software-vulnerabilities',
+      generatedTime: fullAt,
+      snapshotId: 'old-json-read',
+      status: 'complete',
+      partCount: 1,
+      partsLanded: 1,
+      bytesLanded: 20,
+      requestedAt: fullAt,
+      lastRequestedAt: fullAt,
+      mode: 'json',
+      cursor: '',
+    });
+    const started = Date.now();
+    const [tick] = await app.runner.tick([DELTA_EXPORT.id]);
+    expect(tick?.error).toBeUndefined();
+    const [window] = (await app.runtime.store.listSnapshots(DELTA_EXPORT.id)).map((s) => s.value);
+    const since = Date.parse(window?.since ?? '');
+    expect(since).toBeGreaterThan(Date.parse(fullAt) - 24 * 3_600_000);
+    expect(since).toBeGreaterThan(started - DELTA_EXPORT.maxLookbackInMs);
+    expect(since).toBeLessThan(Date.parse(fullAt));
+    expect(app.events).toContainEqual(
+      expect.objectContaining({
+        export: DELTA_EXPORT.id,
+        outcome: 'resumed',
+        reason: expect.stringMatching(/the oldest change Defender still keeps, less than a day before the read/),
+      }),
+    );
   });
 
   it("a paged read does not start while this machine's clock is far from the storage service's", async () => {
