@@ -330,6 +330,38 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     expect(lines[2]).toBe('would move 0, refused 2');
   });
 
+  it('status and verify print one line per export and per finding, whatever text a row or blob name holds', async () => {
+    const app = await appFor('certificates');
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-14T06:01:00Z', recordsPerPart: 3 });
+    stack.simulator.resetRateLimits();
+    expect((await cli(['run'], app.env)).code).toBe(0);
+    const forged = 'ok: 9 snapshots, 9 parts checked, 0 findings';
+    // A stored error holds whatever a service answered; a blob name whatever someone with write access chose.
+    await app.runtime.store.mutateSnapshot('certificates', '2026-11-14T06:01:00Z', () => ({
+      lastError: `boom\n${forged}\r\u001b[2J`,
+    }));
+    await app.runtime.landing
+      .getBlockBlobClient(`certificates/snapshot=2026-11-14T0601Z/x\n${forged}\t[2J`)
+      .upload('x', 1);
+
+    const status = await cli(['status'], app.env);
+    const statusLines = status.stdout.trim().split('\n');
+    expect(statusLines).toHaveLength(3);
+    expect(statusLines[2]).toMatch(/^certificates .*boom ok: 9 snapshots/);
+    expect(status.stdout).not.toContain('\u001b');
+    expect(status.stdout).not.toContain('\r');
+
+    const verify = await cli(['verify'], app.env);
+    expect(verify.code).toBe(1);
+    const verifyLines = verify.stdout.trim().split('\n');
+    expect(verifyLines).toEqual([
+      expect.stringMatching(
+        /^extra +certificates\/snapshot=2026-11-14T0601Z\/x\?ok: 9 snapshots.*findings\?\[2J {2}in the snapshot folder but in no manifest$/,
+      ),
+      expect.stringMatching(/^PROBLEMS: 1 snapshots, \d+ parts checked, 1 findings$/),
+    ]);
+  });
+
   it('names the container, table or queue that is gone, and its setting, instead of a raw 404', async () => {
     const app = await appFor('certificates');
     await stack.simulator.publish('certificates', { generatedTime: '2026-11-13T02:01:00Z', recordsPerPart: 3 });
@@ -473,6 +505,14 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     // An empty variable is not a value: the file's setting stands (not the default).
     const blank = await cli(['--settings', json, 'status', '--json'], { MDVM_EXPORTS: '', MDVM_SNAPSHOTS_TABLE: ' ' });
     expect((JSON.parse(blank.stdout) as StatusReport).exports.map((e) => e.export)).toEqual(['certificates']);
+    // The credential reads the process environment itself: an empty identity variable must not hide the file's.
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-16T19:01:00Z', recordsPerPart: 2 });
+    stack.simulator.resetRateLimits();
+    const blankIdentity = Object.fromEntries(Object.keys(stack.simulator.identityEnvironment).map((k) => [k, '']));
+    const ran = await cli(['--settings', json, 'run'], blankIdentity);
+    expect(ran.stderr).toBe('');
+    expect(ran.code).toBe(0);
+    expect(ran.stdout).toMatch(/certificates\s+2026-11-16T1901Z\s+\d+\/\d+.*complete/);
     rmSync(dir, { recursive: true, force: true });
   });
 
