@@ -145,8 +145,20 @@ export function isNetworkError(error: unknown): boolean {
 }
 
 export function errorMessage(error: unknown): string {
-  if (error instanceof Error) return redact(error.message);
+  if (error instanceof Error)
+    return redact(error.message.trim() === '' ? describeWithoutMessage(error) : error.message);
   return redact(String(error));
+}
+
+/**
+ * The storage SDKs throw a RestError with an empty message when a response body cannot be read (a 500 whose XML
+ * failed, say): name what is known instead of printing nothing.
+ */
+function describeWithoutMessage(error: Error): string {
+  const e = error as RestLikeError & { cause?: unknown };
+  const facts = [e.code, e.statusCode === undefined ? undefined : `HTTP ${e.statusCode}`].filter(Boolean).join(', ');
+  const cause = e.cause instanceof Error && e.cause.message.trim() !== '' ? `: ${e.cause.message}` : '';
+  return `${error.name || 'Error'} without a message${facts ? ` (${facts})` : ''}${cause}`;
 }
 
 function firstLine(text: string | undefined): string {

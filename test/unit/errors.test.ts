@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { classifyStorageError, isStorageCondition, storageCondition } from '../../src/core/errors.js';
+import { classifyStorageError, errorMessage, isStorageCondition, storageCondition } from '../../src/core/errors.js';
 
 /** What the storage SDKs throw: a RestError with the HTTP status and the service's error code. */
 const restError = (statusCode: number | undefined, code?: string) =>
@@ -34,6 +34,21 @@ describe('storage conditions are named once', () => {
     });
     expect(classifyStorageError(restError(403, 'AuthenticationFailed'), 'read').kind).toBe('expired');
     expect(classifyStorageError(restError(503, 'ServerBusy'), 'write')).toMatchObject({ retryable: true });
+  });
+});
+
+describe('an error is never printed as nothing', () => {
+  it('names an error without a message by its name, code and status (the SDK throws these for unreadable answers)', () => {
+    expect(errorMessage(Object.assign(new Error(''), { name: 'RestError', statusCode: 500 }))).toBe(
+      'RestError without a message (HTTP 500)',
+    );
+    expect(errorMessage(Object.assign(new Error(' '), { name: 'RestError', code: 'PARSE_ERROR' }))).toBe(
+      'RestError without a message (PARSE_ERROR)',
+    );
+    expect(errorMessage(new Error('', { cause: new Error('socket hang up') }))).toBe(
+      'Error without a message: socket hang up',
+    );
+    expect(errorMessage(new Error('boom'))).toBe('boom');
   });
 });
 
