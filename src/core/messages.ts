@@ -2,6 +2,9 @@ import { z } from 'zod';
 import { EXPORT_IDS, type ExportId, getExportType } from './catalog.js';
 import { MdvmError } from './errors.js';
 
+/** The longest SAS URL a part message carries (the tick refuses a longer one rather than fail to send it). */
+export const MAX_SOURCE_URL_LENGTH = 8192;
+
 /**
  * The parts-queue message (contract: docs/contracts.md, "Queue messages"): JSON, versioned, one part per message,
  * base64 on the wire (the Functions queue trigger's default encoding).
@@ -12,7 +15,7 @@ export const partMessageSchema = z.object({
   snapshot: z.string().regex(/^\d{4}-\d{2}-\d{2}T\d{4}(\d{2}(\.\d{3})?)?Z$/),
   generatedTime: z.iso.datetime(),
   part: z.string().min(1).max(1024),
-  sourceUrl: z.string().min(1).max(8192),
+  sourceUrl: z.string().min(1).max(MAX_SOURCE_URL_LENGTH),
   sasExpiresOn: z.iso.datetime().nullable(),
   enqueuedAt: z.iso.datetime(),
   /** W3C trace context of the tick that enqueued it (optional: messages without it still parse). */
@@ -41,7 +44,19 @@ export function messageTimeToLiveInSeconds(message: PartMessage, sasValidHours: 
 
 /** Validated on the way out as on the way in: the timer never enqueues what the copier would refuse. */
 export function encodeMessage(message: PartMessage): string {
-  return Buffer.from(JSON.stringify(partMessageSchema.parse(message)), 'utf8').toString('base64');
+  const parsed = partMessageSchema.safeParse(message);
+  if (!parsed.success) {
+    throw new MdvmError('invalid-input', `part ${message.part}: ${schemaProblems(parsed.error)}`);
+  }
+  return Buffer.from(JSON.stringify(parsed.data), 'utf8').toString('base64');
+}
+
+function schemaProblems(error: z.ZodError): string {
+  const reasons = error.issues
+    .slice(0, 5)
+    .map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`)
+    .join('; ');
+  return `message does not match the v1 part schema: ${reasons}`;
 }
 
 /**
@@ -61,13 +76,7 @@ export function parsePartMessage(input: unknown): PartMessage {
     return parsePartMessage(value.toString('utf8'));
   }
   const parsed = partMessageSchema.safeParse(value);
-  if (!parsed.success) {
-    const reasons = parsed.error.issues
-      .slice(0, 5)
-      .map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`)
-      .join('; ');
-    throw new MdvmError('invalid-input', `message does not match the v1 part schema: ${reasons}`);
-  }
+  if (!parsed.success) throw new MdvmError('invalid-input', schemaProblems(parsed.error));
   return parsed.data;
 }
 

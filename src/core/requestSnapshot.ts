@@ -3,7 +3,7 @@ import { completeSnapshotIfReady, reconcileCounters } from './completion.js';
 import { runBounded } from './concurrency.js';
 import { classifyStorageError, errorMessage, MdvmError } from './errors.js';
 import type { SnapshotRow } from './manifestStore.js';
-import { encodeMessage, messageTimeToLiveInSeconds, type PartMessage } from './messages.js';
+import { encodeMessage, MAX_SOURCE_URL_LENGTH, messageTimeToLiveInSeconds, type PartMessage } from './messages.js';
 import { annotate, inSpan, SPAN_NAMES, traceparentOf } from './observability.js';
 import {
   canonicalGeneratedTime,
@@ -21,6 +21,9 @@ import { DEAD_ON_ARRIVAL_REASON, type OfferedPart, planTick, statusAfterTick } f
 
 /** How far ahead of this clock a generatedTime may be (clock skew between Defender and us), and no further. */
 export const MAX_CLOCK_SKEW_IN_MS = 10 * 60_000;
+
+/** The lastError a tick writes while files are refused (cleared once Defender lists none). */
+const REFUSED_NOTE = /^\d+ of \d+ file\(s\) refused, so the snapshot cannot complete/;
 
 /** Parts marked in flight per table transaction; sends run at most two of these ahead of their marks. */
 const ENQUEUE_CHUNK = 100;
@@ -149,6 +152,15 @@ async function tick(
         ? `${warnings.length} file(s) ${warnings[0]?.reason}`
         : undefined;
 
+  if (offered.length === 0) {
+    // As an empty list: a snapshot of nothing but refused files would supersede the one in progress, and could never
+    // complete itself.
+    throw new MdvmError(
+      'invalid-input',
+      `Defender listed ${response.exportFiles.length} file(s) for ${exportId} ${snapshotId} and every one was refused (${refused[0]?.reason ?? ''}); nothing recorded`,
+    );
+  }
+
   const now = runtime.now();
   const current = await runtime.store.getSnapshot(exportId, generatedTime);
   const plan = planTick({
@@ -164,7 +176,9 @@ async function tick(
   });
 
   // Carry the plan out, in an order where a crash at any line leaves a state the next tick plans from again.
-  const superseded = await supersede(runtime, telemetry, exportId, generatedTime, plan.supersede);
+  // A snapshot with refused files cannot complete: the older ones go on rather than be lost to it.
+  const superseded =
+    refused.length > 0 ? [] : await supersede(runtime, telemetry, exportId, generatedTime, plan.supersede);
   if (plan.unchanged && current) {
     telemetry.track('request', {
       export: exportId,
@@ -186,15 +200,21 @@ async function tick(
   // The snapshot row first: its new ETag stops a completion that read the shorter list from marking the snapshot
   // complete (ADR 0013), and its part count keeps any later check from completing before the new rows exist.
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
-    partCount: Math.max(row.partCount, plan.offered.length + refused.length),
+    // The recorded parts never shrink (a part once listed stays in the snapshot); the refused files are this list's,
+    // so a refused file Defender no longer lists stops holding the snapshot back.
+    partCount: Math.max(row.partCount - (row.partsRefused ?? 0), plan.offered.length) + refused.length,
     partsRefused: refused.length,
+    ...(refused.length === 0 && (row.partsRefused ?? 0) > 0 && REFUSED_NOTE.test(row.lastError ?? '')
+      ? { lastError: '' }
+      : {}),
     lastRequestedAt: now.toISOString(),
     ...(plan.expired.length > 0 ? { lastError: `${plan.expired.length} part(s): ${DEAD_ON_ARRIVAL_REASON}` } : {}),
     ...(refusedNote ? { lastError: refusedNote } : {}),
   }));
   await runtime.store.insertParts(plan.newParts);
   const expiredPaths = new Map(plan.markExpired.map((p) => [p.path, p]));
-  const offeredSource = new Map(offered.map((p) => [p.relativePath, p.sourcePath]));
+  // From the plan's distinct parts, the ones the messages are made from: the row and its message name one source.
+  const offeredSource = new Map(plan.offered.map((p) => [p.relativePath, p.sourcePath]));
   await runBounded([...plan.requeue, ...expiredPaths.keys()], runtime.config.enqueueConcurrency, (path) =>
     runtime.store.mutatePart(exportId, snapshotId, path, (row) => {
       if (row.status === 'landed') return undefined;
@@ -458,13 +478,26 @@ function screenFiles(
   const offered: OfferedPart[] = [];
   const refused: { part: string; reason: string }[] = [];
   const warnings: { part: string; reason: string }[] = [];
+  // Defender signs for at most the type's documented hours: a later `se` is not believed, since a queued part counts
+  // as in flight, and its message lives, until its SAS expires.
+  const latestExpiryInMs = runtime.now().getTime() + type.sasMaxHours * 3_600_000 + MAX_CLOCK_SKEW_IN_MS;
   for (const url of urls) {
+    if (url.length > MAX_SOURCE_URL_LENGTH) {
+      refused.push({
+        part: stripQuery(url).slice(-200),
+        reason: `refused: its URL is ${url.length} characters, and a part message carries at most ${MAX_SOURCE_URL_LENGTH}`,
+      });
+      continue;
+    }
     let part: SourcePart;
     try {
       part = parseSourceUrl(url, runtime.config);
     } catch (error) {
       refused.push({ part: stripQuery(url).slice(-200), reason: `refused: ${errorMessage(error)}` });
       continue;
+    }
+    if (part.sasExpiresOn && part.sasExpiresOn.getTime() > latestExpiryInMs) {
+      part = { ...part, sasExpiresOn: new Date(latestExpiryInMs) };
     }
     if (part.blobExportName !== type.blobExportName) {
       refused.push({

@@ -2,7 +2,16 @@ import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SnapshotManifest } from '../../src/core/completion.js';
 import { verifyLanding } from '../../src/ops/verify.js';
-import { createApp, listBlobNames, md5, type Stack, startStack, type TestApp, tableRows } from '../helpers/stack.js';
+import {
+  createApp,
+  listBlobNames,
+  md5,
+  queueTexts,
+  type Stack,
+  startStack,
+  type TestApp,
+  tableRows,
+} from '../helpers/stack.js';
 
 /** Hostile or broken file lists from the Defender API: what the tick records, refuses and completes. */
 
@@ -160,6 +169,169 @@ describe('file lists the tick must not trust blindly', () => {
     // Every later tick says the same and still lands nothing wrong; it does not wedge the export.
     const again = await tick(app);
     expect(again?.error).toBeUndefined();
+  });
+
+  it.each([
+    [
+      'a SAS expiry before year 0',
+      (u: string) => u.replace(/([?&])se=[^&]+/, '$1se=-000001-01-01T00%3A00%3A00Z'),
+      /SAS expiry se=-000001-01-01T00:00:00Z is not a usable time/,
+    ],
+    [
+      'a SAS expiry after year 9999',
+      (u: string) => u.replace(/([?&])se=[^&]+/, '$1se=10000-01-01'),
+      /SAS expiry se=10000-01-01 is not a usable time/,
+    ],
+    [
+      'a URL longer than a message carries',
+      (u: string) => `${u}&x=${'a'.repeat(9000)}`,
+      /its URL is \d+ characters, and a part message carries at most 8192/,
+    ],
+  ])('one file with %s is refused alone: the others land on the first tick', async (_, spoil, reason) => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'hardware-firmware', MDVM_ENQUEUE_CONCURRENCY: '2' });
+    const snap = await stack.simulator.publish('hardware-firmware', {
+      generatedTime: '2026-11-17T02:01:00Z',
+      recordsPerPart: 3,
+    });
+    stack.simulator.injectFault('hardware-firmware', {
+      kind: 'rewrite',
+      rewrite: (body) => ({ ...body, exportFiles: body.exportFiles.map((u, i) => (i === 0 ? spoil(u) : u)) }),
+    });
+    const report = await tick(app);
+    expect(report?.error).toBeUndefined();
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts).toHaveLength(snap.parts.length - 1);
+    expect(parts.every((p) => p.status === 'landed')).toBe(true);
+    const [row] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(row).toMatchObject({ partCount: snap.parts.length, partsRefused: 1, partsLanded: snap.parts.length - 1 });
+    expect(app.events).toContainEqual(
+      expect.objectContaining({ outcome: 'refused', reason: expect.stringMatching(reason) }),
+    );
+  });
+
+  it('a SAS expiry years ahead is not believed: the part counts as in flight for the documented SAS hours at most', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-17T02:01:00Z', recordsPerPart: 3 });
+    stack.simulator.injectFault('certificates', {
+      kind: 'rewrite',
+      rewrite: (body) => ({
+        ...body,
+        exportFiles: body.exportFiles.map((u) => u.replace(/([?&])se=[^&]+/, '$1se=2036-01-01T00%3A00%3A00Z')),
+      }),
+    });
+    const before = Date.now();
+    stack.simulator.resetRateLimits();
+    await app.runner.tick();
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts.length).toBeGreaterThan(0);
+    for (const p of parts) {
+      // Certificates: at most 24 hours, plus the clock skew allowed.
+      expect(Date.parse(String(p.sasExpiresOn))).toBeLessThanOrEqual(before + 24 * 3_600_000 + 11 * 60_000);
+    }
+  });
+
+  it('a newer list whose every file is refused records nothing and supersedes nothing; the snapshot in progress completes', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-17T00:01:00Z', recordsPerPart: 3 });
+    // Recorded, but its SAS URLs were dead on arrival: copying, nothing landed yet.
+    stack.simulator.injectFault('certificates', { kind: 'expired-sas' });
+    await tick(app);
+    stack.simulator.injectFault('certificates', {
+      kind: 'rewrite',
+      rewrite: (body) => ({
+        generatedTime: '2026-11-17T01:01:00Z',
+        exportFiles: body.exportFiles.map((u) =>
+          u.replace(/^http:\/\/127\.0\.0\.1:\d+/, 'http://example.blob.core.windows.net'),
+        ),
+      }),
+    });
+    const odd = await tick(app);
+    expect(odd?.error).toMatch(/every one was refused .*; nothing recorded/);
+    expect((await tableRows(app.runtime.storage.snapshotsTable)).map((r) => [r.rowKey, r.status])).toEqual([
+      ['2026-11-17T00:01:00Z', 'copying'],
+    ]);
+    await tick(app);
+    const rows = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(rows.map((r) => [r.rowKey, r.status])).toEqual([['2026-11-17T00:01:00Z', 'complete']]);
+  });
+
+  it('a newer list with a refused file does not supersede the snapshot in progress', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    const snap = await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-17T00:01:00Z',
+      recordsPerPart: 3,
+    });
+    stack.simulator.injectFault('certificates', { kind: 'expired-sas' });
+    await tick(app);
+    const newer = await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-17T01:01:00Z',
+      recordsPerPart: 3,
+    });
+    const org = newer.parts[0]?.relativePath.split('/')[0] ?? '';
+    const other = `${newer.prefix.replace('/CertificateAssessmentExport/', '/ScaExport/')}/${org}/_RbacGroupId=0/part-00000-x.c000.json.gz`;
+    stack.simulator.injectFault('certificates', {
+      kind: 'rewrite',
+      rewrite: (body, sign) => ({ ...body, exportFiles: [...body.exportFiles, sign(other)] }),
+    });
+    await tick(app);
+    const rows = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(rows.map((r) => [r.rowKey, r.status])).toEqual([
+      ['2026-11-17T00:01:00Z', 'copying'],
+      ['2026-11-17T01:01:00Z', 'failed'],
+    ]);
+    expect(snap.parts.length).toBeGreaterThan(0);
+  });
+
+  it('a refused file that Defender stops listing no longer holds the snapshot back', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    const snap = await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-17T00:01:00Z',
+      recordsPerPart: 3,
+    });
+    const org = snap.parts[0]?.relativePath.split('/')[0] ?? '';
+    const other = `${snap.prefix.replace('/CertificateAssessmentExport/', '/ScaExport/')}/${org}/_RbacGroupId=0/part-00000-x.c000.json.gz`;
+    stack.simulator.injectFault('certificates', {
+      kind: 'rewrite',
+      rewrite: (body, sign) => ({ ...body, exportFiles: [...body.exportFiles, sign(other)] }),
+    });
+    await tick(app);
+    expect(await tableRows(app.runtime.storage.snapshotsTable)).toEqual([
+      expect.objectContaining({ status: 'failed', partCount: snap.parts.length + 1, partsRefused: 1 }),
+    ]);
+    const report = await tick(app);
+    expect(report?.error).toBeUndefined();
+    const [row] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(row).toMatchObject({
+      status: 'complete',
+      partCount: snap.parts.length,
+      partsRefused: 0,
+      partsLanded: snap.parts.length,
+    });
+    expect(row?.lastError ?? '').toBe('');
+    const manifest = await manifestOf(app, 'certificates/snapshot=2026-11-17T0001Z');
+    expect(manifest.parts).toHaveLength(snap.parts.length);
+  });
+
+  it('the same file listed twice, once with its = percent-encoded, lands once after its SAS was renewed', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'software-inventory' });
+    const snap = await stack.simulator.publish('software-inventory', {
+      generatedTime: '2026-11-17T04:01:00Z',
+      recordsPerPart: 3,
+    });
+    stack.simulator.injectFault('software-inventory', { kind: 'expired-sas' });
+    await tick(app);
+    stack.simulator.injectFault('software-inventory', {
+      kind: 'rewrite',
+      rewrite: (body) => ({
+        ...body,
+        exportFiles: [...body.exportFiles, (body.exportFiles[0] ?? '').replace(/%3D/g, '=')],
+      }),
+    });
+    await tick(app);
+    const parts = await tableRows(app.runtime.storage.partsTable);
+    expect(parts.map((p) => p.status)).toEqual(snap.parts.map(() => 'landed'));
+    expect(await queueTexts(app, 'poison')).toEqual([]);
+    expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'complete' });
   });
 
   it('a _latest.json that cannot move (a lease on it) leaves the newer snapshot visibly incomplete until it can', async () => {
