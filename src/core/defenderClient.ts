@@ -47,6 +47,13 @@ export interface GetExportFilesOptions {
   onRetry?: (info: { attempt: number; statusCode: number | undefined; waitInMs: number }) => void;
 }
 
+/**
+ * The most of a response body read into memory: a file list of MDVM_MAX_PARTS_PER_SNAPSHOT (20,000) URLs is a few
+ * MiB; an error body is a few hundred bytes. A larger body (a broken or hostile endpoint) is not read whole.
+ */
+const MAX_LIST_BODY_BYTES = 64 * 1024 * 1024;
+const MAX_ERROR_BODY_BYTES = 64 * 1024;
+
 const processBudget = new CallBudget();
 const processPagedBudget = pagedCallBudget();
 const VIA_FILES_BUDGET = `${VIA_FILES_CALLS_PER_MINUTE}/min, ${VIA_FILES_CALLS_PER_HOUR}/h`;
@@ -93,7 +100,16 @@ export class DefenderExportClient {
         budgetText: VIA_FILES_BUDGET,
       },
       options,
-      async (response) => parseExportFiles(await response.body.text(), exportType),
+      async (response) => {
+        const body = await readBounded(response.body, MAX_LIST_BODY_BYTES);
+        if (body.cut) {
+          throw new MdvmError(
+            'invalid-input',
+            `${exportType.apiPath}: the response is larger than ${MAX_LIST_BODY_BYTES / 1024 / 1024} MiB, far more than a file list; nothing recorded`,
+          );
+        }
+        return parseExportFiles(body.text, exportType);
+      },
     );
   }
 
@@ -145,7 +161,17 @@ export class DefenderExportClient {
         );
       }
       if (budgetWait > 0) await sleep(budgetWait, undefined, { signal: options.abortSignal });
-      const token = await this.getToken(options.abortSignal);
+      let token: string;
+      try {
+        token = await this.getToken(options.abortSignal);
+      } catch (error) {
+        const failure = error as MdvmError;
+        if (!failure.retryable || attempt >= this.options.maxRetries || options.abortSignal?.aborted) throw failure;
+        await sleep(Math.min(this.backoff(attempt), this.options.maxRetryWaitInMs), undefined, {
+          signal: options.abortSignal,
+        });
+        continue;
+      }
       endpoint.budget.record(budgetKey);
 
       let failure: MdvmError;
@@ -168,7 +194,8 @@ export class DefenderExportClient {
         );
         record.defenderCall(endpoint.metricsExport, response.statusCode);
         if (response.statusCode === 200) return await read(response);
-        failure = classifyDefenderResponse(response.statusCode, await response.body.text(), response.headers, endpoint);
+        const errorBody = await readBounded(response.body, MAX_ERROR_BODY_BYTES);
+        failure = classifyDefenderResponse(response.statusCode, errorBody.text, response.headers, endpoint);
       } catch (error) {
         if (error instanceof MdvmError) throw error;
         record.defenderCall(endpoint.metricsExport, undefined);
@@ -208,8 +235,12 @@ export class DefenderExportClient {
       if (!token) throw new Error('the credential returned no token');
       return token.token;
     } catch (error) {
+      // The identity endpoint down or busy is not a permission problem: retried like any other transient failure,
+      // and reported as what it is.
+      const status = (error as { statusCode?: number } | undefined)?.statusCode;
+      const passing = isNetworkError(error) || (status !== undefined && (status === 429 || status >= 500));
       throw new MdvmError(
-        'forbidden',
+        passing ? 'transient' : 'forbidden',
         `could not get a token for ${this.scope} (MDVM_DEFENDER_TOKEN_SCOPE): ${errorMessage(error)}`,
         { cause: error },
       );
@@ -305,11 +336,34 @@ function parseErrorBody(body: string): { code?: string; target?: string; message
   }
 }
 
+/** The body as text, reading at most `maxBytes`; a longer body is cut there and the rest not read. */
+async function readBounded(
+  body: Dispatcher.ResponseData['body'],
+  maxBytes: number,
+): Promise<{ text: string; cut: boolean }> {
+  const chunks: Buffer[] = [];
+  let bytes = 0;
+  for await (const chunk of body) {
+    const buffer = chunk as Buffer;
+    if (bytes + buffer.length > maxBytes) {
+      body.destroy();
+      return { text: Buffer.concat(chunks).toString('utf8'), cut: true };
+    }
+    chunks.push(buffer);
+    bytes += buffer.length;
+  }
+  return { text: Buffer.concat(chunks).toString('utf8'), cut: false };
+}
+
 /** Retry-After is either delta-seconds or an HTTP date. */
 export function parseRetryAfter(value: string | string[] | undefined, now: number = Date.now()): number | undefined {
   const text = Array.isArray(value) ? value[0] : value;
   if (!text) return undefined;
-  if (/^\d+$/.test(text.trim())) return Number(text.trim()) * 1000;
-  const date = Date.parse(text);
+  const trimmed = text.trim();
+  if (/^\d+(\.\d+)?$/.test(trimmed)) return Math.ceil(Number(trimmed) * 1000);
+  // Only an HTTP date is read as one: Date.parse takes '-5' or '1.5.' for dates decades ago, which would mean
+  // "retry at once".
+  if (!/^[A-Za-z]{3}, \d{1,2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT$/.test(trimmed)) return undefined;
+  const date = Date.parse(trimmed);
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
 }

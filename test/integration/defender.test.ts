@@ -1,4 +1,7 @@
-import { ManagedIdentityCredential } from '@azure/identity';
+import { once } from 'node:events';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { type AccessToken, ManagedIdentityCredential, type TokenCredential } from '@azure/identity';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { CallBudget } from '../../src/core/callBudget.js';
 import { getExportType } from '../../src/core/catalog.js';
@@ -221,5 +224,90 @@ describe('the paged JSON and delta endpoints (simulator and client)', () => {
     const refused = await failure(paced.openPage(new URL(`${stack.simulator.baseUrl}${byMachine}?$top=1`), what));
     expect(refused.kind).toBe('rate-limited');
     expect(refused.message).toMatch(/30\/min, 1000\/h/);
+  });
+});
+
+describe('Defender export client against a broken endpoint or identity', () => {
+  const staticToken: TokenCredential = {
+    getToken: async (): Promise<AccessToken> => ({
+      token: 'static-test-token',
+      expiresOnTimestamp: Date.now() + 3_600_000,
+    }),
+  };
+
+  /** A server that answers every request with `status` and a body that never ends; counts the bytes it sent. */
+  async function endlessServer(status: number): Promise<{ server: Server; url: string; sent: () => number }> {
+    let sent = 0;
+    const chunk = Buffer.alloc(1024 * 1024, 'a');
+    const server = createServer((_, res) => {
+      res.writeHead(status, { 'content-type': 'application/json' });
+      const write = () => {
+        while (!res.destroyed && sent < 1024 * 1024 * 1024) {
+          sent += chunk.length;
+          if (!res.write(chunk)) return void res.once('drain', write);
+        }
+        res.end();
+      };
+      write();
+    });
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    return { server, url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, sent: () => sent };
+  }
+
+  it.each([
+    [200, 'invalid-input', /larger than 64 MiB, far more than a file list; nothing recorded/],
+    [503, 'transient', /503/],
+  ])('reads no more than a bounded part of a %i body that never ends', async (status, kind, message) => {
+    const endless = await endlessServer(status);
+    try {
+      const api = new DefenderExportClient(endless.url, staticToken, scope, {
+        callBudget: new CallBudget(),
+        maxRetries: 0,
+      });
+      const error = await failure(api.getExportFiles(getExportType('certificates')));
+      expect(error.kind).toBe(kind);
+      expect(error.message).toMatch(message);
+      // What the server managed to send before the client stopped reading: socket buffers, not the gigabyte.
+      expect(endless.sent()).toBeLessThan(200 * 1024 * 1024);
+    } finally {
+      endless.server.closeAllConnections();
+      endless.server.close();
+    }
+  });
+
+  it('an identity endpoint that fails for a moment is retried, and one that keeps failing is transient, not forbidden', async () => {
+    const real = new ManagedIdentityCredential();
+    let calls = 0;
+    const flaky: TokenCredential = {
+      getToken: async (scopes, options) => {
+        calls++;
+        if (calls === 1)
+          throw Object.assign(new Error('connect ECONNREFUSED 169.254.169.254:80'), { code: 'ECONNREFUSED' });
+        return real.getToken(scopes, options);
+      },
+    };
+    const type = getExportType('certificates');
+    const api = (credential: TokenCredential) =>
+      new DefenderExportClient(stack.simulator.baseUrl, credential, scope, {
+        retryBaseDelayInMs: 10,
+        callBudget: new CallBudget(),
+      });
+    const response = await api(flaky).getExportFiles(type);
+    expect(response.exportFiles.length).toBeGreaterThan(0);
+    expect(calls).toBe(2);
+
+    const busy: TokenCredential = {
+      getToken: async () => {
+        throw Object.assign(new Error('the identity endpoint answered 503'), { statusCode: 503 });
+      },
+    };
+    expect((await failure(api(busy).getExportFiles(type))).kind).toBe('transient');
+    const refused: TokenCredential = {
+      getToken: async () => {
+        throw Object.assign(new Error('AADSTS700016: application not found'), { statusCode: 400 });
+      },
+    };
+    expect((await failure(api(refused).getExportFiles(type))).kind).toBe('forbidden');
   });
 });

@@ -105,6 +105,13 @@ describe('call budget', () => {
     expect(parseRetryAfter('7')).toBe(7000);
     expect(parseRetryAfter(new Date(10_000).toUTCString(), 4_000)).toBe(6000);
     expect(parseRetryAfter(undefined)).toBeUndefined();
+    expect(parseRetryAfter(' 5 ')).toBe(5000);
+    expect(parseRetryAfter('1.5')).toBe(1500);
+    // Date.parse reads these as dates decades ago, which would mean "retry at once": unknown instead (the caller's
+    // default wait).
+    expect(parseRetryAfter('-5')).toBeUndefined();
+    expect(parseRetryAfter('1.5.')).toBeUndefined();
+    expect(parseRetryAfter('soon')).toBeUndefined();
   });
 });
 
