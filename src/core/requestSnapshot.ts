@@ -180,6 +180,21 @@ async function tick(
   const superseded =
     refused.length > 0 ? [] : await supersede(runtime, telemetry, exportId, generatedTime, plan.supersede);
   if (plan.unchanged && current) {
+    // Complete, and it stays so, but Defender now lists a file the tick refuses: status says so (the manifest cannot
+    // list a file that was never landed).
+    if (refused.length !== (current.value.partsRefused ?? 0)) {
+      await runtime.store.mutateSnapshot(exportId, generatedTime, (row) =>
+        row.status !== 'complete'
+          ? undefined
+          : {
+              partsRefused: refused.length,
+              lastError:
+                refused.length > 0
+                  ? `${refused.length} file(s) listed after completion were refused: ${refused[0]?.reason}`
+                  : '',
+            },
+      );
+    }
     telemetry.track('request', {
       export: exportId,
       snapshot: snapshotId,

@@ -312,6 +312,33 @@ describe('file lists the tick must not trust blindly', () => {
     expect(manifest.parts).toHaveLength(snap.parts.length);
   });
 
+  it('a complete snapshot whose list later names a refused file stays complete, and status says so', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'security-baselines' });
+    const snap = await stack.simulator.publish('security-baselines', {
+      generatedTime: '2026-11-17T03:01:00Z',
+      recordsPerPart: 3,
+    });
+    await tick(app);
+    stack.simulator.injectFault('security-baselines', {
+      kind: 'rewrite',
+      rewrite: (body) => ({
+        ...body,
+        exportFiles: [...body.exportFiles, `http://evil.example/${snap.prefix}/x/part-1.json.gz?sig=abc`],
+      }),
+    });
+    expect((await tick(app))?.error).toBeUndefined();
+    const [row] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(row).toMatchObject({ status: 'complete', partsRefused: 1, partsLanded: snap.parts.length });
+    expect(String(row?.lastError)).toMatch(
+      /1 file\(s\) listed after completion were refused: refused: source URL refused/,
+    );
+    // Defender stops listing it: the note goes.
+    await tick(app);
+    const [after] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(after).toMatchObject({ status: 'complete', partsRefused: 0 });
+    expect(after?.lastError ?? '').toBe('');
+  });
+
   it('the same file listed twice, once with its = percent-encoded, lands once after its SAS was renewed', async () => {
     const app = await createApp(stack, { MDVM_EXPORTS: 'software-inventory' });
     const snap = await stack.simulator.publish('software-inventory', {
