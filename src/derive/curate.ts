@@ -1,4 +1,5 @@
 import { finished } from 'node:stream/promises';
+import type { BlobItem } from '@azure/storage-blob';
 import { ByteWriter, type ColumnSource, ParquetWriter, schemaFromColumnData } from 'hyparquet-writer';
 import { BlockUploadSink } from '../core/blockUpload.js';
 import type { LandedExportId } from '../core/catalog.js';
@@ -213,23 +214,79 @@ async function curatedPartOf(
  * When every part of the raw manifest has its curated file, write the curated `_manifest.json` (create-only). One
  * listing with metadata; safe to call after every part, concurrently, and again after a crash.
  */
+interface CuratedBlob {
+  readonly rows: number;
+  readonly bytes: number;
+  readonly source: string;
+  readonly md5: string;
+}
+
+/** Names listed a page at a time: small enough that a delivery which is not the last stops after one request. */
+const CURATED_LISTING_PAGE = 1_000;
+
+/**
+ * The curated blobs of a snapshot's parts, or undefined as soon as one is missing. Every delivery asks, and most
+ * are not the last: the listing (in name order, as the service returns it) is walked beside the expected names and
+ * stops at the first gap, so a snapshot of N parts does not list N curated blobs N times.
+ */
+async function curatedPartsIfAll(
+  runtime: Runtime,
+  manifest: SnapshotManifest,
+): Promise<Map<string, CuratedBlob> | undefined> {
+  const expected = manifest.parts.map((p) => curatedPartPath(p.path)).sort(byName);
+  const found = new Map<string, CuratedBlob>();
+  let next = 0;
+  let previous = '';
+  const pages = runtime.landing
+    .listBlobsFlat({ prefix: `${curatedFolder(manifest.export, manifest.snapshot)}/`, includeMetadata: true })
+    .byPage({ maxPageSize: CURATED_LISTING_PAGE });
+  for await (const page of pages) {
+    for (const blob of page.segment.blobItems) {
+      // Names out of order would make a gap look like one: read the whole listing instead.
+      if (byName(blob.name, previous) < 0) return allCuratedParts(runtime, manifest);
+      previous = blob.name;
+      const wanted = expected[next];
+      if (wanted !== undefined && byName(wanted, blob.name) < 0) return undefined;
+      if (wanted === blob.name) next++;
+      found.set(blob.name, curatedBlobOf(blob));
+    }
+    if (next >= expected.length) return found;
+  }
+  return next >= expected.length ? found : undefined;
+}
+
+async function allCuratedParts(runtime: Runtime, manifest: SnapshotManifest): Promise<Map<string, CuratedBlob>> {
+  const found = new Map<string, CuratedBlob>();
+  for await (const blob of runtime.landing.listBlobsFlat({
+    prefix: `${curatedFolder(manifest.export, manifest.snapshot)}/`,
+    includeMetadata: true,
+  })) {
+    found.set(blob.name, curatedBlobOf(blob));
+  }
+  return found;
+}
+
+function curatedBlobOf(blob: BlobItem): CuratedBlob {
+  return {
+    rows: Number(blob.metadata?.rows ?? Number.NaN),
+    bytes: blob.properties.contentLength ?? 0,
+    source: blob.metadata?.source ?? '',
+    md5: blob.properties.contentMD5 ? Buffer.from(blob.properties.contentMD5).toString('base64') : '',
+  };
+}
+
+/** Blob names compare as the service lists them: by code unit, which for the ASCII names used here is byte order. */
+function byName(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
 export async function completeCuratedIfReady(
   runtime: Runtime,
   telemetry: Telemetry,
   manifest: SnapshotManifest,
 ): Promise<CuratedManifest | undefined> {
-  const found = new Map<string, { rows: number; bytes: number; source: string; md5: string }>();
-  for await (const blob of runtime.landing.listBlobsFlat({
-    prefix: `${curatedFolder(manifest.export, manifest.snapshot)}/`,
-    includeMetadata: true,
-  })) {
-    found.set(blob.name, {
-      rows: Number(blob.metadata?.rows ?? Number.NaN),
-      bytes: blob.properties.contentLength ?? 0,
-      source: blob.metadata?.source ?? '',
-      md5: blob.properties.contentMD5 ? Buffer.from(blob.properties.contentMD5).toString('base64') : '',
-    });
-  }
+  const found = await curatedPartsIfAll(runtime, manifest);
+  if (!found) return undefined;
   const parts: CuratedManifest['parts'] = [];
   for (const raw of manifest.parts) {
     const path = curatedPartPath(raw.path);
