@@ -77,9 +77,11 @@ async function completeFromOneRead(
     if (missing.length === 0) return true;
     return reopenMissingParts(runtime, telemetry, snapshot, versions, missing);
   }
-  if (landed.length < snapshot.value.partCount || landed.length < rows.length) {
+  // A refused file is part of the snapshot Defender lists but never of its manifest: no completion while there is one.
+  const refused = (snapshot.value.partsRefused ?? 0) > 0;
+  if (landed.length < snapshot.value.partCount || landed.length < rows.length || refused) {
     await reconcileCounters(runtime, snapshot.value, landed);
-    if (landed.length === rows.length && (snapshot.value.partsRefused ?? 0) > 0) {
+    if (landed.length === rows.length && refused) {
       // Every recorded part is in, but Defender listed files the tick refused: say so, do not wait forever.
       await runtime.store.mutateSnapshot(exportId, generatedTime, (row) =>
         row.status === 'copying' || row.status === 'requested' ? { status: 'failed' } : undefined,

@@ -167,9 +167,9 @@ export class DefenderExportClient {
       } catch (error) {
         const failure = error as MdvmError;
         if (!failure.retryable || attempt >= this.options.maxRetries || options.abortSignal?.aborted) throw failure;
-        await sleep(Math.min(this.backoff(attempt), this.options.maxRetryWaitInMs), undefined, {
-          signal: options.abortSignal,
-        });
+        const waitInMs = Math.min(this.backoff(attempt), this.options.maxRetryWaitInMs);
+        options.onRetry?.({ attempt: attempt + 1, statusCode: undefined, waitInMs });
+        await sleep(waitInMs, undefined, { signal: options.abortSignal });
         continue;
       }
       endpoint.budget.record(budgetKey);
@@ -237,10 +237,8 @@ export class DefenderExportClient {
     } catch (error) {
       // The identity endpoint down or busy is not a permission problem: retried like any other transient failure,
       // and reported as what it is.
-      const status = (error as { statusCode?: number } | undefined)?.statusCode;
-      const passing = isNetworkError(error) || (status !== undefined && (status === 429 || status >= 500));
       throw new MdvmError(
-        passing ? 'transient' : 'forbidden',
+        abortSignal?.aborted || identityEndpointFailed(error) ? 'transient' : 'forbidden',
         `could not get a token for ${this.scope} (MDVM_DEFENDER_TOKEN_SCOPE): ${errorMessage(error)}`,
         { cause: error },
       );
@@ -334,6 +332,21 @@ function parseErrorBody(body: string): { code?: string; target?: string; message
   } catch {
     return {};
   }
+}
+
+/**
+ * Whether a token request failed because the identity endpoint was down or busy rather than because it refused. The
+ * credential chain wraps the cause twice (AggregateAuthenticationError → CredentialUnavailableError → MSAL's
+ * ServerError with `status`, or ClientAuthError `network_error`): the whole tree is searched.
+ */
+function identityEndpointFailed(error: unknown, depth = 0): boolean {
+  if (!error || typeof error !== 'object' || depth > 5) return false;
+  const e = error as { statusCode?: unknown; status?: unknown; errorCode?: unknown; errors?: unknown; cause?: unknown };
+  const status = typeof e.statusCode === 'number' ? e.statusCode : typeof e.status === 'number' ? e.status : undefined;
+  if (status !== undefined && (status === 429 || status >= 500)) return true;
+  if (e.errorCode === 'network_error' || isNetworkError(error)) return true;
+  const inner = [...(Array.isArray(e.errors) ? e.errors : []), e.cause];
+  return inner.some((x) => identityEndpointFailed(x, depth + 1));
 }
 
 /** The body as text, reading at most `maxBytes`; a longer body is cut there and the rest not read. */

@@ -75,9 +75,9 @@ export function parseSourceUrl(rawUrl: string, policy: SourcePolicy): SourcePart
   const relativePath = validateRelativePath(match[4] ?? '');
   const se = url.searchParams.get('se');
   const sasExpiresOn = se ? new Date(se) : undefined;
-  // A time outside years 0000-9999 parses, but no row, message or ISO time can hold it: one such URL would stop
-  // every tick of its snapshot at the row write.
-  if (sasExpiresOn && !Number.isNaN(sasExpiresOn.getTime()) && !/^\d{4}-/.test(sasExpiresOn.toISOString())) {
+  // A time before year 0 parses, but no row, message or ISO time can hold it: one such URL would stop every tick of
+  // its snapshot at the row write. (One after 9999 is capped by the tick like any expiry too far ahead.)
+  if (sasExpiresOn && !Number.isNaN(sasExpiresOn.getTime()) && sasExpiresOn.toISOString().startsWith('-')) {
     throw new MdvmError(
       'invalid-input',
       `source URL refused: its SAS expiry se=${(se ?? '').slice(0, 40)} is not a usable time`,

@@ -17,7 +17,13 @@ import {
 import { stripQuery } from './redact.js';
 import type { Runtime } from './runtime.js';
 import type { Telemetry } from './telemetry.js';
-import { DEAD_ON_ARRIVAL_REASON, type OfferedPart, planTick, statusAfterTick } from './tickPlan.js';
+import {
+  DEAD_ON_ARRIVAL_REASON,
+  needsAnotherMessage,
+  type OfferedPart,
+  planTick,
+  statusAfterTick,
+} from './tickPlan.js';
 
 /** How far ahead of this clock a generatedTime may be (clock skew between Defender and us), and no further. */
 export const MAX_CLOCK_SKEW_IN_MS = 10 * 60_000;
@@ -152,17 +158,18 @@ async function tick(
         ? `${warnings.length} file(s) ${warnings[0]?.reason}`
         : undefined;
 
-  if (offered.length === 0) {
-    // As an empty list: a snapshot of nothing but refused files would supersede the one in progress, and could never
-    // complete itself.
+  const now = runtime.now();
+  const current = await runtime.store.getSnapshot(exportId, generatedTime);
+  if (offered.length === 0 && !current) {
+    // As an empty list: a new snapshot of nothing but refused files would supersede the one in progress, and could
+    // never complete itself. (A snapshot already recorded keeps its rows; the refusals are written to it below.)
     throw new MdvmError(
       'invalid-input',
       `Defender listed ${response.exportFiles.length} file(s) for ${exportId} ${snapshotId} and every one was refused (${refused[0]?.reason ?? ''}); nothing recorded`,
     );
   }
 
-  const now = runtime.now();
-  const current = await runtime.store.getSnapshot(exportId, generatedTime);
+  const recorded = current ? (await runtime.store.listParts(exportId, snapshotId)).map((r) => r.value) : [];
   const plan = planTick({
     exportId,
     generatedTime,
@@ -170,15 +177,23 @@ async function tick(
     offered,
     snapshot: current?.value,
     snapshots: (await runtime.store.listSnapshots(exportId)).map((r) => r.value),
-    parts: current ? (await runtime.store.listParts(exportId, snapshotId)).map((r) => r.value) : [],
+    parts: recorded,
     now,
     sasSafetyMarginInMs: runtime.config.sasSafetyMarginInMs,
   });
 
   // Carry the plan out, in an order where a crash at any line leaves a state the next tick plans from again.
-  // A snapshot with refused files cannot complete: the older ones go on rather than be lost to it.
-  const superseded =
-    refused.length > 0 ? [] : await supersede(runtime, telemetry, exportId, generatedTime, plan.supersede);
+  // A snapshot with refused files cannot complete: an older one whose every missing part is still in flight goes on
+  // (it may complete and move _latest.json); once one of its messages can no longer succeed, it is superseded.
+  const stillInFlight =
+    refused.length > 0 ? await completableFromQueue(runtime, exportId, plan.supersede, now) : new Set<string>();
+  const superseded = await supersede(
+    runtime,
+    telemetry,
+    exportId,
+    generatedTime,
+    plan.supersede.filter((row) => !stillInFlight.has(row.generatedTime)),
+  );
   if (plan.unchanged && current) {
     // Complete, and it stays so, but Defender now lists a file the tick refuses: status says so (the manifest cannot
     // list a file that was never landed).
@@ -215,9 +230,11 @@ async function tick(
   // The snapshot row first: its new ETag stops a completion that read the shorter list from marking the snapshot
   // complete (ADR 0013), and its part count keeps any later check from completing before the new rows exist.
   await runtime.store.mutateSnapshot(exportId, generatedTime, (row) => ({
-    // The recorded parts never shrink (a part once listed stays in the snapshot); the refused files are this list's,
-    // so a refused file Defender no longer lists stops holding the snapshot back.
-    partCount: Math.max(row.partCount - (row.partsRefused ?? 0), plan.offered.length) + refused.length,
+    // Every part recorded, and never fewer (a part once listed stays in the snapshot), plus this list's refused files:
+    // a refused file Defender no longer lists stops holding the snapshot back.
+    partCount:
+      Math.max(row.partCount - (row.partsRefused ?? 0), plan.offered.length, recorded.length + plan.newParts.length) +
+      refused.length,
     partsRefused: refused.length,
     ...(refused.length === 0 && (row.partsRefused ?? 0) > 0 && REFUSED_NOTE.test(row.lastError ?? '')
       ? { lastError: '' }
@@ -404,6 +421,29 @@ async function enqueue(runtime: Runtime, message: PartMessage): Promise<void> {
   } catch (error) {
     throw classifyStorageError(error, `enqueue ${message.part}`);
   }
+}
+
+/**
+ * The older snapshots (by generatedTime) whose every part not landed is queued with a message that can still
+ * succeed: they may complete from the queue alone. Defender lists only its current snapshot, so no other part of
+ * theirs will ever get a new URL.
+ */
+async function completableFromQueue(
+  runtime: Runtime,
+  exportId: ExportId,
+  older: readonly SnapshotRow[],
+  now: Date,
+): Promise<Set<string>> {
+  const keep = new Set<string>();
+  for (const row of older) {
+    if ((row.mode ?? 'files') !== 'files' || (row.partsRefused ?? 0) > 0) continue;
+    const parts = (await runtime.store.listParts(exportId, row.snapshotId)).map((r) => r.value);
+    const inFlight = parts.every(
+      (p) => p.status === 'landed' || !needsAnotherMessage(p, now, runtime.config.sasSafetyMarginInMs),
+    );
+    if (parts.length > 0 && inFlight) keep.add(row.generatedTime);
+  }
+  return keep;
 }
 
 async function supersede(

@@ -1,7 +1,13 @@
 import { once } from 'node:events';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { type AccessToken, ManagedIdentityCredential, type TokenCredential } from '@azure/identity';
+import {
+  type AccessToken,
+  AggregateAuthenticationError,
+  CredentialUnavailableError,
+  ManagedIdentityCredential,
+  type TokenCredential,
+} from '@azure/identity';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { CallBudget } from '../../src/core/callBudget.js';
 import { getExportType } from '../../src/core/catalog.js';
@@ -297,17 +303,30 @@ describe('Defender export client against a broken endpoint or identity', () => {
     expect(response.exportFiles.length).toBeGreaterThan(0);
     expect(calls).toBe(2);
 
-    const busy: TokenCredential = {
-      getToken: async () => {
-        throw Object.assign(new Error('the identity endpoint answered 503'), { statusCode: 503 });
-      },
+    // What DefaultAzureCredential (@azure/identity 4) throws, as observed against an identity endpoint that answers
+    // 503, one that is not there, and one that refuses: the chain wraps MSAL's error twice, with no status on top.
+    // (MSAL caches the identity source per process, so the real credential cannot be pointed elsewhere in a test.)
+    const chained = (cause: Error) => {
+      const unavailable = new CredentialUnavailableError('ManagedIdentityCredential: Authentication failed.', {
+        cause,
+      });
+      const environment = new CredentialUnavailableError('EnvironmentCredential is unavailable.');
+      return new AggregateAuthenticationError(
+        [environment, unavailable],
+        'ChainedTokenCredential authentication failed.',
+      );
     };
-    expect((await failure(api(busy).getExportFiles(type))).kind).toBe('transient');
-    const refused: TokenCredential = {
+    const throwing = (error: Error): TokenCredential => ({
       getToken: async () => {
-        throw Object.assign(new Error('AADSTS700016: application not found'), { statusCode: 400 });
+        throw error;
       },
-    };
-    expect((await failure(api(refused).getExportFiles(type))).kind).toBe('forbidden');
+    });
+    const msal = (name: string, fields: Record<string, unknown>) => Object.assign(new Error(name), { name, ...fields });
+    const busy = chained(msal('ServerError', { errorCode: 'busy', status: 503 }));
+    const unreachable = chained(msal('ClientAuthError', { errorCode: 'network_error' }));
+    const refused = chained(msal('ServerError', { errorCode: 'invalid_request', status: 400 }));
+    expect((await failure(api(throwing(busy)).getExportFiles(type))).kind).toBe('transient');
+    expect((await failure(api(throwing(unreachable)).getExportFiles(type))).kind).toBe('transient');
+    expect((await failure(api(throwing(refused)).getExportFiles(type))).kind).toBe('forbidden');
   });
 });
