@@ -17,6 +17,7 @@ import {
   curatedPartPath,
   sourceDigest,
 } from './contracts.js';
+import { listedUnlessGap } from './listingWalk.js';
 import { recordNormaliser, type TypedRow } from './normalise.js';
 import { readRawRecords } from './rawParts.js';
 import { ADDITIONAL_PROPERTIES, type ColumnType, type RecordSchema, recordSchema } from './schemas.js';
@@ -226,33 +227,27 @@ const CURATED_LISTING_PAGE = 1_000;
 
 /**
  * The curated blobs of a snapshot's parts, or undefined as soon as one is missing. Every delivery asks, and most
- * are not the last: the listing (in name order, as the service returns it) is walked beside the expected names and
- * stops at the first gap, so a snapshot of N parts does not list N curated blobs N times.
+ * are not the last: the listing is walked beside the expected names and stops at the first gap, so a snapshot of N
+ * parts does not list N curated blobs N times.
  */
 async function curatedPartsIfAll(
   runtime: Runtime,
   manifest: SnapshotManifest,
 ): Promise<Map<string, CuratedBlob> | undefined> {
-  const expected = manifest.parts.map((p) => curatedPartPath(p.path)).sort(byName);
-  const found = new Map<string, CuratedBlob>();
-  let next = 0;
-  let previous = '';
-  const pages = runtime.landing
-    .listBlobsFlat({ prefix: `${curatedFolder(manifest.export, manifest.snapshot)}/`, includeMetadata: true })
-    .byPage({ maxPageSize: CURATED_LISTING_PAGE });
-  for await (const page of pages) {
-    for (const blob of page.segment.blobItems) {
-      // Names out of order would make a gap look like one: read the whole listing instead.
-      if (byName(blob.name, previous) < 0) return allCuratedParts(runtime, manifest);
-      previous = blob.name;
-      const wanted = expected[next];
-      if (wanted !== undefined && byName(wanted, blob.name) < 0) return undefined;
-      if (wanted === blob.name) next++;
-      found.set(blob.name, curatedBlobOf(blob));
+  const pages = (async function* () {
+    for await (const page of runtime.landing
+      .listBlobsFlat({ prefix: `${curatedFolder(manifest.export, manifest.snapshot)}/`, includeMetadata: true })
+      .byPage({ maxPageSize: CURATED_LISTING_PAGE })) {
+      yield page.segment.blobItems;
     }
-    if (next >= expected.length) return found;
-  }
-  return next >= expected.length ? found : undefined;
+  })();
+  const listed = await listedUnlessGap(
+    manifest.parts.map((p) => curatedPartPath(p.path)),
+    pages,
+  );
+  if (listed === 'gap') return undefined;
+  if (listed === 'unordered') return allCuratedParts(runtime, manifest);
+  return new Map([...listed].map(([name, blob]) => [name, curatedBlobOf(blob)]));
 }
 
 async function allCuratedParts(runtime: Runtime, manifest: SnapshotManifest): Promise<Map<string, CuratedBlob>> {
@@ -273,11 +268,6 @@ function curatedBlobOf(blob: BlobItem): CuratedBlob {
     source: blob.metadata?.source ?? '',
     md5: blob.properties.contentMD5 ? Buffer.from(blob.properties.contentMD5).toString('base64') : '',
   };
-}
-
-/** Blob names compare as the service lists them: by code unit, which for the ASCII names used here is byte order. */
-function byName(a: string, b: string): number {
-  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 export async function completeCuratedIfReady(
