@@ -142,19 +142,14 @@ export class InProcessHost {
       },
     );
 
-    // One receiver keeps a batch (up to 32, the queue's limit per call, and at most one per worker) ready ahead of the
-    // workers, the way the host's batchSize + newBatchThreshold do: a worker that frees up starts the next message at
-    // once, and a receive costs a fraction of a request per part. It backs off while the queue is empty but messages
-    // are still invisible elsewhere.
+    // As in the Functions host, every message received starts at once: a receive asks for no more than the free
+    // workers (at most 32, the queue's limit per call). A message fetched ahead to wait for a worker would run late in
+    // its lease or be handed back, and every fetch adds to its dequeue count though no handler ran: long copies would
+    // reach the poison queue's limit before their first real attempt. It backs off while the queue is empty but
+    // messages are still invisible elsewhere.
     type Received = Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'];
     const visibilityInSeconds = this.options.visibilityTimeoutInSeconds ?? DEFAULT_LEASE_IN_SECONDS;
-    const ready: { message: Received[number]; receivedAtMs: number }[] = [];
-    const start = ({ message, receivedAtMs }: (typeof ready)[number]): void => {
-      // Waited too long for a worker: its invisibility may end mid-copy. Hand it back for a fresh delivery.
-      if (Date.now() - receivedAtMs > (visibilityInSeconds * 1000) / 2) {
-        void release(message);
-        return;
-      }
+    const start = (message: Received[number]): void => {
       const delivery: Promise<void> = this.deliver(copy, queue, poisonQueue, message)
         .catch((error: unknown) => {
           failure ??= error;
@@ -166,18 +161,15 @@ export class InProcessHost {
       settle(queue.updateMessage(message.messageId, message.popReceipt, message.messageText, 0)).catch(() => {
         // Could not hand it back: it reappears when its visibility timeout ends; nothing is lost.
       });
-    while (failure === undefined && !options.abortSignal?.aborted && Date.now() < deadline) {
-      while (ready.length > 0 && inFlight.size < this.workers) {
-        const next = ready.shift();
-        if (next) start(next);
-      }
-      if (ready.length > 0) {
+    const stopping = () => failure !== undefined || options.abortSignal?.aborted === true || Date.now() >= deadline;
+    while (!stopping()) {
+      const free = this.workers - inFlight.size;
+      if (free <= 0) {
         await Promise.race(inFlight);
         continue;
       }
-      // At most one worker's worth ahead: a message never waits for more than one copy to finish before it starts.
       const received = await queue.receiveMessages({
-        numberOfMessages: Math.min(MAX_RECEIVE_BATCH, this.workers),
+        numberOfMessages: Math.min(MAX_RECEIVE_BATCH, free),
         visibilityTimeout: visibilityInSeconds,
       });
       const messages = received.receivedMessageItems;
@@ -188,12 +180,12 @@ export class InProcessHost {
         continue;
       }
       idleInMs = MIN_IDLE_IN_MS;
-      const receivedAtMs = Date.now();
-      ready.push(...messages.map((message) => ({ message, receivedAtMs })));
+      // Stopped while the receive was out (failure, abort, deadline): made visible again at once, so the next run (or
+      // another instance) does not wait out their visibility timeout.
+      if (stopping()) await Promise.all(messages.map(release));
+      else for (const message of messages) start(message);
     }
-    // Stopped early (failure, abort, deadline): messages received but never started are made visible again at once,
-    // so the next run (or another instance) does not wait out their visibility timeout.
-    await Promise.all([...inFlight, ...ready.map(({ message }) => release(message))]);
+    await Promise.all(inFlight);
     if (failure !== undefined) throw failure;
   }
 
