@@ -2,7 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { InvocationContext as HostInvocationContext } from '@azure/functions';
 import type { QueueClient } from '@azure/storage-queue';
 import { type LandedExportId, landedExports } from '../core/catalog.js';
-import { isStorageCondition } from '../core/errors.js';
+import { classifyStorageError, errorMessage, isStorageCondition, MdvmError } from '../core/errors.js';
 import { MAX_DEQUEUE_COUNT } from '../core/landPart.js';
 import type { Runtime } from '../core/runtime.js';
 import type { TelemetryEvent } from '../core/telemetry.js';
@@ -19,6 +19,12 @@ const MAX_RECEIVE_BATCH = 32;
 const MIN_IDLE_IN_MS = 50;
 const DEFAULT_LEASE_IN_SECONDS = 30;
 const MAX_IDLE_IN_MS = 1_000;
+/**
+ * Queue reads (each already retried by the storage SDK) that fail in a row before the drain gives up, waiting
+ * 1, 2, 4 and 8 s between them: the Azure listener backs off and keeps polling, but a run must end some time.
+ */
+const QUEUE_READ_ATTEMPTS = 5;
+const QUEUE_READ_BACKOFF_IN_MS = 1_000;
 
 export interface InProcessHostOptions {
   /** Concurrent queue workers (the host's batchSize + newBatchThreshold plays this role in Azure). */
@@ -162,19 +168,60 @@ export class InProcessHost {
         // Could not hand it back: it reappears when its visibility timeout ends; nothing is lost.
       });
     const stopping = () => failure !== undefined || options.abortSignal?.aborted === true || Date.now() >= deadline;
+    // A queue read that fails (a dropped connection, a 5xx the SDK's own retries did not outlast) is tried again with
+    // backoff, as the Azure listener does. One that is not transient, or keeps failing, ends the drain once the
+    // deliveries in flight have settled.
+    let readFailures = 0;
+    const read = async <T>(what: string, call: () => Promise<T>): Promise<T | undefined> => {
+      try {
+        const result = await call();
+        readFailures = 0;
+        return result;
+      } catch (error) {
+        readFailures++;
+        if (!classifyStorageError(error, what).retryable) {
+          failure ??= error;
+          return undefined;
+        }
+        if (readFailures >= QUEUE_READ_ATTEMPTS) {
+          failure ??= new MdvmError(
+            'transient',
+            `${what} on queue ${queue.name} failed ${readFailures} times in a row, giving up: ${errorMessage(error)}`,
+            { cause: error },
+          );
+          return undefined;
+        }
+        const waitInMs = QUEUE_READ_BACKOFF_IN_MS * 2 ** (readFailures - 1);
+        this.options.onLog?.(
+          'warning',
+          `${what} on queue ${queue.name} failed (${readFailures} of ${QUEUE_READ_ATTEMPTS}), trying again in ${waitInMs / 1000} s: ${errorMessage(error)}`,
+        );
+        await sleep(Math.max(0, Math.min(waitInMs, deadline - Date.now())), undefined, {
+          signal: options.abortSignal,
+        }).catch(() => {});
+        return undefined;
+      }
+    };
     while (!stopping()) {
       const free = this.workers - inFlight.size;
       if (free <= 0) {
         await Promise.race(inFlight);
         continue;
       }
-      const received = await queue.receiveMessages({
-        numberOfMessages: Math.min(MAX_RECEIVE_BATCH, free),
-        visibilityTimeout: visibilityInSeconds,
-      });
+      const received = await read('receive', () =>
+        queue.receiveMessages({
+          numberOfMessages: Math.min(MAX_RECEIVE_BATCH, free),
+          visibilityTimeout: visibilityInSeconds,
+        }),
+      );
+      if (!received) continue;
       const messages = received.receivedMessageItems;
       if (messages.length === 0) {
-        if (!producing && inFlight.size === 0 && (await queue.getProperties()).approximateMessagesCount === 0) break;
+        if (!producing && inFlight.size === 0) {
+          const properties = await read('getProperties', () => queue.getProperties());
+          if (!properties) continue;
+          if (properties.approximateMessagesCount === 0) break;
+        }
         await Promise.race([sleep(idleInMs), ...inFlight]);
         idleInMs = Math.min(idleInMs * 2, MAX_IDLE_IN_MS);
         continue;

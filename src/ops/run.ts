@@ -87,8 +87,8 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
     ...(options.abortSignal ? { abortSignal: options.abortSignal } : {}),
     keepListeningUntil: ticking,
   });
-  const ticks = await ticking;
-  await overlapping;
+  // Awaited together: a drain that fails while the ticks still run must reject here, never unobserved.
+  const [ticks] = await Promise.all([ticking, overlapping]);
   const tickErrors = new Map(ticks.filter((t) => t.error).map((t) => [t.exportId, t.error ?? '']));
   const watched = options.exports.filter((id) => !tickErrors.has(id));
 

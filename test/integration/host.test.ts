@@ -2,7 +2,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MdvmError } from '../../src/core/errors.js';
 import { InProcessHost } from '../../src/host/inProcessHost.js';
-import { createApp, type Stack, startStack, tableRows } from '../helpers/stack.js';
+import { runIngestion } from '../../src/ops/run.js';
+import { createApp, replacing, type Stack, startStack, tableRows } from '../helpers/stack.js';
 
 let stack: Stack;
 beforeAll(async () => {
@@ -11,6 +12,22 @@ beforeAll(async () => {
 afterAll(async () => {
   await stack?.stop();
 });
+
+/** Rejections nobody handled while `work` ran (vitest would report them too, but not say which test). */
+async function unhandledDuring<T>(work: () => Promise<T>): Promise<{ result: T | Error; unhandled: unknown[] }> {
+  const unhandled: unknown[] = [];
+  const onUnhandled = (reason: unknown) => unhandled.push(reason);
+  process.on('unhandledRejection', onUnhandled);
+  try {
+    return { result: await work().catch((error: Error) => error), unhandled };
+  } finally {
+    // A rejection is reported unhandled a turn after it happens.
+    await sleep(50);
+    process.off('unhandledRejection', onUnhandled);
+  }
+}
+
+const connectionReset = () => Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' });
 
 describe('in-process host', () => {
   it('a message received waits for no worker: copies longer than half the lease spend no delivery unstarted', async () => {
@@ -46,6 +63,56 @@ describe('in-process host', () => {
     // Each part failed once and landed on its second copy, which was its second delivery.
     expect(rows.map((r) => [r.status, r.attempts, copies.get(String(r.landingPath))])).toEqual(
       rows.map(() => ['landed', 2, 2]),
+    );
+  });
+
+  it('run: a receive that fails while the ticks still run is tried again and logged; the run completes', async () => {
+    let receives = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapRuntime: replacing('queue', (real) => ({
+          receiveMessages: (...args) =>
+            ++receives === 1 ? Promise.reject(connectionReset()) : real.receiveMessages(...args),
+        })),
+      },
+    );
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-22T07:01:00Z', recordsPerPart: 5 });
+    const logs: string[] = [];
+    const { result, unhandled } = await unhandledDuring(() =>
+      runIngestion(app.runtime, {
+        exports: ['certificates'],
+        workers: 2,
+        timeoutInMs: 60_000,
+        onLog: (level, line) => logs.push(`${level}: ${line}`),
+      }),
+    );
+    expect(unhandled).toEqual([]);
+    expect(result).toMatchObject({ ok: true });
+    expect(logs).toContainEqual(
+      expect.stringMatching(/^warning: receive on queue parts-\w+ failed \(1 of 5\).*ECONNRESET/),
+    );
+  });
+
+  it('run: a receive that keeps failing ends the run with one error saying so, nothing unhandled', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapRuntime: replacing('queue', () => ({
+          receiveMessages: () => Promise.reject(connectionReset()),
+        })),
+      },
+    );
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-22T08:01:00Z', recordsPerPart: 5 });
+    const { result, unhandled } = await unhandledDuring(() =>
+      runIngestion(app.runtime, { exports: ['certificates'], workers: 2, timeoutInMs: 60_000 }),
+    );
+    expect(unhandled).toEqual([]);
+    expect(result).toBeInstanceOf(Error);
+    expect((result as Error).message).toMatch(
+      /^receive on queue parts-\w+ failed 5 times in a row, giving up: .*ECONNRESET/,
     );
   });
 });
