@@ -259,15 +259,23 @@ export class InProcessHost {
     // Like the host, keep the message hidden while the copy runs, however long it takes.
     const visibility = this.options.visibilityTimeoutInSeconds ?? DEFAULT_LEASE_IN_SECONDS;
     let popReceipt = message.popReceipt;
+    // One renewal at a time, and the handler's end waits for it: every renewal replaces the pop receipt, so a delete
+    // or update sent while one is out would use a stale receipt, fail, and the message would come back.
+    let renewing: Promise<void> | undefined;
     const renew = setInterval(
       () => {
-        queue
+        renewing ??= queue
           .updateMessage(message.messageId, popReceipt, text, visibility)
-          .then((r) => {
-            if (r.popReceipt) popReceipt = r.popReceipt;
-          })
-          .catch(() => {
-            // Lost the message (expired or taken over): the delete below will say so harmlessly.
+          .then(
+            (r) => {
+              if (r.popReceipt) popReceipt = r.popReceipt;
+            },
+            () => {
+              // Lost the message (expired or taken over): the delete below will say so harmlessly.
+            },
+          )
+          .finally(() => {
+            renewing = undefined;
           });
       },
       (visibility * 1000) / 3,
@@ -288,6 +296,7 @@ export class InProcessHost {
       failure = error;
     } finally {
       clearInterval(renew);
+      await renewing;
     }
     if (failure === undefined) return settle(queue.deleteMessage(message.messageId, popReceipt));
     // The host logs the failed invocation's exception; so do we.

@@ -115,4 +115,46 @@ describe('in-process host', () => {
       /^receive on queue parts-\w+ failed 5 times in a row, giving up: .*ECONNRESET/,
     );
   });
+
+  it('a renewal still out when the handler ends is waited for: the delete uses its pop receipt, no message comes back', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapCopier: (real) => ({
+          copy: async (request) => {
+            await sleep(1_100);
+            return real.copy(request);
+          },
+        }),
+        // A slow round trip (a distant account): the renewal at 1 s has changed the pop receipt long before it returns.
+        wrapRuntime: replacing('queue', (real) => ({
+          updateMessage: async (...args) => {
+            const response = await real.updateMessage(...args);
+            await sleep(1_000);
+            return response;
+          },
+        })),
+      },
+    );
+    await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-22T09:01:00Z',
+      recordsPerPart: 5,
+      groups: [0],
+      partsPerGroup: 2,
+    });
+    const outcomes: string[] = [];
+    const host = new InProcessHost(app.runtime, {
+      workers: 4,
+      visibilityTimeoutInSeconds: 3,
+      onTelemetry: (event) => {
+        if (event.event === 'part') outcomes.push(String(event.outcome));
+      },
+    });
+    await host.tick();
+    await host.drain({ timeoutInMs: 60_000 });
+    expect(outcomes.length).toBeGreaterThan(0);
+    expect(outcomes.filter((o) => o !== 'landed')).toEqual([]);
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(0);
+  });
 });
