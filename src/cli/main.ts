@@ -166,7 +166,12 @@ async function runCommand(
     out(`${report.partsCopied} parts, ${formatBytes(report.bytesCopied)} copied in ${report.seconds.toFixed(1)} s`);
     out(renderTable(report.rows, report.throughput, new Map(report.rows.map((r) => [r.exportId, r.note]))));
     if (report.interrupted) out('interrupted: nothing is half-written; run again to resume');
-    if (report.timedOut) out(`stopped after --timeout-s ${options.timeoutS}; run again to resume`);
+    if (report.timedOut) {
+      const stopped = report.unfinished
+        ? `: ${report.unfinished} copies still running were stopped, their parts unfinished`
+        : '';
+      out(`stopped after --timeout-s ${options.timeoutS}${stopped}; run again to resume`);
+    }
     return report.ok ? 0 : 1;
   } finally {
     spinner?.stop();

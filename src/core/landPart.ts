@@ -25,6 +25,7 @@ export interface LandResult {
 export interface Delivery {
   /** How many times the queue has delivered this message, this time included. */
   readonly dequeueCount: number;
+  /** Stops the copy (the in-process host at `run --timeout-s`); nothing is recorded, as for a crashed delivery. */
   readonly abortSignal?: AbortSignal;
 }
 
@@ -56,6 +57,10 @@ export function landPart(
         record.partOutcome(text('export') ?? 'unknown', result.outcome);
         return result;
       } catch (error) {
+        if (delivery.abortSignal?.aborted) {
+          annotate(span, { outcome: 'stopped' });
+          throw error;
+        }
         const kind = error instanceof MdvmError ? error.kind : 'transient';
         // After the last allowed delivery throws, the host moves the message to the poison queue.
         const outcome = delivery.dequeueCount >= MAX_DEQUEUE_COUNT ? 'dead-lettered' : 'retry';
@@ -187,6 +192,12 @@ async function landOnePart(
       },
     });
   } catch (error) {
+    if (delivery.abortSignal?.aborted) {
+      // Stopped, not failed: like a crash, nothing is recorded (the redelivery's dequeue count counts this attempt).
+      throw new MdvmError('transient', `copy of ${part} stopped before it finished: ${errorMessage(error)}`, {
+        cause: error,
+      });
+    }
     const failure =
       error instanceof MdvmError ? error : new MdvmError('transient', errorMessage(error), { cause: error });
     if (failure.kind === 'expired') {

@@ -28,7 +28,11 @@ export interface QueueFunctionSpec {
   readonly kind: 'storageQueue';
   readonly name: string;
   readonly trigger: { readonly queueName: string; readonly connection: string };
-  readonly handler: (message: unknown, context: InvocationContext) => Promise<void>;
+  /**
+   * `abortSignal`: the in-process host aborts a delivery still running past `run --timeout-s` (and its grace); the
+   * Functions host passes none, its functionTimeout ends the worker instead.
+   */
+  readonly handler: (message: unknown, context: InvocationContext, abortSignal?: AbortSignal) => Promise<void>;
 }
 
 export type FunctionSpec = TimerFunctionSpec | QueueFunctionSpec;
@@ -43,7 +47,7 @@ export const timerFunctionName = (exportId: LandedExportId): string => `export-$
 export interface FunctionSpecOptions {
   /** Extra sink for telemetry events (tests and the CLI's progress display). */
   onTelemetry?: (event: TelemetryEvent) => void;
-  /** Stops the timers' ticks (the in-process host: Ctrl-C or `run --timeout-s`); copies in flight are not cut. */
+  /** Stops the timers' ticks (the in-process host: Ctrl-C or `run --timeout-s`); copies have their own signal. */
   tickAbortSignal?: AbortSignal;
 }
 
@@ -97,10 +101,13 @@ export function functionSpecs(config: AppConfig, runtime: Runtime, options: Func
     kind: 'storageQueue',
     name: COPY_FUNCTION_NAME,
     trigger: { queueName: config.queueName, connection: QUEUE_CONNECTION },
-    handler: async (message, context) => {
+    handler: async (message, context, abortSignal) => {
       const telemetry = telemetryFor(context, options);
       try {
-        await landPart(runtime, telemetry, message, { dequeueCount: dequeueCountOf(context) });
+        await landPart(runtime, telemetry, message, {
+          dequeueCount: dequeueCountOf(context),
+          ...(abortSignal ? { abortSignal } : {}),
+        });
       } catch (error) {
         throw redacted(error);
       }
@@ -110,11 +117,15 @@ export function functionSpecs(config: AppConfig, runtime: Runtime, options: Func
     kind: 'storageQueue',
     name: DERIVE_FUNCTION_NAME,
     trigger: { queueName: config.derive.queueName, connection: QUEUE_CONNECTION },
-    handler: async (message, context) => {
+    handler: async (message, context, abortSignal) => {
       const telemetry = telemetryFor(context, options);
       try {
-        context.log((await handleDeriveMessage(runtime, telemetry, message)).summary);
+        context.log(
+          (await handleDeriveMessage(runtime, telemetry, message, abortSignal ? { abortSignal } : {})).summary,
+        );
       } catch (error) {
+        // Stopped by the host, not failed: the message reappears after its lease.
+        if (abortSignal?.aborted) throw redacted(error);
         if (error instanceof MdvmError && PARK_AT_ONCE.has(error.kind)) {
           // A message naming no complete snapshot's part, or a raw part that no longer matches its manifest: retrying
           // cannot help. Parked at once with the reason; `mdvm-ingest derive` builds it once the cause is fixed.

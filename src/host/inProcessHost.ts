@@ -25,6 +25,9 @@ const MAX_IDLE_IN_MS = 1_000;
  */
 const QUEUE_READ_ATTEMPTS = 5;
 const QUEUE_READ_BACKOFF_IN_MS = 1_000;
+const DEFAULT_STOP_GRACE_IN_MS = 10_000;
+/** How long deliveries get to end once aborted; one that ignores its signal is then left behind. */
+const ABORTED_SETTLE_IN_MS = 5_000;
 
 export interface InProcessHostOptions {
   /** Concurrent queue workers (the host's batchSize + newBatchThreshold plays this role in Azure). */
@@ -44,12 +47,23 @@ export interface InProcessHostOptions {
 }
 
 export interface DrainOptions {
+  /** When to stop taking messages (default 10 min); deliveries in flight then get `stopGraceInMs` more to finish. */
   timeoutInMs?: number;
+  /**
+   * How long past the deadline deliveries in flight may run (default 10 s) before they are aborted: an aborted
+   * delivery is neither deleted nor failed, its message reappears after its lease.
+   */
+  stopGraceInMs?: number;
   abortSignal?: AbortSignal;
   /** Keep listening, even on an empty queue, until this settles (ticks still enqueueing while copies run). */
   keepListeningUntil?: Promise<unknown>;
   /** Drain only this queue (tests that need derive messages to pile up before they run). Default: both. */
   only?: 'parts' | 'derive';
+}
+
+export interface DrainReport {
+  /** Deliveries stopped at the deadline, unfinished: their messages reappear after their lease. */
+  readonly unfinished: number;
 }
 
 export interface TickReport {
@@ -114,18 +128,25 @@ export class InProcessHost {
    * Handle queue messages until the queue is empty and nothing is in flight (or the timeout): the parts queue, then
    * the derive queue, which completions fill (curated parts and change sets, when configured).
    */
-  async drain(options: DrainOptions = {}): Promise<void> {
+  async drain(options: DrainOptions = {}): Promise<DrainReport> {
     const deadline = Date.now() + (options.timeoutInMs ?? 10 * 60_000);
+    let unfinished = 0;
     if (options.only !== 'derive') {
-      await this.drainQueue(this.copy, this.runtime.queue, this.runtime.poisonQueue, { ...options, deadline });
-    }
-    if (this.derive && options.only !== 'parts' && !options.abortSignal?.aborted) {
-      const { keepListeningUntil: _, ...rest } = options;
-      await this.drainQueue(this.derive, this.runtime.storage.deriveQueue, this.runtime.storage.derivePoisonQueue, {
-        ...rest,
+      unfinished += await this.drainQueue(this.copy, this.runtime.queue, this.runtime.poisonQueue, {
+        ...options,
         deadline,
       });
     }
+    if (this.derive && options.only !== 'parts' && !options.abortSignal?.aborted) {
+      const { keepListeningUntil: _, ...rest } = options;
+      unfinished += await this.drainQueue(
+        this.derive,
+        this.runtime.storage.deriveQueue,
+        this.runtime.storage.derivePoisonQueue,
+        { ...rest, deadline },
+      );
+    }
+    return { unfinished };
   }
 
   private async drainQueue(
@@ -133,9 +154,12 @@ export class InProcessHost {
     queue: QueueClient,
     poisonQueue: QueueClient,
     options: DrainOptions & { deadline: number },
-  ): Promise<void> {
+  ): Promise<number> {
     const deadline = options.deadline;
     const inFlight = new Set<Promise<void>>();
+    // Aborts the deliveries still running when the grace past the deadline ends.
+    const stop = new AbortController();
+    let unfinished = 0;
     let failure: unknown;
     let idleInMs = MIN_IDLE_IN_MS;
     let producing = options.keepListeningUntil !== undefined;
@@ -156,10 +180,15 @@ export class InProcessHost {
     type Received = Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'];
     const visibilityInSeconds = this.options.visibilityTimeoutInSeconds ?? DEFAULT_LEASE_IN_SECONDS;
     const start = (message: Received[number]): void => {
-      const delivery: Promise<void> = this.deliver(copy, queue, poisonQueue, message)
-        .catch((error: unknown) => {
-          failure ??= error;
-        })
+      const delivery: Promise<void> = this.deliver(copy, queue, poisonQueue, message, stop.signal)
+        .then(
+          (finished) => {
+            if (!finished) unfinished++;
+          },
+          (error: unknown) => {
+            failure ??= error;
+          },
+        )
         .finally(() => inFlight.delete(delivery));
       inFlight.add(delivery);
     };
@@ -202,10 +231,14 @@ export class InProcessHost {
         return undefined;
       }
     };
+    let deadlineTimer: NodeJS.Timeout | undefined;
+    const deadlinePassed = new Promise<void>((resolve) => {
+      deadlineTimer = setTimeout(resolve, Math.max(0, deadline - Date.now()));
+    });
     while (!stopping()) {
       const free = this.workers - inFlight.size;
       if (free <= 0) {
-        await Promise.race(inFlight);
+        await Promise.race([...inFlight, deadlinePassed]);
         continue;
       }
       const received = await read('receive', () =>
@@ -232,8 +265,21 @@ export class InProcessHost {
       if (stopping()) await Promise.all(messages.map(release));
       else for (const message of messages) start(message);
     }
-    await Promise.all(inFlight);
+    clearTimeout(deadlineTimer);
+    // Deliveries in flight finish (after Ctrl-C too), but none runs past the deadline by more than the grace: a copy
+    // that never ends must not hold the run, nor keep its message hidden by renewing it.
+    const settled = Promise.all(inFlight);
+    const graceInMs = options.stopGraceInMs ?? DEFAULT_STOP_GRACE_IN_MS;
+    if (!(await settlesWithin(settled, deadline + graceInMs - Date.now()))) {
+      this.options.onLog?.(
+        'warning',
+        `${copy.name}: stopping ${inFlight.size} deliveries still running ${graceInMs / 1000} s past the deadline; their messages reappear after their lease`,
+      );
+      stop.abort();
+      if (!(await settlesWithin(settled, ABORTED_SETTLE_IN_MS))) unfinished += inFlight.size;
+    }
     if (failure !== undefined) throw failure;
+    return unfinished;
   }
 
   private async deliver(
@@ -241,13 +287,14 @@ export class InProcessHost {
     queue: QueueClient,
     poisonQueue: QueueClient,
     message: Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'][number],
-  ): Promise<void> {
+    stopSignal: AbortSignal,
+  ): Promise<boolean> {
     const text = message.messageText;
     // The host decodes base64; a message that is not base64 goes straight to the poison queue.
     if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) {
       await poisonQueue.sendMessage(text);
       await queue.deleteMessage(message.messageId, message.popReceipt);
-      return;
+      return true;
     }
     const decoded = Buffer.from(text, 'base64').toString('utf8');
     let input: unknown = decoded;
@@ -280,6 +327,9 @@ export class InProcessHost {
       },
       (visibility * 1000) / 3,
     );
+    // A stopped delivery's message is no longer kept hidden, even if its handler ignores the signal.
+    const stopRenewing = () => clearInterval(renew);
+    stopSignal.addEventListener('abort', stopRenewing, { once: true });
     let failure: unknown;
     try {
       await invoke(copy, input, {
@@ -291,14 +341,28 @@ export class InProcessHost {
           expirationTime: message.expiresOn,
         },
         log: (level, line) => this.options.onLog?.(level, line),
+        abortSignal: stopSignal,
       });
     } catch (error) {
       failure = error;
     } finally {
       clearInterval(renew);
+      stopSignal.removeEventListener('abort', stopRenewing);
       await renewing;
     }
-    if (failure === undefined) return settle(queue.deleteMessage(message.messageId, popReceipt));
+    if (failure !== undefined && stopSignal.aborted) {
+      // Stopped, not failed: like a crashed delivery it is neither retried nor poisoned here; its message reappears
+      // after its lease, and that delivery's dequeue count counts this attempt.
+      this.options.onLog?.(
+        'warning',
+        `${copy.name} stopped (delivery ${message.dequeueCount}): ${errorMessage(failure)}`,
+      );
+      return false;
+    }
+    if (failure === undefined) {
+      await settle(queue.deleteMessage(message.messageId, popReceipt));
+      return true;
+    }
     // The host logs the failed invocation's exception; so do we.
     this.options.onLog?.(
       'error',
@@ -311,6 +375,20 @@ export class InProcessHost {
       // Visible again after the retry delay, text unchanged (Azurite rejects an update without text).
       await settle(queue.updateMessage(message.messageId, popReceipt, text, this.options.retryDelayInSeconds ?? 1));
     }
+    return true;
+  }
+}
+
+/** Whether `promise` settles within `ms` (never rejects). */
+async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), Math.max(0, ms));
+  });
+  try {
+    return await Promise.race([promise.then(() => true), timeout]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -326,6 +404,7 @@ async function settle(operation: Promise<unknown>): Promise<void> {
 interface InvokeOptions {
   triggerMetadata?: Record<string, unknown>;
   log?: (level: string, message: string) => void;
+  abortSignal?: AbortSignal;
 }
 
 /** Call a function's handler through a real InvocationContext, as the host does. */
@@ -337,5 +416,9 @@ async function invoke(fn: FunctionSpec, input: unknown, options: InvokeOptions =
     logHandler: (level, ...args) => options.log?.(level, args.map(String).join(' ')),
   });
   // The host hands a timer its schedule status and a queue trigger the decoded message; both handlers are ours.
-  await (fn.handler as (input: unknown, context: HostInvocationContext) => Promise<void>)(input, context);
+  await (fn.handler as (input: unknown, context: HostInvocationContext, abortSignal?: AbortSignal) => Promise<void>)(
+    input,
+    context,
+    options.abortSignal,
+  );
 }

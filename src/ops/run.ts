@@ -10,7 +10,7 @@ export interface RunOptions {
   /** In-process queue workers. */
   readonly workers: number;
   readonly timeoutInMs: number;
-  /** Ctrl-C: stop taking messages; copies in flight finish, nothing is half-written. */
+  /** Ctrl-C: stop taking messages; copies in flight finish (within the timeout's grace), nothing is half-written. */
   readonly abortSignal?: AbortSignal;
   /** Pause between queue checks while other consumers (a deployed app) still hold messages. */
   readonly pollIntervalInMs?: number;
@@ -34,6 +34,8 @@ export interface RunReport {
   readonly seconds: number;
   readonly interrupted: boolean;
   readonly timedOut: boolean;
+  /** Copies still running at the timeout (and its grace), stopped unfinished: the next run copies their parts. */
+  readonly unfinished: number;
   /** MiB/s per export for the snapshots completed in this run. */
   readonly throughput: ReadonlyMap<string, number>;
 }
@@ -88,7 +90,8 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
     keepListeningUntil: ticking,
   });
   // Awaited together: a drain that fails while the ticks still run must reject here, never unobserved.
-  const [ticks] = await Promise.all([ticking, overlapping]);
+  const [ticks, first] = await Promise.all([ticking, overlapping]);
+  let unfinished = first.unfinished;
   const tickErrors = new Map(ticks.filter((t) => t.error).map((t) => [t.exportId, t.error ?? '']));
   const watched = options.exports.filter((id) => !tickErrors.has(id));
 
@@ -99,10 +102,11 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
       timedOut = true;
       break;
     }
-    await runner.drain({
+    const drained = await runner.drain({
       timeoutInMs: remaining,
       ...(options.abortSignal ? { abortSignal: options.abortSignal } : {}),
     });
+    unfinished += drained.unfinished;
     const summaries = await summarize(runtime, watched, tickSnapshot);
     if (!summaries.some((s) => s.status !== 'complete' && s.queued > 0)) break;
     // Parts are still queued but our queue view is empty: another consumer holds them.
@@ -117,12 +121,13 @@ export async function runIngestion(runtime: Runtime, options: RunOptions): Promi
   });
   return {
     rows,
-    ok: rows.every((r) => r.ok),
+    ok: unfinished === 0 && rows.every((r) => r.ok),
     partsCopied,
     bytesCopied,
     seconds: (Date.now() - started) / 1000,
     interrupted: options.abortSignal?.aborted ?? false,
     timedOut,
+    unfinished,
     throughput,
   };
 }

@@ -53,6 +53,7 @@ describe('in-process host', () => {
       groups: [0, 12],
       partsPerGroup: 2,
     });
+    stack.simulator.resetRateLimits();
     // Two workers for more parts, each copy past half of a 2 s lease: a message fetched ahead of a free worker
     // would wait past it and be handed back, a delivery spent.
     const host = new InProcessHost(app.runtime, { workers: 2, visibilityTimeoutInSeconds: 2, retryDelayInSeconds: 1 });
@@ -79,6 +80,7 @@ describe('in-process host', () => {
       },
     );
     await stack.simulator.publish('certificates', { generatedTime: '2026-11-22T07:01:00Z', recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
     const logs: string[] = [];
     const { result, unhandled } = await unhandledDuring(() =>
       runIngestion(app.runtime, {
@@ -106,6 +108,7 @@ describe('in-process host', () => {
       },
     );
     await stack.simulator.publish('certificates', { generatedTime: '2026-11-22T08:01:00Z', recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
     const { result, unhandled } = await unhandledDuring(() =>
       runIngestion(app.runtime, { exports: ['certificates'], workers: 2, timeoutInMs: 60_000 }),
     );
@@ -143,6 +146,7 @@ describe('in-process host', () => {
       groups: [0],
       partsPerGroup: 2,
     });
+    stack.simulator.resetRateLimits();
     const outcomes: string[] = [];
     const host = new InProcessHost(app.runtime, {
       workers: 4,
@@ -156,5 +160,71 @@ describe('in-process host', () => {
     expect(outcomes.length).toBeGreaterThan(0);
     expect(outcomes.filter((o) => o !== 'landed')).toEqual([]);
     expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(0);
+  });
+
+  it('run --timeout-s bounds a copy that never finishes: stopped after a grace, not failed, its message kept', async () => {
+    let copies = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapCopier: (real) => ({
+          // The first copy stalls (a socket that never answers) until it is aborted, as the SDK's requests are.
+          copy: (request) =>
+            ++copies === 1
+              ? new Promise((_, reject) =>
+                  request.abortSignal?.addEventListener('abort', () => reject(request.abortSignal?.reason)),
+                )
+              : real.copy(request),
+        }),
+      },
+    );
+    await stack.simulator.publish('certificates', { generatedTime: '2026-11-22T10:01:00Z', recordsPerPart: 5 });
+    stack.simulator.resetRateLimits();
+    const started = Date.now();
+    const outcome = await Promise.race([
+      runIngestion(app.runtime, { exports: ['certificates'], workers: 2, timeoutInMs: 4_000 }),
+      sleep(40_000).then(() => 'still running' as const),
+    ]);
+    expect(outcome).not.toBe('still running');
+    if (outcome === 'still running') return;
+    // The deadline, then the 10 s grace.
+    expect(Date.now() - started).toBeLessThan(25_000);
+    expect(outcome).toMatchObject({ ok: false, timedOut: true, unfinished: 1 });
+    expect(outcome.rows[0]?.note).toMatch(/1 still queued — next run resumes/);
+    const rows = await tableRows(app.runtime.storage.partsTable);
+    const stopped = rows.filter((r) => r.status !== 'landed');
+    expect(stopped).toHaveLength(1);
+    expect(stopped[0]).toMatchObject({ attempts: 0 });
+    expect(stopped[0]?.lastError ?? '').toBe('');
+    expect((await app.runtime.poisonQueue.peekMessages()).peekedMessageItems).toEqual([]);
+    expect((await app.runtime.queue.getProperties()).approximateMessagesCount).toBe(1);
+  });
+
+  it('a delivery that ignores its abort is left behind: the drain returns and the message is no longer kept hidden', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      { wrapCopier: () => ({ copy: () => new Promise(() => {}) }) },
+    );
+    await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-22T11:01:00Z',
+      recordsPerPart: 5,
+      groups: [0],
+      partsPerGroup: 1,
+    });
+    stack.simulator.resetRateLimits();
+    const host = new InProcessHost(app.runtime, { workers: 4, visibilityTimeoutInSeconds: 2 });
+    await host.tick();
+    const queued = (await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0;
+    expect(queued).toBeGreaterThan(0);
+    const outcome = await Promise.race([
+      host.drain({ timeoutInMs: 1_000, stopGraceInMs: 500 }),
+      sleep(20_000).then(() => 'still running' as const),
+    ]);
+    expect(outcome).toEqual({ unfinished: queued });
+    // No renewal holds them: visible again once their lease ends.
+    await sleep(2_500);
+    expect((await app.runtime.queue.peekMessages({ numberOfMessages: 32 })).peekedMessageItems).toHaveLength(queued);
   });
 });
