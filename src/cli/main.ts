@@ -125,13 +125,15 @@ async function runCommand(
   await createMissing(runtime);
   const controller = new AbortController();
   let interrupts = 0;
-  const onSigint = () => {
+  // SIGTERM (a service manager, a container stop, `kill`) stops as cleanly as Ctrl-C instead of killing copies.
+  const onSigint = (signal: NodeJS.Signals) => {
     interrupts++;
-    if (interrupts > 1) process.exit(130);
+    if (interrupts > 1) process.exit(signal === 'SIGTERM' ? 143 : 130);
     err('interrupted: letting copies in flight finish (Ctrl-C again to quit now); the next run resumes');
     controller.abort();
   };
   process.on('SIGINT', onSigint);
+  process.on('SIGTERM', onSigint);
   const tty = process.stdout.isTTY === true;
   const spinner = tty ? ora({ text: 'asking the Defender API…', stream: process.stdout }).start() : undefined;
   let parts = 0;
@@ -176,6 +178,7 @@ async function runCommand(
   } finally {
     spinner?.stop();
     process.off('SIGINT', onSigint);
+    process.off('SIGTERM', onSigint);
   }
 }
 
@@ -220,6 +223,7 @@ async function deriveCommand(
     controller.abort();
   };
   process.on('SIGINT', onSigint);
+  process.on('SIGTERM', onSigint);
   const tty = process.stdout.isTTY === true && !options.json;
   const spinner = tty ? ora({ text: 'listing complete snapshots…', stream: process.stdout }).start() : undefined;
   let lastPlain = 0;
@@ -259,6 +263,7 @@ async function deriveCommand(
   } finally {
     spinner?.stop();
     process.off('SIGINT', onSigint);
+    process.off('SIGTERM', onSigint);
   }
 }
 

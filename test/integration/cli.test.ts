@@ -290,6 +290,23 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     expect(parts.every((p) => p.status === 'landed')).toBe(true);
   });
 
+  it('SIGTERM during run stops as cleanly as Ctrl-C', async () => {
+    const app = await appFor('hardware-firmware');
+    await stack.simulator.publish('hardware-firmware', {
+      generatedTime: '2026-11-14T19:01:00Z',
+      groups: [0, 12, 31, 44],
+      partsPerGroup: 4,
+      recordsPerPart: 400,
+    });
+    stack.simulator.resetRateLimits();
+    const signal = signalOnceLanded(app, 1, 'SIGTERM');
+    const run = await cli(['run', '--workers', '1'], { ...app.env, MDVM_COPY_MODE: 'stream' }, signal);
+    expect(signal.sent()).toBe(true);
+    expect(run.code).toBe(1);
+    expect(run.stderr).toMatch(/interrupted: letting copies in flight finish/);
+    expect(run.stdout).toMatch(/interrupted: nothing is half-written/);
+  });
+
   it('kill -9 mid-copy: the next run resumes within its timeout (the dead run held its messages only briefly)', async () => {
     const app = await appFor('security-baselines');
     await stack.simulator.publish('security-baselines', {
