@@ -53,6 +53,8 @@ export async function startAzurite(options: StartAzuriteOptions = {}): Promise<L
     '--skipApiVersionCheck',
     '--loose',
     '--disableProductStyleUrl',
+    // Azurite reports usage to Microsoft unless told not to: nothing of a local run or a test leaves the machine.
+    '--disableTelemetry',
     '--blobHost',
     '127.0.0.1',
     '--blobPort',

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MdvmError } from '../../src/core/errors.js';
@@ -226,5 +227,12 @@ describe('in-process host', () => {
     // No renewal holds them: visible again once their lease ends.
     await sleep(2_500);
     expect((await app.runtime.queue.peekMessages({ numberOfMessages: 32 })).peekedMessageItems).toHaveLength(queued);
+  });
+});
+
+describe('embedded Azurite', () => {
+  it.skipIf(process.platform !== 'linux')('is started with its telemetry to Microsoft off', () => {
+    const args = readFileSync(`/proc/${stack.azurite.pid}/cmdline`, 'utf8').split('\0');
+    expect(args).toContain('--disableTelemetry');
   });
 });
