@@ -118,7 +118,7 @@ export class InProcessHost {
           await invoke(fn, timerInput, { log: (level, line) => this.options.onLog?.(level, line) });
           return { exportId };
         } catch (error) {
-          return { exportId, error: (error as Error).message };
+          return { exportId, error: errorMessage(error) };
         }
       }),
     );
@@ -330,6 +330,8 @@ export class InProcessHost {
     // A stopped delivery's message is no longer kept hidden, even if its handler ignores the signal.
     const stopRenewing = () => clearInterval(renew);
     stopSignal.addEventListener('abort', stopRenewing, { once: true });
+    // A rejection is a failure whatever it carries, `undefined` included.
+    let failed = false;
     let failure: unknown;
     try {
       await invoke(copy, input, {
@@ -344,13 +346,14 @@ export class InProcessHost {
         abortSignal: stopSignal,
       });
     } catch (error) {
+      failed = true;
       failure = error;
     } finally {
       clearInterval(renew);
       stopSignal.removeEventListener('abort', stopRenewing);
       await renewing;
     }
-    if (failure !== undefined && stopSignal.aborted) {
+    if (failed && stopSignal.aborted) {
       // Stopped, not failed: like a crashed delivery it is neither retried nor poisoned here; its message reappears
       // after its lease, and that delivery's dequeue count counts this attempt.
       this.options.onLog?.(
@@ -359,15 +362,12 @@ export class InProcessHost {
       );
       return false;
     }
-    if (failure === undefined) {
+    if (!failed) {
       await settle(queue.deleteMessage(message.messageId, popReceipt));
       return true;
     }
     // The host logs the failed invocation's exception; so do we.
-    this.options.onLog?.(
-      'error',
-      `${copy.name} failed (delivery ${message.dequeueCount}): ${(failure as Error).message}`,
-    );
+    this.options.onLog?.('error', `${copy.name} failed (delivery ${message.dequeueCount}): ${errorMessage(failure)}`);
     if (message.dequeueCount >= MAX_DEQUEUE_COUNT) {
       await poisonQueue.sendMessage(text);
       await settle(queue.deleteMessage(message.messageId, popReceipt));

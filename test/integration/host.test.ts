@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MdvmError } from '../../src/core/errors.js';
+import { COPY_FUNCTION_NAME } from '../../src/functions/specs.js';
 import { InProcessHost } from '../../src/host/inProcessHost.js';
 import { runIngestion } from '../../src/ops/run.js';
 import { createApp, replacing, type Stack, startStack, tableRows } from '../helpers/stack.js';
@@ -227,6 +228,32 @@ describe('in-process host', () => {
     // No renewal holds them: visible again once their lease ends.
     await sleep(2_500);
     expect((await app.runtime.queue.peekMessages({ numberOfMessages: 32 })).peekedMessageItems).toHaveLength(queued);
+  });
+
+  it('a handler that rejects with undefined has failed: the message is retried, then poisoned, never deleted', async () => {
+    const app = await createApp(stack, { MDVM_EXPORTS: 'certificates' });
+    await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-22T12:01:00Z',
+      recordsPerPart: 5,
+      groups: [0],
+      partsPerGroup: 1,
+    });
+    stack.simulator.resetRateLimits();
+    const logs: string[] = [];
+    const host = new InProcessHost(app.runtime, {
+      retryDelayInSeconds: 0,
+      onLog: (level, line) => logs.push(`${level}: ${line}`),
+    });
+    const copy = host.functions.find((f) => f.name === COPY_FUNCTION_NAME) as unknown as { handler: () => unknown };
+    copy.handler = () => Promise.reject(undefined);
+    await host.tick();
+    const queued = (await app.runtime.queue.getProperties()).approximateMessagesCount ?? 0;
+    expect(queued).toBeGreaterThan(0);
+    await host.drain({ timeoutInMs: 60_000 });
+    expect(logs).toContainEqual('error: copy-part failed (delivery 1): undefined');
+    expect((await app.runtime.poisonQueue.peekMessages({ numberOfMessages: 32 })).peekedMessageItems).toHaveLength(
+      queued,
+    );
   });
 });
 
