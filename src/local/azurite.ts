@@ -27,6 +27,11 @@ export interface StartAzuriteOptions {
   location?: string;
   /** Fixed account key (needed with `location`, so SAS and shared keys stay valid across runs). */
   accountKey?: string;
+  /**
+   * Run it in its own process group (`npm start`): a Ctrl-C at the terminal then reaches only the caller, which lets
+   * its copies finish before it stops Azurite. The caller must stop it; a `process.exit` does too.
+   */
+  ownProcessGroup?: boolean;
 }
 
 export async function freePort(): Promise<number> {
@@ -71,7 +76,11 @@ export async function startAzurite(options: StartAzuriteOptions = {}): Promise<L
   const child: ChildProcess = spawn(process.execPath, args, {
     env: { ...process.env, AZURITE_ACCOUNTS: `msexport:${key};customer:${key}` },
     stdio: ['ignore', 'pipe', 'pipe'],
+    detached: options.ownProcessGroup === true,
   });
+  // However this process ends through process.exit (a second Ctrl-C, a failure), Azurite is not left running.
+  const killOnExit = () => child.kill('SIGKILL');
+  process.once('exit', killOnExit);
   let output = '';
   await new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`Azurite did not start within 30 s:\n${output}`)), 30_000);
@@ -88,6 +97,10 @@ export async function startAzurite(options: StartAzuriteOptions = {}): Promise<L
       clearTimeout(timer);
       reject(new Error(`Azurite exited with code ${code}:\n${output}`));
     });
+  }).catch((error: unknown) => {
+    process.off('exit', killOnExit);
+    child.kill('SIGKILL');
+    throw error;
   });
   child.stdout?.removeAllListeners('data');
   child.stderr?.removeAllListeners('data');
@@ -113,7 +126,8 @@ export async function startAzurite(options: StartAzuriteOptions = {}): Promise<L
     pid: child.pid,
     stop: () =>
       new Promise<void>((resolve) => {
-        if (child.exitCode !== null) return resolve();
+        process.off('exit', killOnExit);
+        if (child.exitCode !== null || child.signalCode !== null) return resolve();
         child.once('exit', () => resolve());
         child.kill('SIGTERM');
         setTimeout(() => child.kill('SIGKILL'), 5_000).unref();

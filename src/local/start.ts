@@ -58,18 +58,34 @@ async function main(): Promise<number> {
   const started = Date.now();
   const say = (line: string) => console.log(line);
   say(`mdvm-ingest local run — Node ${process.version}`);
-  const azurite = await startAzurite(
-    values.persist
-      ? { location: values.persist, accountKey: Buffer.from('mdvm-local-development-key-32byt').toString('base64') }
-      : {},
-  );
-  say(
-    `  Azurite      ${values.persist ? `persisted in ${values.persist}` : 'in memory'}: accounts msexport (plays Microsoft's export storage), customer (landing, queue, tables)`,
-  );
-  const simulator = await DefenderSimulator.start({ source: azurite.source });
-  say(`  Simulator    ${simulator.baseUrl} (Defender API + managed identity endpoint)`);
-
+  // Installed before Azurite starts, which runs in its own process group: a Ctrl-C at the terminal reaches only this
+  // process, which lets the copies in flight finish and then stops Azurite, at whatever step it comes.
+  const controller = new AbortController();
+  let interrupts = 0;
+  const onSignal = (signal: NodeJS.Signals) => {
+    interrupts++;
+    // process.exit stops Azurite on the way out (startAzurite's exit hook).
+    if (interrupts > 1) process.exit(signal === 'SIGTERM' ? 143 : 130);
+    console.error('\ninterrupted: letting copies in flight finish (Ctrl-C again to quit now)');
+    controller.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  let azurite: Awaited<ReturnType<typeof startAzurite>> | undefined;
+  let simulator: DefenderSimulator | undefined;
   try {
+    azurite = await startAzurite({
+      ownProcessGroup: true,
+      ...(values.persist
+        ? { location: values.persist, accountKey: Buffer.from('mdvm-local-development-key-32byt').toString('base64') }
+        : {}),
+    });
+    say(
+      `  Azurite      ${values.persist ? `persisted in ${values.persist}` : 'in memory'}: accounts msexport (plays Microsoft's export storage), customer (landing, queue, tables)`,
+    );
+    simulator = await DefenderSimulator.start({ source: azurite.source });
+    say(`  Simulator    ${simulator.baseUrl} (Defender API + managed identity endpoint)`);
+
     Object.assign(process.env, simulator.identityEnvironment);
     const env: Record<string, string | undefined> = {
       AzureWebJobsStorage: azurite.customer.connectionString,
@@ -91,6 +107,7 @@ async function main(): Promise<number> {
       `  Publishing   ${exports.length} export types, snapshot ${generatedTime.replace('.000Z', 'Z')} (3 RBAC groups, split parts, ${records} records per part)`,
     );
     for (const id of exports) {
+      if (controller.signal.aborted) return 1;
       if (!simulator.snapshotOf(id)) {
         await simulator.publish(id, {
           generatedTime,
@@ -114,8 +131,6 @@ async function main(): Promise<number> {
       },
       tty ? 250 : 2000,
     );
-    const controller = new AbortController();
-    process.once('SIGINT', () => controller.abort());
     const run = () =>
       runIngestion(runtime, {
         exports,
@@ -142,6 +157,10 @@ async function main(): Promise<number> {
       `  landed ${first.partsCopied} parts, ${formatBytes(first.bytesCopied)} in ${first.seconds.toFixed(1)} s with ${workers} workers`,
     );
     say(`\n${renderTable(first.rows, first.throughput, new Map(first.rows.map((r) => [r.exportId, r.note])))}`);
+    if (first.interrupted) {
+      say('\ninterrupted: nothing is half-written; with --persist the next run resumes');
+      return 1;
+    }
 
     say('\nRun 2: the same snapshots again');
     const second = await run();
@@ -170,8 +189,8 @@ async function main(): Promise<number> {
     say(`\n${complete}/${exports.length} export types complete in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     return second.ok && first.ok ? 0 : 1;
   } finally {
-    await simulator.stop();
-    await azurite.stop();
+    await simulator?.stop();
+    await azurite?.stop();
   }
 }
 
