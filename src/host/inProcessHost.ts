@@ -172,15 +172,16 @@ export class InProcessHost {
       },
     );
 
-    // As in the Functions host, every message received starts at once: a receive asks for no more than the free
-    // workers (at most 32, the queue's limit per call). A message fetched ahead to wait for a worker would run late in
-    // its lease or be handed back, and every fetch adds to its dequeue count though no handler ran: long copies would
-    // reach the poison queue's limit before their first real attempt. It backs off while the queue is empty but
-    // messages are still invisible elsewhere.
-    type Received = Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'];
+    // One receive keeps a batch (up to 32, the queue's limit per call, and at most one per worker) ready ahead of the
+    // workers, the way the host's batchSize + newBatchThreshold do: a worker that frees up starts the next message at
+    // once, and a receive costs a fraction of a request per part. A message is leased from the moment it is received:
+    // its invisibility is renewed while it waits for a worker and while it runs, so a wait never lets it reappear and
+    // never adds to its dequeue count (a message handed back and fetched again would reach the poison queue's limit
+    // before its first real attempt). It backs off while the queue is empty but messages are still invisible elsewhere.
     const visibilityInSeconds = this.options.visibilityTimeoutInSeconds ?? DEFAULT_LEASE_IN_SECONDS;
-    const start = (message: Received[number]): void => {
-      const delivery: Promise<void> = this.deliver(copy, queue, poisonQueue, message, stop.signal)
+    const ready: Lease[] = [];
+    const start = (lease: Lease): void => {
+      const delivery: Promise<void> = this.deliver(copy, queue, poisonQueue, lease, stop.signal)
         .then(
           (finished) => {
             if (!finished) unfinished++;
@@ -192,10 +193,12 @@ export class InProcessHost {
         .finally(() => inFlight.delete(delivery));
       inFlight.add(delivery);
     };
-    const release = (message: Received[number]): Promise<void> =>
-      settle(queue.updateMessage(message.messageId, message.popReceipt, message.messageText, 0)).catch(() => {
+    const release = async (lease: Lease): Promise<void> => {
+      const popReceipt = await lease.end();
+      await settle(queue.updateMessage(lease.message.messageId, popReceipt, lease.message.messageText, 0)).catch(() => {
         // Could not hand it back: it reappears when its visibility timeout ends; nothing is lost.
       });
+    };
     const stopping = () => failure !== undefined || options.abortSignal?.aborted === true || Date.now() >= deadline;
     // A queue read that fails (a dropped connection, a 5xx the SDK's own retries did not outlast) is tried again with
     // backoff, as the Azure listener does. One that is not transient, or keeps failing, ends the drain once the
@@ -236,14 +239,17 @@ export class InProcessHost {
       deadlineTimer = setTimeout(resolve, Math.max(0, deadline - Date.now()));
     });
     while (!stopping()) {
-      const free = this.workers - inFlight.size;
-      if (free <= 0) {
+      while (ready.length > 0 && inFlight.size < this.workers) {
+        const next = ready.shift();
+        if (next) start(next);
+      }
+      if (ready.length > 0) {
         await Promise.race([...inFlight, deadlinePassed]);
         continue;
       }
       const received = await read('receive', () =>
         queue.receiveMessages({
-          numberOfMessages: Math.min(MAX_RECEIVE_BATCH, free),
+          numberOfMessages: Math.min(MAX_RECEIVE_BATCH, this.workers),
           visibilityTimeout: visibilityInSeconds,
         }),
       );
@@ -260,11 +266,11 @@ export class InProcessHost {
         continue;
       }
       idleInMs = MIN_IDLE_IN_MS;
-      // Stopped while the receive was out (failure, abort, deadline): made visible again at once, so the next run (or
-      // another instance) does not wait out their visibility timeout.
-      if (stopping()) await Promise.all(messages.map(release));
-      else for (const message of messages) start(message);
+      ready.push(...messages.map((message) => new Lease(queue, message, visibilityInSeconds)));
     }
+    // Stopped (failure, abort, deadline): messages received but never started are made visible again at once, so the
+    // next run (or another instance) does not wait out their visibility timeout.
+    await Promise.all(ready.splice(0).map(release));
     clearTimeout(deadlineTimer);
     // Deliveries in flight finish (after Ctrl-C too), but none runs past the deadline by more than the grace: a copy
     // that never ends must not hold the run, nor keep its message hidden by renewing it.
@@ -286,14 +292,15 @@ export class InProcessHost {
     copy: QueueFunctionSpec,
     queue: QueueClient,
     poisonQueue: QueueClient,
-    message: Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'][number],
+    lease: Lease,
     stopSignal: AbortSignal,
   ): Promise<boolean> {
+    const message = lease.message;
     const text = message.messageText;
     // The host decodes base64; a message that is not base64 goes straight to the poison queue.
     if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) {
       await poisonQueue.sendMessage(text);
-      await queue.deleteMessage(message.messageId, message.popReceipt);
+      await queue.deleteMessage(message.messageId, await lease.end());
       return true;
     }
     const decoded = Buffer.from(text, 'base64').toString('utf8');
@@ -303,32 +310,8 @@ export class InProcessHost {
     } catch {
       // The host passes non-JSON text through as a string.
     }
-    // Like the host, keep the message hidden while the copy runs, however long it takes.
-    const visibility = this.options.visibilityTimeoutInSeconds ?? DEFAULT_LEASE_IN_SECONDS;
-    let popReceipt = message.popReceipt;
-    // One renewal at a time, and the handler's end waits for it: every renewal replaces the pop receipt, so a delete
-    // or update sent while one is out would use a stale receipt, fail, and the message would come back.
-    let renewing: Promise<void> | undefined;
-    const renew = setInterval(
-      () => {
-        renewing ??= queue
-          .updateMessage(message.messageId, popReceipt, text, visibility)
-          .then(
-            (r) => {
-              if (r.popReceipt) popReceipt = r.popReceipt;
-            },
-            () => {
-              // Lost the message (expired or taken over): the delete below will say so harmlessly.
-            },
-          )
-          .finally(() => {
-            renewing = undefined;
-          });
-      },
-      (visibility * 1000) / 3,
-    );
     // A stopped delivery's message is no longer kept hidden, even if its handler ignores the signal.
-    const stopRenewing = () => clearInterval(renew);
+    const stopRenewing = () => lease.stopRenewing();
     stopSignal.addEventListener('abort', stopRenewing, { once: true });
     // A rejection is a failure whatever it carries, `undefined` included.
     let failed = false;
@@ -349,10 +332,9 @@ export class InProcessHost {
       failed = true;
       failure = error;
     } finally {
-      clearInterval(renew);
       stopSignal.removeEventListener('abort', stopRenewing);
-      await renewing;
     }
+    const popReceipt = await lease.end();
     if (failed && stopSignal.aborted) {
       // Stopped, not failed: like a crashed delivery it is neither retried nor poisoned here; its message reappears
       // after its lease, and that delivery's dequeue count counts this attempt.
@@ -376,6 +358,57 @@ export class InProcessHost {
       await settle(queue.updateMessage(message.messageId, popReceipt, text, this.options.retryDelayInSeconds ?? 1));
     }
     return true;
+  }
+}
+
+type ReceivedMessage = Awaited<ReturnType<QueueClient['receiveMessages']>>['receivedMessageItems'][number];
+
+/**
+ * A received message kept invisible, as the Functions host does, from its receipt until its delivery settles: renewed
+ * every third of the visibility timeout, one renewal at a time. Every renewal replaces the pop receipt, so whoever
+ * deletes or updates the message takes the receipt from `end()`, after any renewal still out.
+ */
+class Lease {
+  private popReceipt: string;
+  private renewing: Promise<void> | undefined;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    queue: QueueClient,
+    readonly message: ReceivedMessage,
+    visibilityInSeconds: number,
+  ) {
+    this.popReceipt = message.popReceipt;
+    this.timer = setInterval(
+      () => {
+        this.renewing ??= queue
+          .updateMessage(message.messageId, this.popReceipt, message.messageText, visibilityInSeconds)
+          .then(
+            (r) => {
+              if (r.popReceipt) this.popReceipt = r.popReceipt;
+            },
+            () => {
+              // Lost the message (expired or taken over): the delete or update that ends the lease says so harmlessly.
+            },
+          )
+          .finally(() => {
+            this.renewing = undefined;
+          });
+      },
+      (visibilityInSeconds * 1000) / 3,
+    );
+  }
+
+  /** No more renewals: the message reappears when its visibility timeout ends. */
+  stopRenewing(): void {
+    clearInterval(this.timer);
+  }
+
+  /** Stops renewing and gives the newest pop receipt, once any renewal still out has returned. */
+  async end(): Promise<string> {
+    clearInterval(this.timer);
+    await this.renewing;
+    return this.popReceipt;
   }
 }
 
