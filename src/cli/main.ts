@@ -4,6 +4,8 @@
  * Functions app: `run` drives the registered handlers in-process, `status`/`verify`/`requeue` read and repair
  * what the app wrote, `derive` builds curated data and change sets for snapshots that already completed. Exit codes: 0 all well, 1 the command worked but found a problem, 2 bad input.
  */
+// First: on an older Node the imports below fail while loading, with errors that do not say why.
+import './requireNode.js';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import ora from 'ora';
 import { DELTA_EXPORT, type ExportId, type LandedExportId, landedExports } from '../core/catalog.js';

@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -567,6 +567,25 @@ describe('mdvm-ingest CLI (built, as a child process)', () => {
     const names: string[] = [];
     for await (const b of app.runtime.landing.listBlobsFlat({ prefix: 'security-baselines/' })) names.push(b.name);
     expect(names.filter((n) => n.endsWith('_manifest.json'))).toHaveLength(1);
+  });
+
+  it('on a Node.js before 22 says which Node it needs, instead of failing inside a library', async (context) => {
+    // An older Node on this machine's PATH (the project's own 22 comes first under npm and npx).
+    const older = (process.env.PATH ?? '')
+      .split(':')
+      .map((dir) => join(dir, 'node'))
+      .find((file) => {
+        try {
+          return Number(execFileSync(file, ['-p', 'process.versions.node.split(".")[0]']).toString()) < 22;
+        } catch {
+          return false;
+        }
+      });
+    if (!older) return context.skip('no Node.js before 22 on PATH');
+    const result = await cli(['status'], {}, { command: [older, CLI] });
+    expect(result.code).toBe(2);
+    expect(result.stderr).toMatch(/^mdvm-ingest: needs Node\.js 22 \(this is v\d+\.[\d.]+\)/);
+    expect(result.stdout).toBe('');
   });
 
   it('--help on every command', async () => {
