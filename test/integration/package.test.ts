@@ -100,9 +100,11 @@ beforeAll(async () => {
   settings = await exampleAppSettings(infra);
 });
 
+// Unpacked packages hold a production node_modules each: on a busy 2-core machine removing them outlasts the default
+// hook timeout.
 afterAll(() => {
   for (const dir of temporary.splice(0)) rmSync(dir, { recursive: true, force: true });
-});
+}, 300_000);
 
 describe('the deployment package (npm run package)', () => {
   it('registers every function from a clean folder, with the names, schedule and connection the Bicep provides', () => {
