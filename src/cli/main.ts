@@ -220,8 +220,11 @@ async function deriveCommand(
     return 2;
   }
   const controller = new AbortController();
-  const onSigint = () => {
-    err('interrupted: finishing the parts in flight; run again to resume (what exists is skipped)');
+  let interrupts = 0;
+  const onSigint = (signal: NodeJS.Signals) => {
+    interrupts++;
+    if (interrupts > 1) process.exit(signal === 'SIGTERM' ? 143 : 130);
+    err('interrupted: finishing the parts in flight (again to quit now); run again to resume (what exists is skipped)');
     controller.abort();
   };
   process.on('SIGINT', onSigint);

@@ -247,9 +247,17 @@ export class InProcessHost {
         await Promise.race([...inFlight, deadlinePassed]);
         continue;
       }
+      // Within a lease of the deadline, only as many as free workers start at once: a message received ahead and
+      // handed back at the stop would have spent a delivery. (A Ctrl-C cannot be foreseen: it costs the messages
+      // waiting for a worker one delivery each, as a host shutting down does.)
+      const wanted = deadline - Date.now() < visibilityInSeconds * 1000 ? this.workers - inFlight.size : this.workers;
+      if (wanted <= 0) {
+        await Promise.race([...inFlight, deadlinePassed]);
+        continue;
+      }
       const received = await read('receive', () =>
         queue.receiveMessages({
-          numberOfMessages: Math.min(MAX_RECEIVE_BATCH, this.workers),
+          numberOfMessages: Math.min(MAX_RECEIVE_BATCH, wanted),
           visibilityTimeout: visibilityInSeconds,
         }),
       );
@@ -299,8 +307,10 @@ export class InProcessHost {
     const text = message.messageText;
     // The host decodes base64; a message that is not base64 goes straight to the poison queue.
     if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) {
-      await poisonQueue.sendMessage(text);
-      await queue.deleteMessage(message.messageId, await lease.end());
+      // Sent or not, the lease ends here: a failed send must not leave the message renewed for good (it reappears and
+      // is tried again); only a message parked is deleted.
+      await poisonQueue.sendMessage(text).finally(() => lease.stopRenewing());
+      await settle(queue.deleteMessage(message.messageId, await lease.end()));
       return true;
     }
     const decoded = Buffer.from(text, 'base64').toString('utf8');

@@ -71,6 +71,8 @@ async function main(): Promise<number> {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  // A closed terminal: Azurite, in its own process group, would not get the hang-up; quit, which stops it.
+  process.on('SIGHUP', () => process.exit(129));
   let azurite: Awaited<ReturnType<typeof startAzurite>> | undefined;
   let simulator: DefenderSimulator | undefined;
   try {

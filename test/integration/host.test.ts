@@ -69,6 +69,95 @@ describe('in-process host', () => {
     );
   });
 
+  it('a message fetched ahead stays invisible while it waits for a worker, past its lease', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapCopier: (real) => ({
+          copy: async (request) => {
+            await sleep(4_000);
+            return real.copy(request);
+          },
+        }),
+      },
+    );
+    await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-22T07:01:00Z',
+      recordsPerPart: 2,
+      groups: [0],
+      partsPerGroup: 3,
+    });
+    stack.simulator.resetRateLimits();
+    const host = new InProcessHost(app.runtime, { workers: 1, visibilityTimeoutInSeconds: 2 });
+    await host.tick();
+    const queued = (await app.runtime.queue.peekMessages({ numberOfMessages: 32 })).peekedMessageItems.length;
+    expect(queued).toBeGreaterThan(2);
+    const drained = host.drain({ timeoutInMs: 120_000 });
+    await sleep(3_000);
+    // One copying, one fetched ahead for the next free worker: both hidden, though their 2 s lease has passed.
+    const visible = (await app.runtime.queue.peekMessages({ numberOfMessages: 32 })).peekedMessageItems.length;
+    await drained;
+    expect(visible).toBe(queued - 2);
+    const rows = await tableRows(app.runtime.storage.partsTable);
+    expect(rows.map((r) => [r.status, r.attempts])).toEqual(rows.map(() => ['landed', 1]));
+  });
+
+  it('within a lease of the deadline only free workers get messages: none is handed back with a delivery spent', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapCopier: (real) => ({
+          copy: async (request) => {
+            await sleep(1_500);
+            return real.copy(request);
+          },
+        }),
+      },
+    );
+    await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-22T08:01:00Z',
+      recordsPerPart: 2,
+      groups: [0, 12],
+      partsPerGroup: 2,
+    });
+    stack.simulator.resetRateLimits();
+    const host = new InProcessHost(app.runtime, { workers: 2 });
+    await host.tick();
+    // Stops taking messages after half a second; the two copies in flight finish within the grace.
+    expect(await host.drain({ timeoutInMs: 500 })).toEqual({ unfinished: 0 });
+    await host.drain({ timeoutInMs: 60_000 });
+    const rows = await tableRows(app.runtime.storage.partsTable);
+    expect(rows.length).toBeGreaterThan(2);
+    // Every part landed on its first delivery: the ones the first drain never started were never received by it.
+    expect(rows.map((r) => [r.status, r.attempts])).toEqual(rows.map(() => ['landed', 1]));
+  });
+
+  it('a message that is not base64 and cannot be parked is left to come back, not renewed for good', async () => {
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapRuntime: (real) => ({
+          ...real,
+          poisonQueue: new Proxy(real.poisonQueue, {
+            get: (target, prop) =>
+              prop === 'sendMessage'
+                ? () => Promise.reject(Object.assign(new Error('503 ServerBusy'), { statusCode: 503 }))
+                : (Reflect.get(target, prop, target) as unknown),
+          }),
+        }),
+      },
+    );
+    await app.runtime.queue.sendMessage('not base64 !!');
+    const host = new InProcessHost(app.runtime, { workers: 1, visibilityTimeoutInSeconds: 2 });
+    await expect(host.drain({ timeoutInMs: 30_000 })).rejects.toThrow(/503/);
+    await sleep(3_000);
+    const visible = (await app.runtime.queue.peekMessages({ numberOfMessages: 32 })).peekedMessageItems;
+    expect(visible.map((m) => m.messageText)).toEqual(['not base64 !!']);
+  });
+
   it('run: a receive that fails while the ticks still run is tried again and logged; the run completes', async () => {
     let receives = 0;
     const app = await createApp(
