@@ -1,7 +1,9 @@
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { ExportId } from '../../src/core/catalog.js';
 import type { SnapshotManifest } from '../../src/core/completion.js';
 import { verifyLanding } from '../../src/ops/verify.js';
+import type { SimulatedSnapshot } from '../../src/simulator/simulator.js';
 import {
   createApp,
   listBlobNames,
@@ -33,6 +35,20 @@ async function tick(app: TestApp) {
 async function manifestOf(app: TestApp, folder: string): Promise<SnapshotManifest> {
   const body = await app.runtime.landing.getBlobClient(`${folder}/_manifest.json`).downloadToBuffer();
   return JSON.parse(body.toString()) as SnapshotManifest;
+}
+
+/** A file of another export (ScaExport) beside a certificates snapshot's parts: the tick refuses it. */
+function otherExportFile(snap: SimulatedSnapshot): string {
+  const org = snap.parts[0]?.relativePath.split('/')[0] ?? '';
+  return `${snap.prefix.replace('/CertificateAssessmentExport/', '/ScaExport/')}/${org}/_RbacGroupId=0/part-00000-x.c000.json.gz`;
+}
+
+/** Defender's next list for the export names `path` too, signed like its own files. */
+function alsoListing(exportId: ExportId, path: string): void {
+  stack.simulator.injectFault(exportId, {
+    kind: 'rewrite',
+    rewrite: (body, sign) => ({ ...body, exportFiles: [...body.exportFiles, sign(path)] }),
+  });
 }
 
 describe('file lists the tick must not trust blindly', () => {
@@ -272,12 +288,7 @@ describe('file lists the tick must not trust blindly', () => {
       generatedTime: '2026-11-17T01:01:00Z',
       recordsPerPart: 3,
     });
-    const org = newer.parts[0]?.relativePath.split('/')[0] ?? '';
-    const other = `${newer.prefix.replace('/CertificateAssessmentExport/', '/ScaExport/')}/${org}/_RbacGroupId=0/part-00000-x.c000.json.gz`;
-    stack.simulator.injectFault('certificates', {
-      kind: 'rewrite',
-      rewrite: (body, sign) => ({ ...body, exportFiles: [...body.exportFiles, sign(other)] }),
-    });
+    alsoListing('certificates', otherExportFile(newer));
     await tick(app);
     const rows = await tableRows(app.runtime.storage.snapshotsTable);
     expect(rows.map((r) => [r.rowKey, r.status])).toEqual([
@@ -300,12 +311,7 @@ describe('file lists the tick must not trust blindly', () => {
       generatedTime: '2026-11-17T01:01:00Z',
       recordsPerPart: 3,
     });
-    const org = newer.parts[0]?.relativePath.split('/')[0] ?? '';
-    const other = `${newer.prefix.replace('/CertificateAssessmentExport/', '/ScaExport/')}/${org}/_RbacGroupId=0/part-00000-x.c000.json.gz`;
-    stack.simulator.injectFault('certificates', {
-      kind: 'rewrite',
-      rewrite: (body, sign) => ({ ...body, exportFiles: [...body.exportFiles, sign(other)] }),
-    });
+    alsoListing('certificates', otherExportFile(newer));
     await tick(app);
     const rows = await tableRows(app.runtime.storage.snapshotsTable);
     expect(rows.map((r) => [r.rowKey, r.status])).toEqual([
@@ -328,8 +334,7 @@ describe('file lists the tick must not trust blindly', () => {
       rewrite: (body) => ({ ...body, exportFiles: [body.exportFiles[0] ?? '', deadSe(body.exportFiles[1] ?? '')] }),
     });
     await tick(app);
-    const org = snap.parts[0]?.relativePath.split('/')[0] ?? '';
-    const other = `${snap.prefix.replace('/CertificateAssessmentExport/', '/ScaExport/')}/${org}/_RbacGroupId=0/part-00000-x.c000.json.gz`;
+    const other = otherExportFile(snap);
     stack.simulator.injectFault('certificates', {
       kind: 'rewrite',
       rewrite: (body, sign) => ({ ...body, exportFiles: [...body.exportFiles.slice(1), sign(other)] }),
@@ -368,12 +373,7 @@ describe('file lists the tick must not trust blindly', () => {
       generatedTime: '2026-11-17T00:01:00Z',
       recordsPerPart: 3,
     });
-    const org = snap.parts[0]?.relativePath.split('/')[0] ?? '';
-    const other = `${snap.prefix.replace('/CertificateAssessmentExport/', '/ScaExport/')}/${org}/_RbacGroupId=0/part-00000-x.c000.json.gz`;
-    stack.simulator.injectFault('certificates', {
-      kind: 'rewrite',
-      rewrite: (body, sign) => ({ ...body, exportFiles: [...body.exportFiles, sign(other)] }),
-    });
+    alsoListing('certificates', otherExportFile(snap));
     await tick(app);
     expect(await tableRows(app.runtime.storage.snapshotsTable)).toEqual([
       expect.objectContaining({ status: 'failed', partCount: snap.parts.length + 1, partsRefused: 1 }),
