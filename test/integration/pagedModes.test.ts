@@ -540,8 +540,9 @@ describe('paged reads under overlap and hostile pages', () => {
     expect(Date.parse(window?.nextSince ?? '')).toBeLessThanOrEqual(Date.parse(window?.generatedTime ?? ''));
   });
 
-  it('a delta that continues a JSON-mode snapshot starts a day before its read began', async () => {
-    const app = await createApp(
+  /** Software vulnerabilities read in JSON mode, with the delta scheduled; every page serves one record of now. */
+  const jsonModeDeltaApp = () =>
+    createApp(
       stack,
       {
         MDVM_EXPORTS: 'software-vulnerabilities',
@@ -552,6 +553,9 @@ describe('paged reads under overlap and hostile pages', () => {
         wrapRuntime: serving(() => JSON.stringify({ value: [{ id: 'r', eventTimestamp: new Date().toISOString() }] })),
       },
     );
+
+  it('a delta that continues a JSON-mode snapshot starts a day before its read began', async () => {
+    const app = await jsonModeDeltaApp();
     await app.runner.tick(['software-vulnerabilities']);
     const [full] = (await app.runtime.store.listSnapshots('software-vulnerabilities')).map((s) => s.value);
     expect(full).toMatchObject({ status: 'complete', mode: 'json' });
@@ -563,17 +567,7 @@ describe('paged reads under overlap and hostile pages', () => {
   });
 
   it('a delta that continues a JSON-mode snapshot near the 14-day edge starts inside it, and says so', async () => {
-    const app = await createApp(
-      stack,
-      {
-        MDVM_EXPORTS: 'software-vulnerabilities',
-        MDVM_JSON_EXPORTS: 'software-vulnerabilities',
-        MDVM_DELTA_SCHEDULE: '0 30 */6 * * *',
-      },
-      {
-        wrapRuntime: serving(() => JSON.stringify({ value: [{ id: 'r', eventTimestamp: new Date().toISOString() }] })),
-      },
-    );
+    const app = await jsonModeDeltaApp();
     // A JSON read that began 13.5 days ago: a day before it is already past what Defender keeps.
     const fullAt = new Date(Date.now() - 13.5 * 24 * 3_600_000).toISOString().replace(/\.\d{3}Z$/, 'Z');
     await app.runtime.store.createSnapshot({
