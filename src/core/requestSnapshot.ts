@@ -2,7 +2,7 @@ import { type ExportId, getExportType } from './catalog.js';
 import { completeSnapshotIfReady, reconcileCounters } from './completion.js';
 import { runBounded } from './concurrency.js';
 import { classifyStorageError, errorMessage, MdvmError } from './errors.js';
-import type { SnapshotRow } from './manifestStore.js';
+import type { PartRow, SnapshotRow } from './manifestStore.js';
 import { encodeMessage, MAX_SOURCE_URL_LENGTH, messageTimeToLiveInSeconds, type PartMessage } from './messages.js';
 import { annotate, inSpan, SPAN_NAMES, traceparentOf } from './observability.js';
 import {
@@ -31,7 +31,7 @@ export const MAX_CLOCK_SKEW_IN_MS = 10 * 60_000;
 /** The lastError a tick writes while files are refused (cleared once Defender lists none). */
 const REFUSED_NOTE = /^\d+ of \d+ file\(s\) refused, so the snapshot cannot complete/;
 
-/** Parts marked in flight per table transaction; sends run at most two of these ahead of their marks. */
+/** Part rows per table transaction, for new rows and for in-flight marks; sends run at most two marks ahead. */
 const ENQUEUE_CHUNK = 100;
 
 export type TickOutcome = 'enqueued' | 'resumed' | 'unchanged' | 'completed' | 'empty';
@@ -243,7 +243,6 @@ async function tick(
     ...(plan.expired.length > 0 ? { lastError: `${plan.expired.length} part(s): ${DEAD_ON_ARRIVAL_REASON}` } : {}),
     ...(refusedNote ? { lastError: refusedNote } : {}),
   }));
-  await runtime.store.insertParts(plan.newParts);
   const expiredPaths = new Map(plan.markExpired.map((p) => [p.path, p]));
   // From the plan's distinct parts, the ones the messages are made from: the row and its message name one source.
   const offeredSource = new Map(plan.offered.map((p) => [p.relativePath, p.sourcePath]));
@@ -277,25 +276,38 @@ async function tick(
     return status === row.status ? undefined : { status };
   });
 
-  // Every row exists before the first message goes out, so no completion check can see a partial list of parts.
-  const { sent, stopped } = await sendAndMarkInFlight(
-    runtime,
-    exportId,
-    snapshotId,
-    plan.enqueue,
-    (p) => ({
-      v: 1,
-      export: exportId,
-      snapshot: snapshotId,
-      generatedTime,
-      part: p.relativePath,
-      sourceUrl: p.url,
-      sasExpiresOn: p.sasExpiresOn?.toISOString() ?? null,
-      enqueuedAt: now.toISOString(),
-      ...(options.traceparent ? { traceparent: options.traceparent } : {}),
-    }),
-    options.abortSignal,
-  );
+  // New rows are written while the messages go out, and each message waits for its own row: a copy only ever copies
+  // a part the tick recorded. A completion check that meets a partial list of rows finds fewer landed than the
+  // snapshot row's partCount, written above, and leaves the snapshot alone.
+  const rows = writeRowsInOrder(runtime, plan.newParts);
+  let sending: { sent: number; stopped: boolean };
+  try {
+    sending = await sendAndMarkInFlight(
+      runtime,
+      exportId,
+      snapshotId,
+      plan.enqueue,
+      (p) => rows.written(p.relativePath),
+      (p) => ({
+        v: 1,
+        export: exportId,
+        snapshot: snapshotId,
+        generatedTime,
+        part: p.relativePath,
+        sourceUrl: p.url,
+        sasExpiresOn: p.sasExpiresOn?.toISOString() ?? null,
+        enqueuedAt: now.toISOString(),
+        ...(options.traceparent ? { traceparent: options.traceparent } : {}),
+      }),
+      options.abortSignal,
+    );
+  } finally {
+    // Rows no message waits for (dead on arrival) are written too, before the tick returns or throws.
+    await rows.settled;
+  }
+  const rowFailure = rows.failure();
+  if (rowFailure !== undefined) throw rowFailure;
+  const { sent, stopped } = sending;
   if (stopped) {
     throw new MdvmError(
       'transient',
@@ -305,7 +317,12 @@ async function tick(
 
   const latest = (await runtime.store.getSnapshot(exportId, generatedTime))?.value ?? snapshot.value;
   await reconcileCounters(runtime, latest, [...plan.landed]);
-  const completed = await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
+  // A part still queued settles with a completion check of its own; reading every row here would only find it
+  // (10 reads for 10,000 parts). One queued row is one small read.
+  const completed =
+    latest.status !== 'complete' && (await runtime.store.partProgress(exportId, snapshotId)).state === 'in-flight'
+      ? false
+      : await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
   const outcome: TickOutcome = completed ? 'completed' : current ? 'resumed' : 'enqueued';
   telemetry.track('request', {
     export: exportId,
@@ -329,20 +346,54 @@ async function tick(
 }
 
 /**
- * Sends one message per part, `enqueueConcurrency` at a time with no pause between hundreds, and marks the sent parts
- * in flight in transactions of up to ENQUEUE_CHUNK while the sends go on (one transaction at a time). Until its mark
- * lands, a sent part counts as needing a message: a tick that dies in between makes the next tick send it again, and
- * the copy of a part that already landed is a duplicate that copies nothing. Stops taking parts when `abortSignal`
- * fires or a mark fails. Whatever was sent is marked before it returns or throws, except after a failed mark: that
- * batch and what was sent after it stay unmarked, for the next tick (after a failed send too, and then the error
- * names both). A URL without an expiry is never marked (such a part gets a message every tick, docs/contracts.md).
- * `stopped`: not every part was sent.
+ * Writes new part rows ENQUEUE_CHUNK to a transaction, one transaction at a time, starting at once. `written(path)`
+ * settles when that part's row exists (at once for a part an earlier tick recorded) and rejects if its write, or an
+ * earlier one, failed; `settled` never rejects and `failure()` then says why. A failed write leaves the rows after it
+ * for the next tick.
+ */
+function writeRowsInOrder(
+  runtime: Runtime,
+  rows: readonly PartRow[],
+): { written(path: string): Promise<void>; settled: Promise<void>; failure(): unknown } {
+  const transactionOf = new Map<string, Promise<void>>();
+  let failure: unknown;
+  let previous = Promise.resolve();
+  for (let i = 0; i < rows.length; i += ENQUEUE_CHUNK) {
+    const chunk = rows.slice(i, i + ENQUEUE_CHUNK);
+    const written = previous.then(() => runtime.store.insertParts(chunk));
+    // Handled here, so a transaction no send waits for never becomes an unhandled rejection.
+    written.catch((error: unknown) => {
+      failure ??= error;
+    });
+    for (const row of chunk) transactionOf.set(row.path, written);
+    previous = written;
+  }
+  return {
+    written: (path) => transactionOf.get(path) ?? Promise.resolve(),
+    settled: previous.then(
+      () => undefined,
+      () => undefined,
+    ),
+    failure: () => failure,
+  };
+}
+
+/**
+ * Sends one message per part once `rowWritten` says its row exists, `enqueueConcurrency` at a time with no pause
+ * between hundreds, and marks the sent parts in flight in transactions of up to ENQUEUE_CHUNK while the sends go on
+ * (one transaction at a time). Until its mark lands, a sent part counts as needing a message: a tick that dies in
+ * between makes the next tick send it again, and the copy of a part that already landed is a duplicate that copies
+ * nothing. Stops taking parts when `abortSignal` fires, a mark fails or a row could not be written. Whatever was sent
+ * is marked before it returns or throws, except after a failed mark: that batch and what was sent after it stay
+ * unmarked, for the next tick (after a failed send too, and then the error names both). A URL without an expiry is
+ * never marked (such a part gets a message every tick, docs/contracts.md). `stopped`: not every part was sent.
  */
 async function sendAndMarkInFlight(
   runtime: Runtime,
   exportId: string,
   snapshotId: string,
   parts: readonly OfferedPart[],
+  rowWritten: (part: OfferedPart) => Promise<void>,
   messageOf: (part: OfferedPart) => PartMessage,
   abortSignal: AbortSignal | undefined,
 ): Promise<{ sent: number; stopped: boolean }> {
@@ -376,6 +427,8 @@ async function sendAndMarkInFlight(
     await runBounded(parts, runtime.config.enqueueConcurrency, async (part) => {
       // Sends wait for the marks rather than pile up unmarked parts a crash would send again.
       while (marking && unmarked.length >= 2 * ENQUEUE_CHUNK) await marking;
+      // A row that could not be written stops the sends like a failed send: its error is the tick's.
+      await rowWritten(part);
       // A failed mark stops the sends too: the next tick sends whatever is not marked.
       if (abortSignal?.aborted || markFailure !== undefined) {
         stopped = true;

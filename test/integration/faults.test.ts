@@ -634,6 +634,43 @@ describe('bad input and failures', () => {
     expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(unmarked);
   });
 
+  it('a row transaction that fails mid-tick stops the sends at its hundred: no message without its row; the next tick writes and sends the rest', async () => {
+    let transactions = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        workers: 8,
+        wrapRuntime: replacing('store', (real) => ({
+          insertParts: (rows) =>
+            ++transactions === 2
+              ? Promise.reject(new MdvmError('transient', 'table unavailable during the insert'))
+              : real.insertParts(rows),
+        })),
+      },
+    );
+    const snap = await publishTwoAndAHalfHundredParts('2026-11-22T07:01:00Z');
+    const [first] = await app.runner.tick();
+    expect(first?.error).toMatch(/table unavailable during the insert/);
+    // The first hundred rows exist and their messages are out and marked; nothing after the failed transaction.
+    const rows = await tableRows(app.runtime.storage.partsTable);
+    expect(rows).toHaveLength(100);
+    expect(rows.filter((r) => r.sasExpiresOn)).toHaveLength(100);
+    const messages = await takeQueuedMessages(app);
+    const recorded = new Set(rows.map((r) => r.path));
+    expect(messages).toHaveLength(100);
+    expect(messages.filter((m) => !recorded.has(m.part))).toEqual([]);
+    // The taken messages go back, as if still in flight.
+    for (const m of messages) await app.runtime.queue.sendMessage(encodeMessage(m));
+
+    const after = await tickCleanlyAndDrain(app);
+    expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: snap.parts.length });
+    const landedEvents = app.events.filter((e) => e.event === 'part' && e.outcome === 'landed');
+    expect(landedEvents).toHaveLength(snap.parts.length);
+    expect(new Set(landedEvents.map((e) => e.part)).size).toBe(snap.parts.length);
+    expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(0);
+  });
+
   it('a failed part requeued by a tick that stops before its send is sent by the next tick, not left for the old SAS', async () => {
     let sourceGone: string | undefined;
     let copiesOfIt = 0;

@@ -2,6 +2,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EXPORT_IDS } from '../../src/core/catalog.js';
 import type { LatestPointer, SnapshotManifest } from '../../src/core/completion.js';
+import type { PartMessage } from '../../src/core/messages.js';
 import { encodeKey, partsPartitionKey } from '../../src/core/parts.js';
 import type { TelemetryEvent } from '../../src/core/telemetry.js';
 import { runIngestion } from '../../src/ops/run.js';
@@ -13,6 +14,7 @@ import {
   replacing,
   type Stack,
   startStack,
+  type TestApp,
   tableRows,
 } from '../helpers/stack.js';
 
@@ -258,6 +260,60 @@ describe('pipeline end to end (Azurite + simulator)', () => {
     expect(snapshot).toMatchObject({ status: 'complete', partCount: 500, partsLanded: 500 });
     expect(app.events.filter((e) => e.event === 'snapshot' && e.outcome === 'completed')).toHaveLength(1);
     expect(app.logs.filter((l) => /contention/.test(l.line))).toEqual([]);
+  });
+
+  it('a tick sends each message once its own row exists, while later rows are still being written, and reads no page of rows after', async () => {
+    const order: string[] = [];
+    const rowMissingAtSend: string[] = [];
+    let partPagesRead = 0;
+    let app: TestApp | undefined;
+    app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        wrapRuntime: (runtime) =>
+          replacing('store', (real) => ({
+            insertParts: async (rows) => {
+              order.push('insert');
+              await real.insertParts(rows);
+            },
+            listParts: (...args) => {
+              partPagesRead++;
+              return real.listParts(...args);
+            },
+          }))(
+            replacing('queue', (real) => ({
+              sendMessage: async (text, options) => {
+                const message = JSON.parse(Buffer.from(text, 'base64').toString()) as PartMessage;
+                if (!(await app?.runtime.store.getPart(message.export, message.snapshot, message.part))) {
+                  rowMissingAtSend.push(message.part);
+                }
+                order.push('send');
+                return real.sendMessage(text, options);
+              },
+            }))(runtime),
+          ),
+      },
+    );
+    const snap = await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-21T13:01:00Z',
+      groups: [0, 1, 2],
+      partsPerGroup: 99,
+      recordsPerPart: 1,
+    });
+    expect(snap.parts).toHaveLength(300);
+    const [report] = await app.runner.tick();
+    expect(report?.error).toBeUndefined();
+    expect(rowMissingAtSend).toEqual([]);
+    // Three transactions of 100 rows; the first message goes out before the last transaction starts.
+    expect(order.filter((o) => o === 'insert')).toHaveLength(3);
+    expect(order.indexOf('send')).toBeLessThan(order.lastIndexOf('insert'));
+    // A new snapshot whose parts are all queued: the tick's completion check reads one queued row, no page of rows.
+    expect(partPagesRead).toBe(0);
+
+    await app.runner.drain();
+    const [snapshot] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(snapshot).toMatchObject({ status: 'complete', partCount: 300, partsLanded: 300 });
   });
 
   it("run copies the parts of one export while another export's tick is still waiting on Defender", async () => {
