@@ -82,9 +82,12 @@ async function completeFromOneRead(
   if (landed.length < snapshot.value.partCount || landed.length < rows.length || refused) {
     await reconcileCounters(runtime, snapshot.value, landed);
     if (landed.length === rows.length && refused) {
-      // Every recorded part is in, but Defender listed files the tick refused: say so, do not wait forever.
+      // Every part is in, but Defender listed files the tick refused: say so, do not wait forever. (Not while a tick
+      // still writes the rows of parts to come.)
       await runtime.store.mutateSnapshot(exportId, generatedTime, (row) =>
-        row.status === 'copying' || row.status === 'requested' ? { status: 'failed' } : undefined,
+        (row.status === 'copying' || row.status === 'requested') && rowsCoverSnapshot(row, rows.length)
+          ? { status: 'failed' }
+          : undefined,
       );
     }
     return false;
@@ -457,6 +460,15 @@ async function advanceLatest(
  * Self-healing: counters that lag behind the part rows (a crash between landing a part and counting it)
  * are raised to match. Never lowered: the listing may be older than increments made since.
  */
+/**
+ * Whether `rowCount` part rows are every part of the snapshot. A tick writes new rows while its messages go out, so a
+ * check can meet fewer: the rest are still being written, or left for the next tick by a write that failed. Until
+ * they exist, parts are still to come, and nothing may conclude the snapshot is stuck.
+ */
+export function rowsCoverSnapshot(snapshot: SnapshotRow, rowCount: number): boolean {
+  return rowCount >= snapshot.partCount - (snapshot.partsRefused ?? 0);
+}
+
 export async function reconcileCounters(runtime: Runtime, snapshot: SnapshotRow, landed: PartRow[]): Promise<void> {
   const bytes = landed.reduce((sum, r) => sum + (r.bytes ?? 0), 0);
   await runtime.store.mutateSnapshot(snapshot.exportId, snapshot.generatedTime, (row) =>

@@ -1,5 +1,5 @@
 import type { ExportId } from './catalog.js';
-import { completeSnapshotIfReady } from './completion.js';
+import { completeSnapshotIfReady, rowsCoverSnapshot } from './completion.js';
 import { TrailingRuns } from './concurrency.js';
 import { errorMessage, MdvmError } from './errors.js';
 import { ConcurrentUpdateError, type PartRow } from './manifestStore.js';
@@ -328,9 +328,8 @@ async function checkSnapshot(
       annotate(span, { outcome: complete ? 'complete' : 'incomplete' });
     });
   } else if (progress.state === 'stuck') {
-    const landed = (await runtime.store.listParts(exportId, snapshotId))
-      .map((p) => p.value)
-      .filter((p) => p.status === 'landed');
+    const rows = (await runtime.store.listParts(exportId, snapshotId)).map((p) => p.value);
+    const landed = rows.filter((p) => p.status === 'landed');
     await runtime.store.mutateSnapshot(exportId, generatedTime, (s) => {
       if (s.status !== 'copying' && s.status !== 'requested') return undefined;
       return {
@@ -339,7 +338,7 @@ async function checkSnapshot(
           s.bytesLanded,
           landed.reduce((sum, p) => sum + (p.bytes ?? 0), 0),
         ),
-        ...(progress.failed ? { status: 'failed' as const } : {}),
+        ...(progress.failed && rowsCoverSnapshot(s, rows.length) ? { status: 'failed' as const } : {}),
       };
     });
   }

@@ -1,5 +1,5 @@
 import { type ExportId, getExportType } from './catalog.js';
-import { completeSnapshotIfReady, reconcileCounters } from './completion.js';
+import { completeSnapshotIfReady, reconcileCounters, rowsCoverSnapshot } from './completion.js';
 import { runBounded } from './concurrency.js';
 import { classifyStorageError, errorMessage, MdvmError } from './errors.js';
 import type { PartRow, SnapshotRow } from './manifestStore.js';
@@ -280,7 +280,7 @@ async function tick(
   // a part the tick recorded. A completion check that meets a partial list of rows finds fewer landed than the
   // snapshot row's partCount, written above, and leaves the snapshot alone.
   const rows = writeRowsInOrder(runtime, plan.newParts);
-  let sending: { sent: number; stopped: boolean };
+  let sending: { sent: number; stopped: boolean } | undefined;
   try {
     sending = await sendAndMarkInFlight(
       runtime,
@@ -302,7 +302,9 @@ async function tick(
       options.abortSignal,
     );
   } finally {
-    // Rows no message waits for (dead on arrival) are written too, before the tick returns or throws.
+    // A tick that stops leaves the rows not written yet to the next; one that sent everything also writes the rows no
+    // message waits for (dead on arrival) before it returns.
+    if (!sending || sending.stopped) rows.stop();
     await rows.settled;
   }
   const rowFailure = rows.failure();
@@ -348,28 +350,36 @@ async function tick(
 /**
  * Writes new part rows ENQUEUE_CHUNK to a transaction, one transaction at a time, starting at once. `written(path)`
  * settles when that part's row exists (at once for a part an earlier tick recorded) and rejects if its write, or an
- * earlier one, failed; `settled` never rejects and `failure()` then says why. A failed write leaves the rows after it
- * for the next tick.
+ * earlier one, failed or was skipped; `settled` never rejects and `failure()` then says why. A failed write, or
+ * `stop()`, leaves the rows after it for the next tick (`stop()` is no failure).
  */
 function writeRowsInOrder(
   runtime: Runtime,
   rows: readonly PartRow[],
-): { written(path: string): Promise<void>; settled: Promise<void>; failure(): unknown } {
+): { written(path: string): Promise<void>; stop(): void; settled: Promise<void>; failure(): unknown } {
   const transactionOf = new Map<string, Promise<void>>();
+  const skipped = new MdvmError('transient', 'the tick stopped before writing these part rows');
+  let stopped = false;
   let failure: unknown;
   let previous = Promise.resolve();
   for (let i = 0; i < rows.length; i += ENQUEUE_CHUNK) {
     const chunk = rows.slice(i, i + ENQUEUE_CHUNK);
-    const written = previous.then(() => runtime.store.insertParts(chunk));
+    const written = previous.then(() => {
+      if (stopped) throw skipped;
+      return runtime.store.insertParts(chunk);
+    });
     // Handled here, so a transaction no send waits for never becomes an unhandled rejection.
     written.catch((error: unknown) => {
-      failure ??= error;
+      if (error !== skipped) failure ??= error;
     });
     for (const row of chunk) transactionOf.set(row.path, written);
     previous = written;
   }
   return {
     written: (path) => transactionOf.get(path) ?? Promise.resolve(),
+    stop: () => {
+      stopped = true;
+    },
     settled: previous.then(
       () => undefined,
       () => undefined,
@@ -494,7 +504,8 @@ async function completableFromQueue(
     const inFlight = parts.every(
       (p) => p.status === 'landed' || !needsAnotherMessage(p, now, runtime.config.sasSafetyMarginInMs),
     );
-    if (parts.length > 0 && inFlight) keep.add(row.generatedTime);
+    // A part whose row a failed tick never wrote has no message either: it can only come from a new URL.
+    if (parts.length > 0 && inFlight && rowsCoverSnapshot(row, parts.length)) keep.add(row.generatedTime);
   }
   return keep;
 }

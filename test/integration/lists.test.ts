@@ -1,7 +1,9 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ExportId } from '../../src/core/catalog.js';
 import type { SnapshotManifest } from '../../src/core/completion.js';
+import { MdvmError } from '../../src/core/errors.js';
 import { verifyLanding } from '../../src/ops/verify.js';
 import type { SimulatedSnapshot } from '../../src/simulator/simulator.js';
 import {
@@ -9,6 +11,7 @@ import {
   listBlobNames,
   md5,
   queueTexts,
+  replacing,
   type Stack,
   startStack,
   type TestApp,
@@ -318,6 +321,107 @@ describe('file lists the tick must not trust blindly', () => {
       ['2026-11-17T00:01:00Z', 'superseded'],
       ['2026-11-17T01:01:00Z', 'failed'],
     ]);
+  });
+
+  for (const variant of ['a refused file', 'a part whose source is gone'] as const) {
+    it(`copies that settle while a tick still writes the rows of later parts do not fail the snapshot (${variant})`, async () => {
+      let releaseSecondWrite = (): void => {};
+      const secondWriteHeld = new Promise<void>((resolve) => {
+        releaseSecondWrite = resolve;
+      });
+      let writes = 0;
+      let sends = 0;
+      const app = await createApp(
+        stack,
+        { MDVM_EXPORTS: 'certificates' },
+        {
+          wrapRuntime: (runtime) =>
+            replacing('store', (real) => ({
+              insertParts: async (rows) => {
+                if (++writes === 2) await secondWriteHeld;
+                return real.insertParts(rows);
+              },
+            }))(
+              replacing('queue', (real) => ({
+                sendMessage: async (text, options) => {
+                  const sent = await real.sendMessage(text, options);
+                  sends++;
+                  return sent;
+                },
+              }))(runtime),
+            ),
+        },
+      );
+      const generatedTime = variant === 'a refused file' ? '2026-11-17T07:01:00Z' : '2026-11-17T08:01:00Z';
+      const snap = await stack.simulator.publish('certificates', {
+        generatedTime,
+        groups: [0, 1, 2, 3, 4],
+        partsPerGroup: 49,
+        recordsPerPart: 1,
+      });
+      const org = snap.parts[0]?.relativePath.split('/')[0] ?? '';
+      // The refused file goes last; the missing one first, so it fails among the first hundred.
+      const extra =
+        variant === 'a refused file'
+          ? otherExportFile(snap)
+          : `${snap.prefix}/${org}/_RbacGroupId=0/part-00000-aaaa-missing.c000.json.gz`;
+      stack.simulator.injectFault('certificates', {
+        kind: 'rewrite',
+        rewrite: (body, sign) => ({
+          ...body,
+          exportFiles:
+            variant === 'a refused file' ? [...body.exportFiles, sign(extra)] : [sign(extra), ...body.exportFiles],
+        }),
+      });
+      stack.simulator.resetRateLimits();
+      const ticking = app.runner.tick();
+      while (sends < 100) await sleep(20);
+      // The first hundred settle while the second hundred rows wait to be written: nothing is stuck, more is coming.
+      await app.runner.drain();
+      const [during] = await tableRows(app.runtime.storage.snapshotsTable);
+      expect(during).toMatchObject({ status: 'copying' });
+      releaseSecondWrite();
+      const [report] = await ticking;
+      expect(report?.error).toBeUndefined();
+      await app.runner.drain();
+      // Once every part has settled, the snapshot fails for its refused file or its lost source, counting every landed part.
+      const [after] = await tableRows(app.runtime.storage.snapshotsTable);
+      expect(after).toMatchObject({ status: 'failed', partsLanded: 250, partCount: 251 });
+    });
+  }
+
+  it('an older snapshot whose tick wrote only some of its rows is superseded by a newer list with a refused file', async () => {
+    let writes = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'certificates' },
+      {
+        wrapRuntime: replacing('store', (real) => ({
+          insertParts: (rows) =>
+            ++writes === 2
+              ? Promise.reject(new MdvmError('transient', 'table unavailable during the insert'))
+              : real.insertParts(rows),
+        })),
+      },
+    );
+    await stack.simulator.publish('certificates', {
+      generatedTime: '2026-11-17T09:01:00Z',
+      groups: [0, 1, 2, 3, 4],
+      partsPerGroup: 49,
+      recordsPerPart: 1,
+    });
+    const first = await tick(app);
+    expect(first?.error).toMatch(/table unavailable during the insert/);
+    // The first hundred landed; the other 150 parts have no row and no message.
+    const [older] = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(older).toMatchObject({ status: 'copying', partsLanded: 100, partCount: 250 });
+
+    const newer = await stack.simulator.publish('certificates', { generatedTime: '2026-11-17T10:01:00Z' });
+    alsoListing('certificates', otherExportFile(newer));
+    const report = await tick(app);
+    expect(report?.error).toBeUndefined();
+    const rows = await tableRows(app.runtime.storage.snapshotsTable);
+    expect(rows.find((r) => r.rowKey === '2026-11-17T09:01:00Z')).toMatchObject({ status: 'superseded' });
   });
 
   it('a snapshot never completes while a file is refused, even when its rows outnumber what the last list had', async () => {

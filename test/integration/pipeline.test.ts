@@ -284,11 +284,11 @@ describe('pipeline end to end (Azurite + simulator)', () => {
           }))(
             replacing('queue', (real) => ({
               sendMessage: async (text, options) => {
+                order.push('send');
                 const message = JSON.parse(Buffer.from(text, 'base64').toString()) as PartMessage;
                 if (!(await app?.runtime.store.getPart(message.export, message.snapshot, message.part))) {
                   rowMissingAtSend.push(message.part);
                 }
-                order.push('send');
                 return real.sendMessage(text, options);
               },
             }))(runtime),
