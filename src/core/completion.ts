@@ -12,7 +12,7 @@ import {
 } from './contracts.js';
 import { classifyStorageError, errorMessage, isStorageCondition, MdvmError } from './errors.js';
 import { ConcurrentUpdateError, type Versioned } from './manifestStore.js';
-import { record } from './observability.js';
+import { annotate, inSpan, record, SPAN_NAMES } from './observability.js';
 import { compareGeneratedTime, latestPath, manifestPath, snapshotFolder, snapshotIdOf } from './parts.js';
 import type { Runtime } from './runtime.js';
 import { streamToString } from './storage.js';
@@ -460,6 +460,46 @@ async function advanceLatest(
  * Self-healing: counters that lag behind the part rows (a crash between landing a part and counting it)
  * are raised to match. Never lowered: the listing may be older than increments made since.
  */
+/**
+ * After a part settles, or a tick has written its rows: complete the snapshot when no part is left. When nothing is in
+ * flight any more but parts are left (expired, or failed for good: source gone, corrupt, out of attempts), bring the
+ * snapshot row's counters up to the part rows, once per stall, and mark it `failed` if a part failed and every part's
+ * row is written. The next timer tick retries those parts with fresh URLs and puts the snapshot back to `copying`;
+ * until then the row says where it stopped. Costs one small read while a part is still queued. True when complete.
+ */
+export async function settleSnapshotFromRows(
+  runtime: Runtime,
+  telemetry: Telemetry,
+  exportId: string,
+  snapshotId: string,
+  generatedTime: string,
+): Promise<boolean> {
+  const progress = await runtime.store.partProgress(exportId, snapshotId);
+  if (progress.state === 'all-landed') {
+    return inSpan(SPAN_NAMES.complete, { export: exportId, snapshot: snapshotId }, async (span) => {
+      const complete = await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
+      annotate(span, { outcome: complete ? 'complete' : 'incomplete' });
+      return complete;
+    });
+  }
+  if (progress.state === 'stuck') {
+    const rows = (await runtime.store.listParts(exportId, snapshotId)).map((p) => p.value);
+    const landed = rows.filter((p) => p.status === 'landed');
+    await runtime.store.mutateSnapshot(exportId, generatedTime, (s) => {
+      if (s.status !== 'copying' && s.status !== 'requested') return undefined;
+      return {
+        partsLanded: Math.max(s.partsLanded, landed.length),
+        bytesLanded: Math.max(
+          s.bytesLanded,
+          landed.reduce((sum, p) => sum + (p.bytes ?? 0), 0),
+        ),
+        ...(progress.failed && rowsCoverSnapshot(s, rows.length) ? { status: 'failed' as const } : {}),
+      };
+    });
+  }
+  return false;
+}
+
 /**
  * Whether `rowCount` part rows are every part of the snapshot. A tick writes new rows while its messages go out, so a
  * check can meet fewer: the rest are still being written, or left for the next tick by a write that failed. Until

@@ -1,5 +1,5 @@
 import type { ExportId } from './catalog.js';
-import { completeSnapshotIfReady, rowsCoverSnapshot } from './completion.js';
+import { settleSnapshotFromRows } from './completion.js';
 import { TrailingRuns } from './concurrency.js';
 import { errorMessage, MdvmError } from './errors.js';
 import { ConcurrentUpdateError, type PartRow } from './manifestStore.js';
@@ -287,12 +287,7 @@ async function landOnePart(
   return { outcome: 'landed', bytes: copied.bytes, method: copied.method };
 }
 
-/**
- * After a part settles: complete the snapshot when no part is left. When nothing is in flight any more but parts
- * are left (expired, or failed for good: source gone, corrupt, out of attempts), bring the snapshot row's counters
- * up to the part rows, once per stall, and mark it `failed` if a part failed. The next timer tick retries those
- * parts with fresh URLs and puts the snapshot back to `copying`; until then the row says where it stopped.
- */
+/** After a part settles: settleSnapshotFromRows, one check at a time per snapshot in this process. */
 function settleSnapshot(
   runtime: Runtime,
   telemetry: Telemetry,
@@ -307,42 +302,12 @@ function settleSnapshot(
     checks = new TrailingRuns();
     completionChecks.set(runtime.store, checks);
   }
-  return checks.run(`${exportId}/${generatedTime}`, () =>
-    checkSnapshot(runtime, telemetry, exportId, snapshotId, generatedTime),
-  );
+  return checks.run(`${exportId}/${generatedTime}`, async () => {
+    await settleSnapshotFromRows(runtime, telemetry, exportId, snapshotId, generatedTime);
+  });
 }
 
 const completionChecks = new WeakMap<Runtime['store'], TrailingRuns>();
-
-async function checkSnapshot(
-  runtime: Runtime,
-  telemetry: Telemetry,
-  exportId: ExportId,
-  snapshotId: string,
-  generatedTime: string,
-): Promise<void> {
-  const progress = await runtime.store.partProgress(exportId, snapshotId);
-  if (progress.state === 'all-landed') {
-    await inSpan(SPAN_NAMES.complete, { export: exportId, snapshot: snapshotId }, async (span) => {
-      const complete = await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
-      annotate(span, { outcome: complete ? 'complete' : 'incomplete' });
-    });
-  } else if (progress.state === 'stuck') {
-    const rows = (await runtime.store.listParts(exportId, snapshotId)).map((p) => p.value);
-    const landed = rows.filter((p) => p.status === 'landed');
-    await runtime.store.mutateSnapshot(exportId, generatedTime, (s) => {
-      if (s.status !== 'copying' && s.status !== 'requested') return undefined;
-      return {
-        partsLanded: Math.max(s.partsLanded, landed.length),
-        bytesLanded: Math.max(
-          s.bytesLanded,
-          landed.reduce((sum, p) => sum + (p.bytes ?? 0), 0),
-        ),
-        ...(progress.failed && rowsCoverSnapshot(s, rows.length) ? { status: 'failed' as const } : {}),
-      };
-    });
-  }
-}
 
 async function markUnlandable(
   runtime: Runtime,

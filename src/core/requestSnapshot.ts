@@ -1,5 +1,5 @@
 import { type ExportId, getExportType } from './catalog.js';
-import { completeSnapshotIfReady, reconcileCounters, rowsCoverSnapshot } from './completion.js';
+import { completeSnapshotIfReady, reconcileCounters, rowsCoverSnapshot, settleSnapshotFromRows } from './completion.js';
 import { runBounded } from './concurrency.js';
 import { classifyStorageError, errorMessage, MdvmError } from './errors.js';
 import type { PartRow, SnapshotRow } from './manifestStore.js';
@@ -287,7 +287,7 @@ async function tick(
       exportId,
       snapshotId,
       plan.enqueue,
-      (p) => rows.written(p.relativePath),
+      rows,
       (p) => ({
         v: 1,
         export: exportId,
@@ -302,8 +302,8 @@ async function tick(
       options.abortSignal,
     );
   } finally {
-    // A tick that stops leaves the rows not written yet to the next; one that sent everything also writes the rows no
-    // message waits for (dead on arrival) before it returns.
+    // A tick that stops leaves the rows not written yet to the next (the sends stopped them already, this is for a
+    // throw); one that sent everything also writes the rows no message waits for (dead on arrival) before it returns.
     if (!sending || sending.stopped) rows.stop();
     await rows.settled;
   }
@@ -319,12 +319,13 @@ async function tick(
 
   const latest = (await runtime.store.getSnapshot(exportId, generatedTime))?.value ?? snapshot.value;
   await reconcileCounters(runtime, latest, [...plan.landed]);
-  // A part still queued settles with a completion check of its own; reading every row here would only find it
-  // (10 reads for 10,000 parts). One queued row is one small read.
+  // As after a landing, now that every row is written: a check that ran while they were (a copy that settled
+  // meanwhile) could not tell a stuck snapshot from rows still to come. While a part is still queued this is one small
+  // read, not a read of every row (10 for 10,000 parts): that part's own landing checks again.
   const completed =
-    latest.status !== 'complete' && (await runtime.store.partProgress(exportId, snapshotId)).state === 'in-flight'
-      ? false
-      : await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime);
+    latest.status === 'complete'
+      ? await completeSnapshotIfReady(runtime, telemetry, exportId, generatedTime)
+      : await settleSnapshotFromRows(runtime, telemetry, exportId, snapshotId, generatedTime);
   const outcome: TickOutcome = completed ? 'completed' : current ? 'resumed' : 'enqueued';
   telemetry.track('request', {
     export: exportId,
@@ -347,16 +348,21 @@ async function tick(
   };
 }
 
-/**
- * Writes new part rows ENQUEUE_CHUNK to a transaction, one transaction at a time, starting at once. `written(path)`
- * settles when that part's row exists (at once for a part an earlier tick recorded) and rejects if its write, or an
- * earlier one, failed or was skipped; `settled` never rejects and `failure()` then says why. A failed write, or
- * `stop()`, leaves the rows after it for the next tick (`stop()` is no failure).
- */
-function writeRowsInOrder(
-  runtime: Runtime,
-  rows: readonly PartRow[],
-): { written(path: string): Promise<void>; stop(): void; settled: Promise<void>; failure(): unknown } {
+/** New part rows written in the background while the tick's messages go out (writeRowsInOrder). */
+interface RowWriter {
+  /** True once the part's row exists (at once for a part an earlier tick recorded), false if `stop()` skipped it;
+   *  rejects if its write, or an earlier one, failed. */
+  written(path: string): Promise<boolean>;
+  /** Writes no transaction after the one under way: the rows left are the next tick's. Not a failure. */
+  stop(): void;
+  /** Settles, never rejecting, once no transaction is under way or due. */
+  readonly settled: Promise<void>;
+  /** The first write that failed, if one did. */
+  failure(): unknown;
+}
+
+/** Writes new part rows ENQUEUE_CHUNK to a transaction, one transaction at a time, starting at once. */
+function writeRowsInOrder(runtime: Runtime, rows: readonly PartRow[]): RowWriter {
   const transactionOf = new Map<string, Promise<void>>();
   const skipped = new MdvmError('transient', 'the tick stopped before writing these part rows');
   let stopped = false;
@@ -376,7 +382,15 @@ function writeRowsInOrder(
     previous = written;
   }
   return {
-    written: (path) => transactionOf.get(path) ?? Promise.resolve(),
+    written: async (path) => {
+      try {
+        await transactionOf.get(path);
+        return true;
+      } catch (error) {
+        if (error === skipped) return false;
+        throw error;
+      }
+    },
     stop: () => {
       stopped = true;
     },
@@ -403,7 +417,7 @@ async function sendAndMarkInFlight(
   exportId: string,
   snapshotId: string,
   parts: readonly OfferedPart[],
-  rowWritten: (part: OfferedPart) => Promise<void>,
+  rows: RowWriter,
   messageOf: (part: OfferedPart) => PartMessage,
   abortSignal: AbortSignal | undefined,
 ): Promise<{ sent: number; stopped: boolean }> {
@@ -429,18 +443,22 @@ async function sendAndMarkInFlight(
           markFailure = error;
           unmarkedByFailure = batch.length;
           marking = undefined;
+          rows.stop();
         },
       );
   };
   let sendFailure: unknown;
+  const stopWriting = (): void => rows.stop();
+  abortSignal?.addEventListener('abort', stopWriting, { once: true });
+  // A failed mark stops the sends too: the next tick sends whatever is not marked (and writes the rows not written).
+  const stopping = () => abortSignal?.aborted === true || markFailure !== undefined;
   try {
     await runBounded(parts, runtime.config.enqueueConcurrency, async (part) => {
       // Sends wait for the marks rather than pile up unmarked parts a crash would send again.
       while (marking && unmarked.length >= 2 * ENQUEUE_CHUNK) await marking;
-      // A row that could not be written stops the sends like a failed send: its error is the tick's.
-      await rowWritten(part);
-      // A failed mark stops the sends too: the next tick sends whatever is not marked.
-      if (abortSignal?.aborted || markFailure !== undefined) {
+      // Each message waits for its own row. A row that could not be written stops the sends like a failed send (its
+      // error is the tick's); one not written because the tick is stopping stops this part.
+      if (stopping() || !(await rows.written(part.relativePath)) || stopping()) {
         stopped = true;
         return;
       }
@@ -451,7 +469,9 @@ async function sendAndMarkInFlight(
     });
   } catch (error) {
     sendFailure = error;
+    rows.stop();
   } finally {
+    abortSignal?.removeEventListener('abort', stopWriting);
     for (;;) {
       if (marking) await marking;
       else if (markFailure === undefined && unmarked.length > 0) markNext(true);

@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { BlobClient, BlobSASPermissions, BlobServiceClient, BlockBlobClient } from '@azure/storage-blob';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { CopyRequest } from '../../src/core/copier.js';
@@ -6,6 +7,7 @@ import { landPart, MAX_DEQUEUE_COUNT } from '../../src/core/landPart.js';
 import { ConcurrentUpdateError } from '../../src/core/manifestStore.js';
 import type { DeadLetter, PartMessage } from '../../src/core/messages.js';
 import { encodeMessage } from '../../src/core/messages.js';
+import { requestSnapshot } from '../../src/core/requestSnapshot.js';
 import { Telemetry } from '../../src/core/telemetry.js';
 import { curatedManifestPath } from '../../src/derive/contracts.js';
 import { requeuePoisoned } from '../../src/ops/requeue.js';
@@ -28,6 +30,8 @@ beforeAll(async () => {
 afterAll(async () => {
   await stack?.stop();
 });
+
+const quietTelemetry = () => new Telemetry({ info() {}, warn() {}, error() {} });
 
 async function state(app: TestApp) {
   return {
@@ -669,6 +673,114 @@ describe('bad input and failures', () => {
     expect(landedEvents).toHaveLength(snap.parts.length);
     expect(new Set(landedEvents.map((e) => e.part)).size).toBe(snap.parts.length);
     expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'duplicate')).toHaveLength(0);
+  });
+
+  it('a tick stopped part-way writes no row past the transaction under way; the next tick records and sends the rest', async () => {
+    const interrupt = new AbortController();
+    let sends = 0;
+    let transactions = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        wrapRuntime: (runtime) =>
+          replacing('store', (real) => ({
+            insertParts: async (rows) => {
+              // The third transaction starts only after the stop, so the rows cannot all be written before it.
+              if (++transactions === 3 && !interrupt.signal.aborted) {
+                await new Promise((resolve) => interrupt.signal.addEventListener('abort', resolve, { once: true }));
+              }
+              return real.insertParts(rows);
+            },
+          }))(
+            replacing('queue', (real) => ({
+              sendMessage: (...args) => {
+                if (++sends === 150) interrupt.abort();
+                return real.sendMessage(...args);
+              },
+            }))(runtime),
+          ),
+      },
+    );
+    const snap = await stack.simulator.publish('software-inventory-noncpe', {
+      generatedTime: '2026-11-22T08:01:00Z',
+      groups: [0, 1, 2, 3, 4],
+      partsPerGroup: 99,
+      recordsPerPart: 1,
+    });
+    expect(snap.parts).toHaveLength(500);
+    stack.simulator.resetRateLimits();
+    const stopped = requestSnapshot(app.runtime, quietTelemetry(), 'software-inventory-noncpe', {
+      abortSignal: interrupt.signal,
+    });
+    await expect(stopped).rejects.toThrow(/tick stopped after enqueuing \d+ of 500 parts/);
+    // Two transactions cover the first 150 sends; the one under way when the stop came ends, and no other starts.
+    expect(transactions).toBe(3);
+    const rows = await tableRows(app.runtime.storage.partsTable);
+    expect(rows.length).toBe(transactions * 100);
+    expect(rows.filter((r) => r.sasExpiresOn).length).toBe(sends);
+
+    const after = await tickCleanlyAndDrain(app);
+    expect(after.snapshots[0]).toMatchObject({ status: 'complete', partsLanded: 500 });
+    expect(app.events.filter((e) => e.event === 'part' && e.outcome === 'landed')).toHaveLength(500);
+  });
+
+  it('a part that fails while the tick still writes rows of parts dead on arrival fails the snapshot once they are written', async () => {
+    let releaseLastWrite = (): void => {};
+    const lastWriteHeld = new Promise<void>((resolve) => {
+      releaseLastWrite = resolve;
+    });
+    let transactions = 0;
+    let sends = 0;
+    const app = await createApp(
+      stack,
+      { MDVM_EXPORTS: 'software-inventory-noncpe' },
+      {
+        wrapRuntime: (runtime) =>
+          replacing('store', (real) => ({
+            insertParts: async (rows) => {
+              if (++transactions === 3) await lastWriteHeld;
+              return real.insertParts(rows);
+            },
+          }))(
+            replacing('queue', (real) => ({
+              sendMessage: async (...args) => {
+                const sent = await real.sendMessage(...args);
+                sends++;
+                return sent;
+              },
+            }))(runtime),
+          ),
+      },
+    );
+    const snap = await publishTwoAndAHalfHundredParts('2026-11-22T09:01:00Z');
+    const org = snap.parts[0]?.relativePath.split('/')[0] ?? '';
+    const missing = `${snap.prefix}/${org}/_RbacGroupId=0/part-00000-aaaa-missing.c000.json.gz`;
+    // The first 200 files are live (one more, first, is gone at the source); the last 51 come with a SAS already dead.
+    stack.simulator.injectFault('software-inventory-noncpe', {
+      kind: 'rewrite',
+      rewrite: (body, sign) => {
+        const dead = (url: string) => url.replace(/([?&]se=)[^&]+/, `$1${encodeURIComponent('2026-01-01T00:00:00Z')}`);
+        return {
+          ...body,
+          exportFiles: [sign(missing), ...body.exportFiles.slice(0, 199), ...body.exportFiles.slice(199).map(dead)],
+        };
+      },
+    });
+    const ticking = app.runner.tick();
+    while (sends < 200) await sleep(20);
+    // Every live part settles, the missing one failed for good, while the dead-on-arrival rows wait to be written.
+    await app.runner.drain();
+    expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({ status: 'copying' });
+    releaseLastWrite();
+    const [report] = await ticking;
+    expect(report?.error).toBeUndefined();
+    // Nothing is in flight any more and a part failed: the tick itself says so, as the last landing would have.
+    expect((await tableRows(app.runtime.storage.snapshotsTable))[0]).toMatchObject({
+      status: 'failed',
+      partsLanded: 199,
+      partCount: 251,
+    });
   });
 
   it('a failed part requeued by a tick that stops before its send is sent by the next tick, not left for the old SAS', async () => {
