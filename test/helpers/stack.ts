@@ -115,6 +115,37 @@ export function replacing<K extends 'store' | 'queue' | 'defender'>(
   };
 }
 
+/**
+ * For createApp's `wrapRuntime`: a tick watched (and held) at its part-row transactions and its sends.
+ * `beforeRowWrite(n)` runs before the n-th transaction of new part rows (from 1) and may hold it; `beforeSend(n)` before
+ * the n-th message goes to the queue; `afterSend(n)` once n messages are there.
+ */
+export function watchingTick(hooks: {
+  beforeRowWrite?: (n: number) => Promise<unknown> | undefined;
+  beforeSend?: (n: number) => void;
+  afterSend?: (n: number) => void;
+}): (runtime: Runtime) => Runtime {
+  let transactions = 0;
+  let sends = 0;
+  let sent = 0;
+  return (runtime) =>
+    replacing('store', (real) => ({
+      insertParts: async (rows) => {
+        await hooks.beforeRowWrite?.(++transactions);
+        return real.insertParts(rows);
+      },
+    }))(
+      replacing('queue', (real) => ({
+        sendMessage: async (...args) => {
+          hooks.beforeSend?.(++sends);
+          const response = await real.sendMessage(...args);
+          hooks.afterSend?.(++sent);
+          return response;
+        },
+      }))(runtime),
+    );
+}
+
 export function md5(buffer: Buffer): string {
   return createHash('md5').update(buffer).digest('base64');
 }

@@ -21,6 +21,7 @@ import {
   startStack,
   type TestApp,
   tableRows,
+  watchingTick,
 } from '../helpers/stack.js';
 
 let stack: Stack;
@@ -683,23 +684,19 @@ describe('bad input and failures', () => {
       stack,
       { MDVM_EXPORTS: 'software-inventory-noncpe' },
       {
-        wrapRuntime: (runtime) =>
-          replacing('store', (real) => ({
-            insertParts: async (rows) => {
-              // The third transaction starts only after the stop, so the rows cannot all be written before it.
-              if (++transactions === 3 && !interrupt.signal.aborted) {
-                await new Promise((resolve) => interrupt.signal.addEventListener('abort', resolve, { once: true }));
-              }
-              return real.insertParts(rows);
-            },
-          }))(
-            replacing('queue', (real) => ({
-              sendMessage: (...args) => {
-                if (++sends === 150) interrupt.abort();
-                return real.sendMessage(...args);
-              },
-            }))(runtime),
-          ),
+        wrapRuntime: watchingTick({
+          // The third transaction starts only after the stop, so the rows cannot all be written before it.
+          beforeRowWrite: (n) => {
+            transactions = n;
+            return n === 3 && !interrupt.signal.aborted
+              ? new Promise((resolve) => interrupt.signal.addEventListener('abort', resolve, { once: true }))
+              : undefined;
+          },
+          beforeSend: (n) => {
+            sends = n;
+            if (n === 150) interrupt.abort();
+          },
+        }),
       },
     );
     const snap = await stack.simulator.publish('software-inventory-noncpe', {
@@ -730,27 +727,17 @@ describe('bad input and failures', () => {
     const lastWriteHeld = new Promise<void>((resolve) => {
       releaseLastWrite = resolve;
     });
-    let transactions = 0;
     let sends = 0;
     const app = await createApp(
       stack,
       { MDVM_EXPORTS: 'software-inventory-noncpe' },
       {
-        wrapRuntime: (runtime) =>
-          replacing('store', (real) => ({
-            insertParts: async (rows) => {
-              if (++transactions === 3) await lastWriteHeld;
-              return real.insertParts(rows);
-            },
-          }))(
-            replacing('queue', (real) => ({
-              sendMessage: async (...args) => {
-                const sent = await real.sendMessage(...args);
-                sends++;
-                return sent;
-              },
-            }))(runtime),
-          ),
+        wrapRuntime: watchingTick({
+          beforeRowWrite: (n) => (n === 3 ? lastWriteHeld : undefined),
+          afterSend: (n) => {
+            sends = n;
+          },
+        }),
       },
     );
     const snap = await publishTwoAndAHalfHundredParts('2026-11-22T09:01:00Z');

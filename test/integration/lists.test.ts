@@ -16,6 +16,7 @@ import {
   startStack,
   type TestApp,
   tableRows,
+  watchingTick,
 } from '../helpers/stack.js';
 
 /** Hostile or broken file lists from the Defender API: what the tick records, refuses and completes. */
@@ -329,27 +330,17 @@ describe('file lists the tick must not trust blindly', () => {
       const secondWriteHeld = new Promise<void>((resolve) => {
         releaseSecondWrite = resolve;
       });
-      let writes = 0;
       let sends = 0;
       const app = await createApp(
         stack,
         { MDVM_EXPORTS: 'certificates' },
         {
-          wrapRuntime: (runtime) =>
-            replacing('store', (real) => ({
-              insertParts: async (rows) => {
-                if (++writes === 2) await secondWriteHeld;
-                return real.insertParts(rows);
-              },
-            }))(
-              replacing('queue', (real) => ({
-                sendMessage: async (text, options) => {
-                  const sent = await real.sendMessage(text, options);
-                  sends++;
-                  return sent;
-                },
-              }))(runtime),
-            ),
+          wrapRuntime: watchingTick({
+            beforeRowWrite: (n) => (n === 2 ? secondWriteHeld : undefined),
+            afterSend: (n) => {
+              sends = n;
+            },
+          }),
         },
       );
       const generatedTime = variant === 'a refused file' ? '2026-11-17T07:01:00Z' : '2026-11-17T08:01:00Z';
